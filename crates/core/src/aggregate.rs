@@ -1,0 +1,280 @@
+//! The aggregate: its state folded from events ([`Aggregate::apply`], infallible for events
+//! this core decided) and the decision for the generic commands ([`decide`], SPEC §2.2).
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use crate::command::{Command, CommandKind};
+use crate::error::DomainError;
+use crate::event::{CREATED, DELETED, NewEvent, PATCHED, RecordedEvent};
+use crate::ids::{AggregateId, Version};
+use crate::limits::Limits;
+use crate::patch;
+use crate::timestamp;
+use crate::version::StreamHead;
+
+/// The state of one aggregate at some version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Aggregate {
+    /// The number of events folded.
+    pub version: Version,
+    /// The document, without the server-owned `id` and `_meta`; `None` before the first event.
+    pub state: Option<Value>,
+    /// Whether the last event deleted the aggregate. A deleted aggregate keeps its last state.
+    pub deleted: bool,
+    /// Time of the first event.
+    pub created_at: Option<DateTime<Utc>>,
+    /// Time of the last event.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// An event folded onto a state it does not fit: a corrupt or foreign stream.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("cannot fold event at version {version}: {message}")]
+pub struct FoldError {
+    /// The event's version.
+    pub version: Version,
+    /// What did not fit.
+    pub message: String,
+}
+
+/// An event's effect, before the store gives it an id, version and position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// Event type: `created`, `patched`, `deleted` or a domain event type.
+    pub event_type: String,
+    /// Document, RFC 6902 patch, or null.
+    pub data: Value,
+}
+
+/// What a command decided: the events to append and the state they lead to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The events, in order.
+    pub changes: Vec<Change>,
+    /// The aggregate after the events.
+    pub next: Aggregate,
+}
+
+/// The state a change leads to, from the state before it. The one fold of the system: replay
+/// and decision both use it. `created` sets the document, `deleted` marks the aggregate, and
+/// every other event type carries an RFC 6902 patch applied to the document (`{}` when none).
+pub fn evolve(state: Option<&Value>, event_type: &str, data: &Value) -> Result<(Option<Value>, bool), String> {
+    match event_type {
+        CREATED => {
+            if data.is_object() {
+                Ok((Some(data.clone()), false))
+            } else {
+                Err("a created event's data must be an object".to_owned())
+            }
+        }
+        DELETED => Ok((state.cloned(), true)),
+        _ => {
+            let p: json_patch::Patch =
+                serde_json::from_value(data.clone()).map_err(|e| format!("event data is not a JSON Patch: {e}"))?;
+            let base = state.cloned().unwrap_or_else(|| Value::Object(Map::new()));
+            let next = patch::apply(&base, &p).map_err(|e| e.to_string())?;
+            Ok((Some(next), false))
+        }
+    }
+}
+
+impl Aggregate {
+    /// What a store needs to check an expected version.
+    pub fn head(&self) -> StreamHead {
+        StreamHead { version: self.version, deleted: self.deleted }
+    }
+
+    /// Whether the aggregate exists and is not deleted.
+    pub fn is_live(&self) -> bool {
+        self.state.is_some() && !self.deleted
+    }
+
+    /// Folds one stored event. Its version must be the next one: streams are contiguous.
+    pub fn apply(&mut self, event: &RecordedEvent) -> Result<(), FoldError> {
+        if event.version != self.version.next() {
+            return Err(FoldError {
+                version: event.version,
+                message: format!("expected version {}", self.version.next()),
+            });
+        }
+        self.apply_change(&event.event_type, &event.data, event.timestamp)
+            .map_err(|message| FoldError { version: event.version, message })
+    }
+
+    fn apply_change(&mut self, event_type: &str, data: &Value, at: DateTime<Utc>) -> Result<(), String> {
+        let (state, deleted) = evolve(self.state.as_ref(), event_type, data)?;
+        self.state = state;
+        self.deleted = deleted;
+        self.version = self.version.next();
+        self.created_at.get_or_insert(at);
+        self.updated_at = Some(at);
+        Ok(())
+    }
+
+    /// Folds a sequence of events from version 0.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Result<Aggregate, FoldError> {
+        let mut a = Aggregate::default();
+        for e in events {
+            a.apply(e)?;
+        }
+        Ok(a)
+    }
+
+    /// The document as GET shows it (SPEC §2.5): `id` first, the state, then `_meta`.
+    pub fn document(&self, id: &AggregateId) -> Option<Value> {
+        let state = self.state.as_ref()?.as_object()?;
+        Some(document(id, state, self.version, self.created_at, self.updated_at, self.deleted))
+    }
+}
+
+/// Builds the output document from its parts: `id`, the state's fields, `_meta`.
+pub fn document(
+    id: &AggregateId,
+    state: &Map<String, Value>,
+    version: Version,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    deleted: bool,
+) -> Value {
+    let mut out = Map::with_capacity(state.len() + 2);
+    out.insert("id".to_owned(), Value::from(id.as_str()));
+    for (k, v) in state {
+        if k != "id" {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out.insert(
+        "_meta".to_owned(),
+        json!({
+            "version": version.0,
+            "createdAt": created_at.as_ref().map(timestamp::format),
+            "updatedAt": updated_at.as_ref().map(timestamp::format),
+            "deleted": deleted,
+        }),
+    );
+    Value::Object(out)
+}
+
+/// Decides a generic command (SPEC §2.2) against the aggregate's current state. The expected
+/// version is not checked here: the engine checks it before and the store again at append.
+/// `now` is the time given to the resulting state's timestamps.
+pub fn decide(agg: &Aggregate, cmd: &Command, limits: &Limits, now: DateTime<Utc>) -> Result<Decision, DomainError> {
+    limits.check_depth(&cmd.body)?;
+    let id = cmd.key.id.as_str();
+    let changes = match cmd.kind {
+        CommandKind::Create => {
+            ensure_absent(agg)?;
+            vec![created(&cmd.body, id)?]
+        }
+        CommandKind::Replace => {
+            if agg.version == Version::ZERO {
+                vec![created(&cmd.body, id)?]
+            } else {
+                let current = ensure_live(agg)?;
+                patch::check_document_shape(&cmd.body, Some(id))?;
+                let mut next = cmd.body.clone();
+                strip_id(&mut next);
+                vec![patched(patch::diff(current, &next), current, limits)?]
+            }
+        }
+        CommandKind::Patch => {
+            let current = ensure_live(agg)?;
+            let p = patch::parse_patch(&cmd.body, limits)?;
+            patch::check_protected(&p)?;
+            vec![patched(p, current, limits)?]
+        }
+        CommandKind::MergePatch => {
+            let current = ensure_live(agg)?;
+            patch::check_document_shape(&cmd.body, Some(id))?;
+            let mut merge = cmd.body.clone();
+            strip_id(&mut merge);
+            vec![patched(patch::merge_to_patch(current, &merge), current, limits)?]
+        }
+        CommandKind::Delete => {
+            ensure_live(agg)?;
+            vec![Change { event_type: DELETED.to_owned(), data: Value::Null }]
+        }
+        CommandKind::Logic | CommandKind::Orchestration => {
+            return Err(DomainError::UnknownCommand { name: cmd.name.clone() });
+        }
+    };
+    let mut next = agg.clone();
+    for c in &changes {
+        next.apply_change(&c.event_type, &c.data, now).map_err(|message| DomainError::PatchFailed {
+            index: 0,
+            path: String::new(),
+            message,
+        })?;
+    }
+    if let Some(state) = &next.state {
+        patch::check_document_shape(state, None)?;
+        limits.check_document_size(state)?;
+        limits.check_depth(state)?;
+    }
+    Ok(Decision { changes, next })
+}
+
+fn ensure_absent(agg: &Aggregate) -> Result<(), DomainError> {
+    if agg.deleted {
+        Err(DomainError::Deleted { version: agg.version })
+    } else if agg.version > Version::ZERO {
+        Err(DomainError::AlreadyExists { version: agg.version })
+    } else {
+        Ok(())
+    }
+}
+
+fn ensure_live(agg: &Aggregate) -> Result<&Value, DomainError> {
+    match &agg.state {
+        None => Err(DomainError::NotFound),
+        Some(_) if agg.deleted => Err(DomainError::Deleted { version: agg.version }),
+        Some(s) => Ok(s),
+    }
+}
+
+fn strip_id(doc: &mut Value) {
+    if let Value::Object(m) = doc {
+        m.shift_remove("id");
+    }
+}
+
+fn created(body: &Value, id: &str) -> Result<Change, DomainError> {
+    patch::check_document_shape(body, Some(id))?;
+    let mut doc = body.clone();
+    strip_id(&mut doc);
+    Ok(Change { event_type: CREATED.to_owned(), data: doc })
+}
+
+fn patched(p: json_patch::Patch, current: &Value, limits: &Limits) -> Result<Change, DomainError> {
+    let next = patch::apply(current, &p)?;
+    if &next == current {
+        return Err(DomainError::NoOp);
+    }
+    limits.check_document_size(&next)?;
+    Ok(Change { event_type: PATCHED.to_owned(), data: patch::to_value(&p) })
+}
+
+/// Turns decided changes into events with deterministic ids and the command's metadata.
+pub fn new_events(cmd: &Command, changes: &[Change], principal: Option<&str>) -> Vec<NewEvent> {
+    let correlation = cmd.context.get("correlationId").cloned().unwrap_or_else(|| Value::from(cmd.id.to_string()));
+    let causation = cmd.context.get("causationId").cloned().unwrap_or_else(|| Value::from(cmd.id.to_string()));
+    let metadata = json!({
+        "commandId": cmd.id.to_string(),
+        "commandName": cmd.name,
+        "correlationId": correlation,
+        "causationId": causation,
+        "principal": principal,
+        "context": Value::Object(cmd.context.clone()),
+    });
+    changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| NewEvent {
+            id: cmd.id.event_id(i),
+            event_type: c.event_type.clone(),
+            data: c.data.clone(),
+            metadata: metadata.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,112 @@
+//! Domain errors: why a command is refused. Validation collects every violation it finds.
+
+use serde::Serialize;
+
+use crate::ids::Version;
+
+/// One problem found in a command or a document, located by a JSON Pointer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// JSON Pointer (RFC 6901) to the offending value, relative to the command envelope or
+    /// the document, as the error's context says.
+    pub pointer: String,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// The rule that found it, when a named rule did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+impl Violation {
+    /// A violation at `pointer`.
+    pub fn new(pointer: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { pointer: pointer.into(), message: message.into(), rule: None }
+    }
+}
+
+/// Which limit of SPEC §8.3 a command exceeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitKind {
+    /// JSON nesting depth of a body.
+    JsonDepth,
+    /// Number of operations in one patch.
+    PatchOps,
+    /// Serialized size of the document after the command.
+    DocumentSize,
+    /// Number of `/-` array appends in one patch.
+    ArrayAppends,
+}
+
+/// Why a command cannot be carried out. Each variant maps to one problem `type` on the wire.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    /// The envelope or its body is malformed (400): every violation listed.
+    #[error("invalid command: {}", summarize(.0))]
+    InvalidCommand(Vec<Violation>),
+    /// The aggregate does not exist (404).
+    #[error("aggregate not found")]
+    NotFound,
+    /// The aggregate was deleted (410).
+    #[error("aggregate was deleted at version {version}")]
+    Deleted {
+        /// The version of the deletion event.
+        version: Version,
+    },
+    /// A create met an existing aggregate (409).
+    #[error("aggregate already exists at version {version}")]
+    AlreadyExists {
+        /// Its current version.
+        version: Version,
+    },
+    /// A patch could not be applied, or a `test` operation failed (422).
+    #[error("patch operation {index} failed: {message}")]
+    PatchFailed {
+        /// Index of the failing operation in the patch array.
+        index: usize,
+        /// JSON Pointer of the operation's `path`.
+        path: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The command writes a server-owned field, `/id` or `/_meta` (422).
+    #[error("server-owned fields cannot be written: {}", summarize(.0))]
+    ProtectedField(Vec<Violation>),
+    /// The command would change nothing (422); it is not stored.
+    #[error("the command changes nothing")]
+    NoOp,
+    /// No custom command of this name is defined for the type (422).
+    #[error("no command '{name}' is defined for this aggregate type")]
+    UnknownCommand {
+        /// The name asked for.
+        name: String,
+    },
+    /// The resulting document is not acceptable (422): every violation listed.
+    #[error("invalid document: {}", summarize(.0))]
+    InvalidDocument(Vec<Violation>),
+    /// A configured limit was exceeded (413 for sizes, 422 otherwise).
+    #[error("{message}")]
+    LimitExceeded {
+        /// Which limit.
+        kind: LimitKind,
+        /// The configured maximum.
+        limit: u64,
+        /// The value found.
+        actual: u64,
+        /// A sentence for a person.
+        message: String,
+    },
+}
+
+fn summarize(v: &[Violation]) -> String {
+    let mut parts: Vec<String> = v
+        .iter()
+        .take(3)
+        .map(|v| format!("{} {}", if v.pointer.is_empty() { "/" } else { &v.pointer }, v.message))
+        .collect();
+    if v.len() > 3 {
+        parts.push(format!("and {} more", v.len() - 3));
+    }
+    parts.join("; ")
+}

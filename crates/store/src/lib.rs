@@ -1,0 +1,219 @@
+//! Sourced's event store: the [`EventStore`] trait every backend implements, its error type,
+//! the contract suite every backend runs ([`contract`]), and the embedded SQLite backend.
+//!
+//! A store keeps three things and changes them together, in one transaction per append:
+//! the events (streams keyed by tenant, type and id, with contiguous versions and global
+//! positions), the read model (one row per aggregate), and the command records that make
+//! commands idempotent (SPEC §2.4, §5, §7).
+
+#![warn(missing_docs)]
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use sourced_core::{
+    AggregateId, CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamHead, StreamKey, TenantId,
+    TypeName, Version,
+};
+
+pub mod contract;
+pub mod sqlite;
+
+/// Most events one append may carry.
+pub const APPEND_EVENTS_MAX: usize = 1_000;
+/// Most rows one read may return, whatever the caller asks.
+pub const READ_LIMIT_MAX: usize = 10_000;
+
+/// One command's write: its events, the resulting read-model row and the command record.
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    /// The stream the events go to.
+    pub key: StreamKey,
+    /// The condition on the stream's head; checked inside the write transaction.
+    pub expected: ExpectedVersion,
+    /// The events, at least one and at most [`APPEND_EVENTS_MAX`]; the store numbers them
+    /// from the stream's version + 1 and gives them positions.
+    pub events: Vec<NewEvent>,
+    /// The events' timestamp.
+    pub timestamp: DateTime<Utc>,
+    /// The read-model row after the events.
+    pub document: DocumentWrite,
+    /// The command record, for idempotency.
+    pub command: CommandWrite,
+}
+
+/// The read-model row written with an append. The store sets its version (the last event's),
+/// `created_at` (kept from the existing row, or this append's time) and `updated_at`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentWrite {
+    /// The document after the events, without `id` and `_meta`.
+    pub state: Value,
+    /// Whether the aggregate is deleted after the events.
+    pub deleted: bool,
+}
+
+/// The command record written with an append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandWrite {
+    /// The command id: unique per tenant.
+    pub id: CommandId,
+    /// The fingerprint of the command's content.
+    pub fingerprint: String,
+    /// Anything else the engine wants back on a replay (e.g. warnings); JSON.
+    pub extra: Value,
+}
+
+/// A stored command record: what a retry of the command gets back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRecord {
+    /// The command id.
+    pub id: CommandId,
+    /// The fingerprint of the command's content.
+    pub fingerprint: String,
+    /// The stream the command wrote to.
+    pub key: StreamKey,
+    /// The version of its first event.
+    pub first_version: Version,
+    /// The version of its last event.
+    pub last_version: Version,
+    /// What the engine stored with it.
+    pub extra: Value,
+}
+
+/// What an append did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppendOutcome {
+    /// The events were stored; here as stored, with versions and positions.
+    Appended(Vec<RecordedEvent>),
+    /// The tenant already has a record of this command id; nothing was written.
+    Duplicate(CommandRecord),
+}
+
+/// One read-model row (SPEC §5).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentRow {
+    /// The aggregate.
+    pub key: StreamKey,
+    /// Its version.
+    pub version: Version,
+    /// Its document, without `id` and `_meta`.
+    pub state: Value,
+    /// Whether it is deleted.
+    pub deleted: bool,
+    /// Time of its first event.
+    pub created_at: DateTime<Utc>,
+    /// Time of its last event.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page request over one type's read model, in id order.
+#[derive(Clone, Debug)]
+pub struct ListQuery {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The aggregate type.
+    pub type_name: TypeName,
+    /// Return ids strictly after this one.
+    pub after: Option<AggregateId>,
+    /// Most rows to return (capped at [`READ_LIMIT_MAX`]).
+    pub limit: usize,
+    /// Whether deleted aggregates are included.
+    pub include_deleted: bool,
+}
+
+/// Counters a backend keeps, for benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Transactions committed by the writer.
+    pub commits: u64,
+    /// Appends committed (each a command).
+    pub appends: u64,
+    /// Events committed.
+    pub events: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The stream's head did not satisfy the expected version; nothing was written.
+    #[error("version conflict: expected {expected}, the stream is at version {}", .actual.version)]
+    Conflict {
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// What the stream is at.
+        actual: StreamHead,
+    },
+    /// The request is outside what the store accepts (no events, too many, bad limit).
+    #[error("invalid store request: {0}")]
+    InvalidRequest(String),
+    /// The store cannot be reached or cannot write now; the operation may succeed later.
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+    /// The store is shutting down and takes no more writes.
+    #[error("the event store is shutting down")]
+    Closed,
+    /// Stored data broke an invariant (e.g. a version gap).
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    /// Any other backend failure.
+    #[error("event store error: {0}")]
+    Backend(String),
+}
+
+/// The event store: every backend implements this and passes [`contract`].
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends one command's events, read-model row and command record atomically, if the
+    /// stream's head satisfies `expected` and the tenant has no record of the command id.
+    /// Once this returns `Ok`, the write is durable.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
+
+    /// Events of one stream with `after < version <= to` (no upper bound when `to` is
+    /// `None`), ascending, at most `limit`.
+    async fn read_stream(
+        &self,
+        key: &StreamKey,
+        after: Version,
+        to: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The tenant's events with position greater than `after`, ascending, at most `limit`.
+    /// A reader that has seen position P never later sees a position below P (SPEC §7.3).
+    async fn read_all(&self, tenant: &TenantId, after: Position, limit: usize)
+    -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The read-model row of one aggregate.
+    async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError>;
+
+    /// A page of one type's read model, in aggregate id order.
+    async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError>;
+
+    /// The record of a processed command, if the tenant has one.
+    async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stops taking writes, finishes those in flight, and releases the backend.
+    async fn close(&self);
+
+    /// Counters since the store was opened.
+    fn stats(&self) -> StoreStats;
+}
+
+/// Checks the shape of an append before a backend runs it.
+pub fn validate_append(request: &AppendRequest) -> Result<(), StoreError> {
+    if request.events.is_empty() {
+        return Err(StoreError::InvalidRequest("an append needs at least one event".into()));
+    }
+    if request.events.len() > APPEND_EVENTS_MAX {
+        return Err(StoreError::InvalidRequest(format!(
+            "an append carries at most {APPEND_EVENTS_MAX} events, not {}",
+            request.events.len()
+        )));
+    }
+    Ok(())
+}
