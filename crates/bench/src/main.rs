@@ -1,1 +1,63 @@
-fn main() {}
+//! The `sourced-bench` binary: runs the benchmark and prints its Markdown table; fails when
+//! any request failed, so that a broken run is never mistaken for a slow one.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use sourced_bench::Options;
+
+/// Durable commands over HTTP against Sourced, an HTTP floor and a raw SQLite ceiling.
+#[derive(Debug, Parser)]
+#[command(name = "sourced-bench", version)]
+struct Args {
+    /// Measured seconds per measurement (after the warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration_secs: f64,
+    /// Warm-up seconds before each measurement.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Concurrency levels (clients, each its own connection), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64])]
+    clients: Vec<usize>,
+    /// A tiny run that only checks the path works: 1 client, 0.3 s per measurement.
+    #[arg(long, conflicts_with_all = ["duration_secs", "warmup_secs", "clients"])]
+    smoke: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("sourced-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let options = if args.smoke {
+        Options::smoke()
+    } else {
+        Options {
+            clients: args.clients,
+            duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
+            warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
+        }
+    };
+    if cfg!(debug_assertions) && !args.smoke {
+        eprintln!("sourced-bench: warning: a debug build; use `cargo run --release -p sourced-bench` for real numbers");
+    }
+    let report = sourced_bench::run(&options)?;
+    println!("{}", report.to_markdown());
+    let problems = report.problems();
+    if problems.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("sourced-bench: THE RUN FAILED ({} problems):", problems.len());
+    for problem in problems {
+        eprintln!("  - {problem}");
+    }
+    Ok(ExitCode::FAILURE)
+}

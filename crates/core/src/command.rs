@@ -224,7 +224,10 @@ impl Command {
             match kind {
                 CommandKind::Create | CommandKind::Replace => {
                     if !body.is_object() {
-                        v.push(Violation::new("/body", format!("a {} needs a document object as its body", kind.as_str())));
+                        v.push(Violation::new(
+                            "/body",
+                            format!("a {} needs a document object as its body", kind.as_str()),
+                        ));
                     }
                 }
                 CommandKind::Patch => {
@@ -251,10 +254,9 @@ impl Command {
             if kind == CommandKind::Create {
                 let body_id = body.get("id");
                 match (body_id, &given_id) {
-                    (Some(Value::String(b)), Some(t)) if b != t.as_str() => v.push(Violation::new(
-                        "/body/id",
-                        format!("body id '{b}' differs from targetId '{t}'"),
-                    )),
+                    (Some(Value::String(b)), Some(t)) if b != t.as_str() => {
+                        v.push(Violation::new("/body/id", format!("body id '{b}' differs from targetId '{t}'")))
+                    }
                     (Some(Value::String(b)), None) => match AggregateId::parse(b) {
                         Ok(id) => target_id = Some(id),
                         Err(e) => v.push(Violation::new("/body/id", e.message)),
@@ -267,16 +269,14 @@ impl Command {
                 v.push(Violation::new("/targetId", format!("targetId is required for {}", kind.as_str())));
             }
             if kind.is_generic() && name.as_deref().is_some_and(|n| n != GENERIC_COMMAND_NAME) {
-                v.push(Violation::new(
-                    "/name",
-                    format!("a generic command's name is '{GENERIC_COMMAND_NAME}'"),
-                ));
+                v.push(Violation::new("/name", format!("a generic command's name is '{GENERIC_COMMAND_NAME}'")));
             }
         }
         if !v.is_empty() {
             return Err(DomainError::InvalidCommand(v));
         }
-        let (Some(id), Some(kind), Some(tenant), Some(type_name), Some(agg_id)) = (id, kind, tenant, type_name, target_id)
+        let (Some(id), Some(kind), Some(tenant), Some(type_name), Some(agg_id)) =
+            (id, kind, tenant, type_name, target_id)
         else {
             unreachable!("every missing field was reported as a violation");
         };
@@ -301,6 +301,29 @@ impl Command {
             context,
             fingerprint,
         })
+    }
+}
+
+impl Command {
+    /// Turns a parsed `patch` command into an RFC 7396 merge patch with `merge` as its body
+    /// (HTTP `application/merge-patch+json`; the envelope has no such type).
+    pub fn into_merge_patch(mut self, merge: Value) -> Result<Command, DomainError> {
+        if !merge.is_object() {
+            return Err(invalid("/body", "a merge patch must be a JSON object"));
+        }
+        self.kind = CommandKind::MergePatch;
+        self.body = merge;
+        self.fingerprint = fingerprint(&[
+            Value::from(self.kind.as_str()),
+            Value::from(self.name.as_str()),
+            Value::from(self.key.tenant.as_str()),
+            Value::from(self.key.type_name.as_str()),
+            Value::from(self.key.id.as_str()),
+            serde_json::to_value(self.expected).unwrap_or(Value::Null),
+            self.body.clone(),
+            Value::Object(self.context.clone()),
+        ]);
+        Ok(self)
     }
 }
 
@@ -371,11 +394,18 @@ mod tests {
 
     #[test]
     fn create_takes_id_from_target_then_body_then_generates() {
-        let c = Command::from_envelope(&json!({"type": "create", "targetName": "order", "body": {}}), defaults()).unwrap();
+        let c =
+            Command::from_envelope(&json!({"type": "create", "targetName": "order", "body": {}}), defaults()).unwrap();
         assert_eq!(c.key.id.as_str(), "generated");
-        let c = Command::from_envelope(&json!({"type": "create", "targetName": "order", "body": {"id": "o1"}}), defaults()).unwrap();
+        let c =
+            Command::from_envelope(&json!({"type": "create", "targetName": "order", "body": {"id": "o1"}}), defaults())
+                .unwrap();
         assert_eq!(c.key.id.as_str(), "o1");
-        let c = Command::from_envelope(&json!({"type": "create", "targetName": "order", "targetId": "o2", "body": {}}), defaults()).unwrap();
+        let c = Command::from_envelope(
+            &json!({"type": "create", "targetName": "order", "targetId": "o2", "body": {}}),
+            defaults(),
+        )
+        .unwrap();
         assert_eq!(c.key.id.as_str(), "o2");
         let e = Command::from_envelope(
             &json!({"type": "create", "targetName": "order", "targetId": "o2", "body": {"id": "o3"}}),
@@ -414,8 +444,11 @@ mod tests {
     #[test]
     fn fixed_tenant_is_enforced() {
         let d = EnvelopeDefaults { tenant_fixed: true, ..defaults() };
-        let e = Command::from_envelope(&json!({"type": "delete", "tenant": "other", "targetName": "o", "targetId": "1"}), d)
-            .unwrap_err();
+        let e = Command::from_envelope(
+            &json!({"type": "delete", "tenant": "other", "targetName": "o", "targetId": "1"}),
+            d,
+        )
+        .unwrap_err();
         assert_eq!(pointers(e), ["/tenant"]);
     }
 

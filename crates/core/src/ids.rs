@@ -86,10 +86,7 @@ impl TenantId {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(Violation::new(
-                "/tenant",
-                format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}}"),
-            ))
+            Err(Violation::new("/tenant", format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}}")))
         }
     }
 
@@ -106,20 +103,12 @@ impl TypeName {
         let shape = !bytes.is_empty()
             && bytes.len() <= TYPE_NAME_LEN_MAX
             && bytes[0].is_ascii_lowercase()
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(b));
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(b));
         if !shape {
-            return Err(Violation::new(
-                "/targetName",
-                "aggregate type must match [a-z][a-z0-9_-]{0,63}",
-            ));
+            return Err(Violation::new("/targetName", "aggregate type must match [a-z][a-z0-9_-]{0,63}"));
         }
         if RESERVED_TYPE_NAMES.contains(&s) {
-            return Err(Violation::new(
-                "/targetName",
-                format!("'{s}' is reserved by the service's own routes"),
-            ));
+            return Err(Violation::new("/targetName", format!("'{s}' is reserved by the service's own routes")));
         }
         Ok(Self(s.to_owned()))
     }
@@ -274,9 +263,6 @@ mod tests {
         let c = CommandId::generate();
         assert_eq!(c.event_id(0), c.event_id(0));
         assert_ne!(c.event_id(0), c.event_id(1));
-        assert_eq!(
-            CommandId::from_idempotency_key("k-1"),
-            CommandId::from_idempotency_key("k-1")
-        );
+        assert_eq!(CommandId::from_idempotency_key("k-1"), CommandId::from_idempotency_key("k-1"));
     }
 }

@@ -19,12 +19,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            json_depth_max: 64,
-            patch_ops_max: 1_000,
-            array_appends_max: 1_000,
-            document_bytes_max: 1024 * 1024,
-        }
+        Self { json_depth_max: 64, patch_ops_max: 1_000, array_appends_max: 1_000, document_bytes_max: 1024 * 1024 }
     }
 }
 
@@ -56,10 +51,7 @@ impl Limits {
                 kind: LimitKind::JsonDepth,
                 limit: self.json_depth_max as u64,
                 actual: depth as u64,
-                message: format!(
-                    "JSON nesting depth {depth} exceeds the limit of {}",
-                    self.json_depth_max
-                ),
+                message: format!("JSON nesting depth {depth} exceeds the limit of {}", self.json_depth_max),
             });
         }
         Ok(())

@@ -1,1 +1,255 @@
-//! placeholder
+//! Sourced's command pipeline (SPEC §2.3): idempotency, load, decide, fold, check, append with
+//! optimistic concurrency and bounded retries, and replay of recorded outcomes. The only crate
+//! that combines the domain core with an event store.
+
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use sourced_core::{
+    Aggregate, AggregateId, Command, CommandId, DomainError, ExpectedVersion, FoldError, Limits, RecordedEvent,
+    StreamHead, StreamKey, TypeName, Version, decide, new_events, timestamp,
+};
+use sourced_store::{
+    AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX, StoreError,
+};
+
+/// A source of the current time; tests pass a fixed one.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// How the engine behaves.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The core's limits.
+    pub limits: Limits,
+    /// How many times a command without a client version is decided again after losing a
+    /// race (SPEC §2.3 step 7).
+    pub conflict_retries_max: u32,
+    /// Whether every command on an existing aggregate must carry an expected version.
+    pub require_version: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { limits: Limits::default(), conflict_retries_max: 3, require_version: false }
+    }
+}
+
+/// The reply to a command (SPEC §2.5).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandResult {
+    /// The command id.
+    pub id: CommandId,
+    /// The aggregate type.
+    pub target_name: TypeName,
+    /// The aggregate id.
+    pub target_id: AggregateId,
+    /// The aggregate's version after the command.
+    pub version: Version,
+    /// The events the command appended.
+    pub events: Vec<RecordedEvent>,
+    /// Warnings from rules of severity `warn`.
+    pub warnings: Vec<Value>,
+}
+
+/// A command's result and the document it led to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandOutcome {
+    /// The reply.
+    pub result: CommandResult,
+    /// The document at the result's version, as GET shows it (`_meta.deleted` set after a
+    /// delete).
+    pub document: Value,
+    /// Whether this is the stored outcome of an earlier identical command (SPEC §2.4).
+    pub replayed: bool,
+}
+
+/// Why the engine refused or failed a command.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The command is invalid or the domain refuses it.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The stream is not at the expected version (the client's, or the loaded one after the
+    /// retries ran out).
+    #[error("version conflict: expected {expected}, the aggregate is at version {}", .actual.version)]
+    Conflict {
+        /// What was expected.
+        expected: ExpectedVersion,
+        /// Where the stream is.
+        actual: StreamHead,
+        /// Whether the expected version came from the client (else the retries ran out).
+        client_version: bool,
+    },
+    /// The command id was used before for a command with other content.
+    #[error("command id {id} was already used for a different command")]
+    IdempotencyMismatch {
+        /// The command id.
+        id: CommandId,
+    },
+    /// The deployment requires an expected version and the command has none.
+    #[error("this deployment requires an expected version on every write")]
+    VersionRequired,
+    /// A stored stream could not be folded.
+    #[error(transparent)]
+    Fold(#[from] FoldError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The command pipeline over one store.
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn EventStore>,
+    config: Arc<EngineConfig>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Engine {
+    /// An engine over `store`.
+    pub fn new(store: Arc<dyn EventStore>, config: EngineConfig, clock: Arc<dyn Clock>) -> Self {
+        Self { store, config: Arc::new(config), clock }
+    }
+
+    /// The store, for reads that need no domain logic.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Runs one command through the pipeline of SPEC §2.3 (without artifacts and auth).
+    pub async fn execute(&self, cmd: Command, principal: Option<&str>) -> Result<CommandOutcome, EngineError> {
+        if let Some(record) = self.store.get_command(&cmd.key.tenant, cmd.id).await? {
+            return self.replay(&cmd, record).await;
+        }
+        let mut attempt = 0;
+        loop {
+            let agg = self.load(&cmd.key, None).await?;
+            if self.config.require_version && cmd.expected.is_none() && agg.version > Version::ZERO {
+                return Err(EngineError::VersionRequired);
+            }
+            if let Some(expected) = cmd.expected
+                && !expected.matches(agg.head())
+            {
+                return Err(EngineError::Conflict { expected, actual: agg.head(), client_version: true });
+            }
+            let now = timestamp::truncate(self.clock.now());
+            let decision = decide(&agg, &cmd, &self.config.limits, now)?;
+            let request = AppendRequest {
+                key: cmd.key.clone(),
+                // Always the loaded version: the decision was made on it, so any write in
+                // between must be detected (SPEC §2.3 step 7).
+                expected: ExpectedVersion::Exact(agg.version),
+                events: new_events(&cmd, &decision.changes, principal),
+                timestamp: now,
+                document: DocumentWrite {
+                    state: decision.next.state.clone().unwrap_or(Value::Null),
+                    deleted: decision.next.deleted,
+                },
+                command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra: Value::Null },
+            };
+            match self.store.append(request).await {
+                Ok(AppendOutcome::Appended(events)) => {
+                    let document = decision.next.document(&cmd.key.id).unwrap_or(Value::Null);
+                    return Ok(CommandOutcome {
+                        result: CommandResult {
+                            id: cmd.id,
+                            target_name: cmd.key.type_name.clone(),
+                            target_id: cmd.key.id.clone(),
+                            version: decision.next.version,
+                            events,
+                            warnings: Vec::new(),
+                        },
+                        document,
+                        replayed: false,
+                    });
+                }
+                Ok(AppendOutcome::Duplicate(record)) => return self.replay(&cmd, record).await,
+                Err(StoreError::Conflict { actual, .. }) => {
+                    let client_exact =
+                        matches!(cmd.expected, Some(ExpectedVersion::Exact(_) | ExpectedVersion::NoStream));
+                    if client_exact {
+                        let expected = cmd.expected.unwrap_or(ExpectedVersion::Exact(agg.version));
+                        return Err(EngineError::Conflict { expected, actual, client_version: true });
+                    }
+                    attempt += 1;
+                    if attempt > self.config.conflict_retries_max {
+                        return Err(EngineError::Conflict {
+                            expected: ExpectedVersion::Exact(agg.version),
+                            actual,
+                            client_version: false,
+                        });
+                    }
+                    tracing::debug!(command = %cmd.id, attempt, "lost a race, deciding again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The stored outcome of an earlier command with the same id (SPEC §2.4).
+    async fn replay(&self, cmd: &Command, record: CommandRecord) -> Result<CommandOutcome, EngineError> {
+        if record.fingerprint != cmd.fingerprint {
+            return Err(EngineError::IdempotencyMismatch { id: cmd.id });
+        }
+        let first = record.first_version.0.saturating_sub(1);
+        let events =
+            self.store.read_stream(&record.key, Version(first), Some(record.last_version), READ_LIMIT_MAX).await?;
+        let agg = self.load(&record.key, Some(record.last_version)).await?;
+        let warnings = match record.extra.get("warnings") {
+            Some(Value::Array(w)) => w.clone(),
+            _ => Vec::new(),
+        };
+        Ok(CommandOutcome {
+            result: CommandResult {
+                id: record.id,
+                target_name: record.key.type_name.clone(),
+                target_id: record.key.id.clone(),
+                version: record.last_version,
+                events,
+                warnings,
+            },
+            document: agg.document(&record.key.id).unwrap_or(Value::Null),
+            replayed: true,
+        })
+    }
+
+    /// Folds an aggregate from its events, up to version `to` (all when `None`).
+    pub async fn load(&self, key: &StreamKey, to: Option<Version>) -> Result<Aggregate, EngineError> {
+        let mut agg = Aggregate::default();
+        loop {
+            let page = self.store.read_stream(key, agg.version, to, READ_LIMIT_MAX).await?;
+            let full = page.len() == READ_LIMIT_MAX;
+            for e in &page {
+                agg.apply(e)?;
+            }
+            if !full {
+                return Ok(agg);
+            }
+        }
+    }
+}

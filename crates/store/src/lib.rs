@@ -182,8 +182,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The tenant's events with position greater than `after`, ascending, at most `limit`.
     /// A reader that has seen position P never later sees a position below P (SPEC §7.3).
-    async fn read_all(&self, tenant: &TenantId, after: Position, limit: usize)
-    -> Result<Vec<RecordedEvent>, StoreError>;
+    async fn read_all(
+        &self,
+        tenant: &TenantId,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// The read-model row of one aggregate.
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError>;

@@ -1,1 +1,1069 @@
-//! placeholder
+//! The embedded backend: SQLite in WAL mode with one writer thread that commits concurrent
+//! appends in batches (group commit), and a small pool of read-only connections (SPEC §7.1).
+//!
+//! Why one writer: SQLite allows one writing transaction at a time anyway, so a single thread
+//! that owns the write connection loses nothing and gains a lot. It can put every append that
+//! is waiting into one transaction (one fsync for the lot), it can keep the next global
+//! position in memory (positions are then gap-free and increase in commit order, SPEC §7.3),
+//! and no append ever waits on SQLite's busy handler. Each append runs in its own SAVEPOINT
+//! inside the batch, so a conflict or a failure undoes that append alone; an append's caller
+//! hears back only after the batch's COMMIT has returned, so an acknowledged write is durable
+//! (`synchronous=FULL`).
+//!
+//! Reads go to read-only connections, each behind a mutex, on tokio's blocking pool. WAL
+//! lets them read the last committed state while the writer commits.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use sourced_core::timestamp::{from_micros, to_micros, truncate};
+use sourced_core::{
+    AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
+};
+
+use crate::{
+    AppendOutcome, AppendRequest, CommandRecord, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX, StoreError,
+    StoreStats, validate_append,
+};
+
+/// The schema version this build writes, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: events, read model, command records.
+    "
+    CREATE TABLE events (
+        position   INTEGER PRIMARY KEY,
+        tenant     TEXT    NOT NULL,
+        type       TEXT    NOT NULL,
+        agg_id     TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        event_id   TEXT    NOT NULL,
+        event_type TEXT    NOT NULL,
+        data       TEXT    NOT NULL,
+        metadata   TEXT    NOT NULL,
+        ts         INTEGER NOT NULL,
+        UNIQUE (tenant, type, agg_id, version)
+    );
+    CREATE INDEX events_tenant_position ON events (tenant, position);
+    CREATE TABLE documents (
+        tenant     TEXT    NOT NULL,
+        type       TEXT    NOT NULL,
+        agg_id     TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        state      TEXT    NOT NULL,
+        deleted    INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, type, agg_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE commands (
+        tenant        TEXT    NOT NULL,
+        command_id    TEXT    NOT NULL,
+        fingerprint   TEXT    NOT NULL,
+        type          TEXT    NOT NULL,
+        agg_id        TEXT    NOT NULL,
+        first_version INTEGER NOT NULL,
+        last_version  INTEGER NOT NULL,
+        extra         TEXT    NOT NULL,
+        PRIMARY KEY (tenant, command_id)
+    ) WITHOUT ROWID;
+    ",
+];
+
+/// How long a connection waits for a lock held by another connection (another process, or a
+/// checkpoint) before it reports [`StoreError::Unavailable`].
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Most read connections a store may open.
+pub const READERS_MAX: usize = 64;
+/// Most appends one commit may carry.
+pub const BATCH_APPENDS_MAX: usize = 65_536;
+/// Most appends that may wait for the writer.
+pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
+
+/// Tuning of a [`SqliteStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Most appends committed in one transaction (one fsync); 1 ..= [`BATCH_APPENDS_MAX`].
+    pub batch_appends_max: usize,
+    /// Number of read-only connections; 1 ..= [`READERS_MAX`].
+    pub readers: usize,
+    /// Most appends waiting for the writer; a caller beyond it waits for room (back-pressure);
+    /// 1 ..= [`QUEUE_CAPACITY_MAX`].
+    pub queue_capacity: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self { batch_appends_max: 512, readers: 4, queue_capacity: 4_096 }
+    }
+}
+
+impl SqliteOptions {
+    fn validate(&self) -> Result<(), StoreError> {
+        let mut problems = Vec::new();
+        if !(1..=BATCH_APPENDS_MAX).contains(&self.batch_appends_max) {
+            problems.push(format!("batch_appends_max must be 1..={BATCH_APPENDS_MAX}, not {}", self.batch_appends_max));
+        }
+        if !(1..=READERS_MAX).contains(&self.readers) {
+            problems.push(format!("readers must be 1..={READERS_MAX}, not {}", self.readers));
+        }
+        if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
+            problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+    }
+}
+
+/// The embedded event store: one SQLite file in WAL mode (see the module documentation).
+pub struct SqliteStore {
+    path: PathBuf,
+    /// `None` once closed: later appends get [`StoreError::Closed`].
+    writer: Mutex<Option<Writer>>,
+    readers: Arc<ReaderPool>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).field("stats", &self.stats()).finish()
+    }
+}
+
+/// The handle on the writer thread.
+struct Writer {
+    sender: mpsc::Sender<Job>,
+    thread: JoinHandle<()>,
+}
+
+/// One append waiting for the writer, and where its answer goes.
+struct Job {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    appends: AtomicU64,
+    events: AtomicU64,
+    /// Appends handed to the writer's queue.
+    accepted: AtomicU64,
+    /// Appends the writer has answered.
+    answered: AtomicU64,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent directories if needed) the database at `path`,
+    /// brings its schema up to date, and starts the writer thread.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        options.validate()?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create the directory {}: {e}", parent.display()))
+            })?;
+        }
+
+        let mut conn = Connection::open(path).map_err(sql_err)?;
+        conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(sql_err)?;
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(sql_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!("{} cannot use WAL (journal mode is {mode})", path.display())));
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err)?;
+        migrate(&mut conn)?;
+        let next_position = load_next_position(&conn)?;
+
+        let readers = Arc::new(ReaderPool::open(path, options.readers)?);
+        let counters = Arc::new(Counters::default());
+        let (sender, receiver) = mpsc::channel(options.queue_capacity);
+        let thread = {
+            let counters = Arc::clone(&counters);
+            let batch_appends_max = options.batch_appends_max;
+            std::thread::Builder::new()
+                .name("sourced-sqlite-writer".into())
+                .spawn(move || write_loop(conn, receiver, batch_appends_max, next_position, &counters))
+                .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
+        };
+        tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Mutex::new(Some(Writer { sender, thread })),
+            readers,
+            counters,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends handed to the writer and not answered yet (queued, or in the batch being
+    /// committed), for metrics. It may briefly count low, never high.
+    pub fn pending_appends(&self) -> u64 {
+        // Accepted first: answers counted after it can only make the difference smaller.
+        let accepted = self.counters.accepted.load(Ordering::SeqCst);
+        accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
+    }
+
+    /// Whether [`EventStore::close`] has begun: appends are refused from then on.
+    pub fn is_closed(&self) -> bool {
+        self.writer.lock().expect("the SQLite writer mutex is poisoned").is_none()
+    }
+
+    /// Runs `f` on a read connection, on tokio's blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || pool.with(f))
+            .await
+            .map_err(|e| StoreError::Backend(format!("a SQLite read task failed: {e}")))?
+    }
+
+    /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
+    /// the queued appends. Blocking.
+    fn stop_writer(writer: Option<Writer>) {
+        if let Some(Writer { sender, thread }) = writer {
+            // The thread ends when every sender is gone and the queue is empty; appends in
+            // flight hold clones until their job is queued.
+            drop(sender);
+            if thread.join().is_err() {
+                tracing::error!("the SQLite writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        let writer = self.writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        Self::stop_writer(writer);
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        validate_append(&request)?;
+        let sender = self
+            .writer
+            .lock()
+            .expect("the SQLite writer mutex is poisoned")
+            .as_ref()
+            .map(|w| w.sender.clone())
+            .ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?;
+        self.counters.accepted.fetch_add(1, Ordering::SeqCst);
+        drop(sender);
+        answer.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped before answering".into()))?
+    }
+
+    async fn read_stream(
+        &self,
+        key: &StreamKey,
+        after: Version,
+        to: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        let upper = to.map_or(i64::MAX, |v| clamp_sql_int(v.0));
+        if limit == 0 || to.is_some_and(|to| to <= after) {
+            return Ok(Vec::new());
+        }
+        let key = key.clone();
+        self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await
+    }
+
+    async fn read_all(
+        &self,
+        tenant: &TenantId,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let tenant = tenant.clone();
+        self.read(move |conn| read_all(conn, &tenant, after, limit)).await
+    }
+
+    async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
+        let key = key.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT agg_id, version, state, deleted, created_at, updated_at FROM documents
+                     WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3",
+                )
+                .map_err(sql_err)?;
+            let raw = stmt
+                .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str()], RawDocument::from_row)
+                .optional()
+                .map_err(sql_err)?;
+            raw.map(|raw| raw.decode(&key.tenant, &key.type_name)).transpose()
+        })
+        .await
+    }
+
+    async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
+        let limit = query.limit.min(READ_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let query = query.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT agg_id, version, state, deleted, created_at, updated_at FROM documents
+                     WHERE tenant = ?1 AND type = ?2 AND agg_id > ?3 AND (?4 OR deleted = 0)
+                     ORDER BY agg_id LIMIT ?5",
+                )
+                .map_err(sql_err)?;
+            // Ids are never empty, so '' is below every id.
+            let after = query.after.as_ref().map_or("", AggregateId::as_str);
+            let raws = stmt
+                .query_map(
+                    params![
+                        query.tenant.as_str(),
+                        query.type_name.as_str(),
+                        after,
+                        query.include_deleted,
+                        to_sql_int(limit as u64)?
+                    ],
+                    RawDocument::from_row,
+                )
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            let rows = raws
+                .into_iter()
+                .map(|raw| raw.decode(&query.tenant, &query.type_name))
+                .collect::<Result<Vec<_>, _>>()?;
+            for pair in rows.windows(2) {
+                if pair[0].key.id >= pair[1].key.id {
+                    return Err(StoreError::Corrupt(format!(
+                        "documents out of id order: {} then {}",
+                        pair[0].key, pair[1].key
+                    )));
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |conn| select_command(conn, &tenant, id)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let writer_stopped = match self.writer.lock().expect("the SQLite writer mutex is poisoned").as_ref() {
+            None => return Err(StoreError::Closed),
+            Some(w) => w.sender.is_closed(),
+        };
+        if writer_stopped {
+            return Err(StoreError::Unavailable("the SQLite writer has stopped".into()));
+        }
+        self.read(|conn| {
+            let one: i64 = conn.query_row("SELECT 1", [], |r| r.get(0)).map_err(sql_err)?;
+            debug_assert_eq!(one, 1);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned").take();
+        let readers = Arc::clone(&self.readers);
+        let stopped = tokio::task::spawn_blocking(move || {
+            Self::stop_writer(writer);
+            readers.close();
+        })
+        .await;
+        if let Err(e) = stopped {
+            tracing::error!(error = %e, "closing the SQLite store failed");
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            appends: self.counters.appends.load(Ordering::Relaxed),
+            events: self.counters.events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+    let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql_err)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database's schema version is {current}, newer than this build's {SCHEMA_VERSION}"
+        )));
+    }
+    debug_assert_eq!(MIGRATIONS.len() as i64, SCHEMA_VERSION);
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        tx.execute_batch(sql).map_err(sql_err)?;
+        tracing::info!(from, to = from + 1, "migrated the SQLite schema");
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql_err)?;
+    tx.commit().map_err(sql_err)
+}
+
+fn load_next_position(conn: &Connection) -> Result<u64, StoreError> {
+    let max: i64 =
+        conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0)).map_err(sql_err)?;
+    let max = from_sql_int(max, "position")?;
+    Ok(max + 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+/// The writer thread: waits for an append, takes every other one already queued (up to
+/// `batch_appends_max`), commits them together, then answers them.
+fn write_loop(
+    mut conn: Connection,
+    mut receiver: mpsc::Receiver<Job>,
+    batch_appends_max: usize,
+    mut next_position: u64,
+    counters: &Counters,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
+    while let Some(first) = receiver.blocking_recv() {
+        batch.push(first);
+        while batch.len() < batch_appends_max {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&mut conn, &batch, &mut next_position, counters);
+        debug_assert_eq!(results.len(), batch.len());
+        for (job, result) in batch.drain(..).zip(results) {
+            // The caller may have gone away; the write stands either way.
+            let _ = job.reply.send(result);
+            counters.answered.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    tracing::debug!("the SQLite writer has stopped");
+}
+
+/// Commits one batch; on success each request gets its own outcome, else every request gets
+/// the batch's error and `next_position` is reloaded from the database.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+    next_position: &mut u64,
+    counters: &Counters,
+) -> Vec<Result<AppendOutcome, StoreError>> {
+    let batch_start_position = *next_position;
+    match run_batch(conn, batch, next_position) {
+        Ok(results) => {
+            let mut appends = 0;
+            let mut events = 0;
+            for result in &results {
+                if let Ok(AppendOutcome::Appended(recorded)) = result {
+                    appends += 1;
+                    events += recorded.len() as u64;
+                }
+            }
+            assert_eq!(
+                *next_position,
+                batch_start_position + events,
+                "the writer's next position must move by exactly the events committed"
+            );
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters.appends.fetch_add(appends, Ordering::Relaxed);
+            counters.events.fetch_add(events, Ordering::Relaxed);
+            results
+        }
+        Err(e) => {
+            tracing::error!(error = %e, appends = batch.len(), "a SQLite batch was not committed");
+            *next_position = load_next_position(conn).unwrap_or(batch_start_position);
+            batch
+                .iter()
+                .map(|_| {
+                    Err(match &e {
+                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+                        other => StoreError::Backend(format!("the batch was not committed: {other}")),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// One transaction for the batch, one savepoint per request. An error returned here means
+/// the transaction did not commit.
+fn run_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+    next_position: &mut u64,
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let position_before = *next_position;
+        let savepoint = tx.savepoint().map_err(sql_err)?;
+        let result = apply(&savepoint, &job.request, next_position);
+        if let Err(StoreError::Corrupt(m)) = &result {
+            tracing::error!(key = %job.request.key, error = %m, "an append found inconsistent data");
+        }
+        if let Ok(AppendOutcome::Appended(_)) = result {
+            savepoint.commit().map_err(sql_err)?;
+        } else {
+            // Nothing of this request stays, and its positions go to the next one. If the
+            // rollback itself fails, the transaction is in an unknown state: give up on it.
+            *next_position = position_before;
+            let mut savepoint = savepoint;
+            savepoint.rollback().map_err(sql_err)?;
+            savepoint.commit().map_err(sql_err)?;
+        }
+        results.push(result);
+    }
+    tx.commit().map_err(sql_err)?;
+    Ok(results)
+}
+
+/// One append, inside its savepoint: idempotency, then the expected version, then the writes.
+fn apply(conn: &Connection, request: &AppendRequest, next_position: &mut u64) -> Result<AppendOutcome, StoreError> {
+    let key = &request.key;
+    if let Some(record) = select_command(conn, &key.tenant, request.command.id)? {
+        return Ok(AppendOutcome::Duplicate(record));
+    }
+    let head = select_head(conn, key)?;
+    if !request.expected.matches(head) {
+        return Err(StoreError::Conflict { expected: request.expected, actual: head });
+    }
+
+    let timestamp = truncate(request.timestamp);
+    let ts_us = to_micros(&timestamp);
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO events
+             (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(sql_err)?;
+    let mut recorded = Vec::with_capacity(request.events.len());
+    let mut version = head.version;
+    for event in &request.events {
+        version = version.next();
+        let position = Position(*next_position);
+        *next_position += 1;
+        insert
+            .execute(params![
+                to_sql_int(position.0)?,
+                key.tenant.as_str(),
+                key.type_name.as_str(),
+                key.id.as_str(),
+                to_sql_int(version.0)?,
+                event.id.0.to_string(),
+                event.event_type,
+                to_json(&event.data)?,
+                to_json(&event.metadata)?,
+                ts_us,
+            ])
+            .map_err(write_err)?;
+        recorded.push(RecordedEvent {
+            id: event.id,
+            position,
+            tenant: key.tenant.clone(),
+            target_name: key.type_name.clone(),
+            target_id: key.id.clone(),
+            version,
+            event_type: event.event_type.clone(),
+            data: event.data.clone(),
+            metadata: event.metadata.clone(),
+            timestamp,
+        });
+    }
+    check_appended(head.version, &recorded)?;
+
+    conn.prepare_cached(
+        "INSERT INTO documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+         ON CONFLICT (tenant, type, agg_id) DO UPDATE SET
+             version = excluded.version, state = excluded.state,
+             deleted = excluded.deleted, updated_at = excluded.updated_at",
+    )
+    .map_err(sql_err)?
+    .execute(params![
+        key.tenant.as_str(),
+        key.type_name.as_str(),
+        key.id.as_str(),
+        to_sql_int(version.0)?,
+        to_json(&request.document.state)?,
+        request.document.deleted,
+        ts_us,
+    ])
+    .map_err(write_err)?;
+
+    let first_version = head.version.next();
+    conn.prepare_cached(
+        "INSERT INTO commands (tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(sql_err)?
+    .execute(params![
+        key.tenant.as_str(),
+        request.command.id.0.to_string(),
+        request.command.fingerprint,
+        key.type_name.as_str(),
+        key.id.as_str(),
+        to_sql_int(first_version.0)?,
+        to_sql_int(version.0)?,
+        to_json(&request.command.extra)?,
+    ])
+    .map_err(write_err)?;
+
+    Ok(AppendOutcome::Appended(recorded))
+}
+
+/// The invariants of what one append wrote: versions contiguous from the head, positions
+/// strictly increasing and gap-free.
+fn check_appended(head: Version, recorded: &[RecordedEvent]) -> Result<(), StoreError> {
+    let mut expected_version = head;
+    let mut previous: Option<Position> = None;
+    for event in recorded {
+        expected_version = expected_version.next();
+        if event.version != expected_version {
+            return Err(StoreError::Corrupt(format!(
+                "{}: wrote version {} where {expected_version} was due",
+                event.target_id, event.version
+            )));
+        }
+        if let Some(p) = previous
+            && event.position.0 != p.0 + 1
+        {
+            return Err(StoreError::Corrupt(format!("wrote position {} after {p}", event.position)));
+        }
+        previous = Some(event.position);
+    }
+    Ok(())
+}
+
+/// The stream's head, from its read-model row (no row: version 0, not deleted).
+fn select_head(conn: &Connection, key: &StreamKey) -> Result<StreamHead, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT version, deleted FROM documents WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3")
+        .map_err(sql_err)?
+        .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?))
+        })
+        .optional()
+        .map_err(sql_err)?;
+    match row {
+        None => Ok(StreamHead::default()),
+        Some((version, deleted)) => {
+            let version = Version(from_sql_int(version, "version")?);
+            if version == Version::ZERO {
+                return Err(StoreError::Corrupt(format!("{key}: a read-model row at version 0")));
+            }
+            Ok(StreamHead { version, deleted })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+/// Read-only connections, each behind a mutex; `None` once the store is closed.
+struct ReaderPool {
+    connections: Vec<Mutex<Option<Connection>>>,
+    next: AtomicUsize,
+}
+
+impl ReaderPool {
+    fn open(path: &Path, count: usize) -> Result<ReaderPool, StoreError> {
+        let mut connections = Vec::with_capacity(count);
+        for _ in 0..count {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+            let conn = Connection::open_with_flags(path, flags).map_err(sql_err)?;
+            conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(sql_err)?;
+            connections.push(Mutex::new(Some(conn)));
+        }
+        Ok(ReaderPool { connections, next: AtomicUsize::new(0) })
+    }
+
+    /// Runs `f` on a free connection: the first one free in round-robin order, else waits for
+    /// one. Blocking.
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let count = self.connections.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        for i in 0..count {
+            match self.connections[(start + i) % count].try_lock() {
+                Ok(guard) => return Self::run(guard, f),
+                // A panic during an earlier read leaves the connection usable: statements are
+                // reset when dropped, and a read changes nothing.
+                Err(TryLockError::Poisoned(poisoned)) => return Self::run(poisoned.into_inner(), f),
+                Err(TryLockError::WouldBlock) => continue,
+            }
+        }
+        let guard = self.connections[start].lock().unwrap_or_else(|e| e.into_inner());
+        Self::run(guard, f)
+    }
+
+    fn run<T>(
+        guard: MutexGuard<'_, Option<Connection>>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match guard.as_ref() {
+            Some(conn) => f(conn),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// Closes every connection, waiting for reads in progress. Blocking.
+    fn close(&self) {
+        for connection in &self.connections {
+            let taken = connection.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(conn) = taken
+                && let Err((_, e)) = conn.close()
+            {
+                tracing::warn!(error = %e, "closing a SQLite read connection failed");
+            }
+        }
+    }
+}
+
+/// An `events` row as stored.
+struct RawEvent {
+    position: i64,
+    type_name: Option<String>,
+    agg_id: Option<String>,
+    version: i64,
+    event_id: String,
+    event_type: String,
+    data: String,
+    metadata: String,
+    ts: i64,
+}
+
+impl RawEvent {
+    fn decode(self, tenant: &TenantId, key: Option<&StreamKey>) -> Result<RecordedEvent, StoreError> {
+        let (target_name, target_id) = match key {
+            Some(key) => (key.type_name.clone(), key.id.clone()),
+            None => (
+                TypeName::parse(self.type_name.as_deref().unwrap_or_default())
+                    .map_err(|v| corrupt_row("events.type", v.message))?,
+                AggregateId::parse(self.agg_id.as_deref().unwrap_or_default())
+                    .map_err(|v| corrupt_row("events.agg_id", v.message))?,
+            ),
+        };
+        Ok(RecordedEvent {
+            id: EventId(Uuid::parse_str(&self.event_id).map_err(|e| corrupt_row("events.event_id", e))?),
+            position: Position(from_sql_int(self.position, "position")?),
+            tenant: tenant.clone(),
+            target_name,
+            target_id,
+            version: Version(from_sql_int(self.version, "version")?),
+            event_type: self.event_type,
+            data: from_json(&self.data, "events.data")?,
+            metadata: from_json(&self.metadata, "events.metadata")?,
+            timestamp: from_micros(self.ts),
+        })
+    }
+}
+
+fn read_stream(
+    conn: &Connection,
+    key: &StreamKey,
+    after: Version,
+    upper: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT position, version, event_id, event_type, data, metadata, ts FROM events
+             WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version > ?4 AND version <= ?5
+             ORDER BY version LIMIT ?6",
+        )
+        .map_err(sql_err)?;
+    let raws = stmt
+        .query_map(
+            params![
+                key.tenant.as_str(),
+                key.type_name.as_str(),
+                key.id.as_str(),
+                clamp_sql_int(after.0),
+                upper,
+                to_sql_int(limit as u64)?
+            ],
+            |r| {
+                Ok(RawEvent {
+                    position: r.get(0)?,
+                    type_name: None,
+                    agg_id: None,
+                    version: r.get(1)?,
+                    event_id: r.get(2)?,
+                    event_type: r.get(3)?,
+                    data: r.get(4)?,
+                    metadata: r.get(5)?,
+                    ts: r.get(6)?,
+                })
+            },
+        )
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    let events = raws.into_iter().map(|raw| raw.decode(&key.tenant, Some(key))).collect::<Result<Vec<_>, _>>()?;
+    // Versions are contiguous from 1, so a read after `after` starts at `after + 1`.
+    let mut expected_version = after;
+    let mut previous_position = Position(0);
+    for event in &events {
+        expected_version = expected_version.next();
+        if event.version != expected_version || event.position <= previous_position {
+            return Err(StoreError::Corrupt(format!(
+                "{key}: read version {} at position {} where version {expected_version} after position \
+                 {previous_position} was due",
+                event.version, event.position
+            )));
+        }
+        previous_position = event.position;
+    }
+    Ok(events)
+}
+
+fn read_all(
+    conn: &Connection,
+    tenant: &TenantId,
+    after: Position,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts FROM events
+             WHERE tenant = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
+        )
+        .map_err(sql_err)?;
+    let raws = stmt
+        .query_map(params![tenant.as_str(), clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
+            Ok(RawEvent {
+                position: r.get(0)?,
+                type_name: Some(r.get(1)?),
+                agg_id: Some(r.get(2)?),
+                version: r.get(3)?,
+                event_id: r.get(4)?,
+                event_type: r.get(5)?,
+                data: r.get(6)?,
+                metadata: r.get(7)?,
+                ts: r.get(8)?,
+            })
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    let events = raws.into_iter().map(|raw| raw.decode(tenant, None)).collect::<Result<Vec<_>, _>>()?;
+    let mut previous = after;
+    for event in &events {
+        if event.position <= previous || event.version == Version::ZERO {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {tenant}: read position {} (version {}) after position {previous}",
+                event.position, event.version
+            )));
+        }
+        previous = event.position;
+    }
+    Ok(events)
+}
+
+/// A `documents` row as stored.
+struct RawDocument {
+    agg_id: String,
+    version: i64,
+    state: String,
+    deleted: bool,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RawDocument {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
+        Ok(RawDocument {
+            agg_id: r.get(0)?,
+            version: r.get(1)?,
+            state: r.get(2)?,
+            deleted: r.get(3)?,
+            created_at: r.get(4)?,
+            updated_at: r.get(5)?,
+        })
+    }
+
+    fn decode(self, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentRow, StoreError> {
+        let id = AggregateId::parse(&self.agg_id).map_err(|v| corrupt_row("documents.agg_id", v.message))?;
+        let version = Version(from_sql_int(self.version, "version")?);
+        if version == Version::ZERO {
+            return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
+        }
+        Ok(DocumentRow {
+            key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
+            version,
+            state: from_json(&self.state, "documents.state")?,
+            deleted: self.deleted,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+        })
+    }
+}
+
+/// The tenant's record of a command; used by the writer (inside its transaction) and readers.
+fn select_command(conn: &Connection, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT fingerprint, type, agg_id, first_version, last_version, extra FROM commands
+             WHERE tenant = ?1 AND command_id = ?2",
+        )
+        .map_err(sql_err)?
+        .query_row(params![tenant.as_str(), id.0.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .optional()
+        .map_err(sql_err)?;
+    let Some((fingerprint, type_name, agg_id, first_version, last_version, extra)) = row else {
+        return Ok(None);
+    };
+    let first_version = Version(from_sql_int(first_version, "first_version")?);
+    let last_version = Version(from_sql_int(last_version, "last_version")?);
+    if first_version == Version::ZERO || last_version < first_version {
+        return Err(StoreError::Corrupt(format!(
+            "command {id} of tenant {tenant}: versions {first_version}..={last_version}"
+        )));
+    }
+    Ok(Some(CommandRecord {
+        id,
+        fingerprint,
+        key: StreamKey {
+            tenant: tenant.clone(),
+            type_name: TypeName::parse(&type_name).map_err(|v| corrupt_row("commands.type", v.message))?,
+            id: AggregateId::parse(&agg_id).map_err(|v| corrupt_row("commands.agg_id", v.message))?,
+        },
+        first_version,
+        last_version,
+        extra: from_json(&extra, "commands.extra")?,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions and errors
+
+fn to_json(value: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
+}
+
+fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
+}
+
+fn to_sql_int(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::InvalidRequest(format!("{n} is beyond what the store can hold")))
+}
+
+/// For bounds of reads: nothing stored is above `i64::MAX`.
+fn clamp_sql_int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
+}
+
+fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{column} does not decode: {e}"))
+}
+
+/// Maps a SQLite error: lock, I/O and space problems may pass ([`StoreError::Unavailable`]);
+/// values that do not convert are [`StoreError::Corrupt`]; the rest is [`StoreError::Backend`].
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::DiskFull
+            | ErrorCode::CannotOpen
+            | ErrorCode::OutOfMemory
+            | ErrorCode::FileLockingProtocolFailed => StoreError::Unavailable(e.to_string()),
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// Like [`sql_err`], but a constraint violation on a write means the events and the read
+/// model disagree (the writer checked the head first), so the data is corrupt.
+fn write_err(e: rusqlite::Error) -> StoreError {
+    if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
+        StoreError::Corrupt(format!("the events and the read model disagree: {e}"))
+    } else {
+        sql_err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked() {
+        assert!(SqliteOptions::default().validate().is_ok());
+        let bad = SqliteOptions { batch_appends_max: 0, readers: 0, queue_capacity: 0 };
+        match bad.validate() {
+            Err(StoreError::InvalidRequest(m)) => {
+                assert!(m.contains("batch_appends_max") && m.contains("readers") && m.contains("queue_capacity"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_map_to_store_errors() {
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None);
+        assert!(matches!(sql_err(busy), StoreError::Unavailable(_)));
+        let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+        assert!(matches!(sql_err(full), StoreError::Unavailable(_)));
+        let constraint =
+            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT), None);
+        assert!(matches!(write_err(constraint), StoreError::Corrupt(_)));
+        assert!(matches!(sql_err(rusqlite::Error::QueryReturnedNoRows), StoreError::Backend(_)));
+        assert!(matches!(sql_err(rusqlite::Error::IntegralValueOutOfRange(0, -1)), StoreError::Corrupt(_)));
+    }
+}

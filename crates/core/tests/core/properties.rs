@@ -1,0 +1,88 @@
+//! Property tests: patches, diffs and merge patches agree with each other, and the fold keeps
+//! versions contiguous whatever the commands.
+
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+use sourced_core::patch::{apply, diff, merge_to_patch};
+use sourced_core::{Aggregate, AggregateId, Command, DomainError, EnvelopeDefaults, Limits, TenantId, Version, decide};
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        (-5i64..5).prop_map(Value::from),
+        "[a-c]{0,3}".prop_map(Value::from),
+    ]
+}
+
+fn value() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-d]", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn object() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map("[a-e]", value(), 0..5)
+        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>()))
+}
+
+proptest! {
+    #[test]
+    fn diff_then_apply_reaches_the_target(a in object(), b in object()) {
+        let p = diff(&a, &b);
+        prop_assert_eq!(apply(&a, &p).unwrap(), b);
+    }
+
+    #[test]
+    fn merge_patch_and_its_json_patch_agree(a in object(), m in object()) {
+        let mut merged = a.clone();
+        json_patch::merge(&mut merged, &m);
+        let p = merge_to_patch(&a, &m);
+        prop_assert_eq!(apply(&a, &p).unwrap(), merged);
+    }
+
+    #[test]
+    fn fold_of_accepted_commands_is_contiguous(docs in prop::collection::vec(object(), 1..12)) {
+        // Create with the first document, then replace with each next one; every accepted
+        // command adds exactly one version, every refused one (no-op) adds none.
+        let defaults = || EnvelopeDefaults {
+            tenant: TenantId::default_tenant(),
+            tenant_fixed: false,
+            generated_id: AggregateId::parse("x").unwrap(),
+        };
+        let now = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        let mut agg = Aggregate::default();
+        let mut accepted = 0u64;
+        for (i, d) in docs.iter().enumerate() {
+            let kind = if i == 0 { "create" } else { "replace" };
+            let cmd = Command::from_envelope(
+                &json!({"type": kind, "targetName": "t", "targetId": "x", "body": d}),
+                defaults(),
+            ).unwrap();
+            match decide(&agg, &cmd, &Limits::default(), now) {
+                Ok(dec) => {
+                    prop_assert_eq!(dec.next.version, agg.version.next());
+                    prop_assert_eq!(dec.next.state.as_ref(), Some(d));
+                    agg = dec.next;
+                    accepted += 1;
+                }
+                Err(DomainError::NoOp) => prop_assert_eq!(agg.state.as_ref(), Some(d)),
+                Err(e) => prop_assert!(false, "unexpected {e:?}"),
+            }
+        }
+        prop_assert_eq!(agg.version, Version(accepted));
+    }
+
+    #[test]
+    fn arbitrary_patches_never_panic(doc in object(), ops in prop::collection::vec(value(), 0..5)) {
+        let cmd = Command::from_envelope(
+            &json!({"type": "patch", "targetName": "t", "targetId": "x", "body": ops}),
+            EnvelopeDefaults { tenant: TenantId::default_tenant(), tenant_fixed: false, generated_id: AggregateId::parse("x").unwrap() },
+        ).unwrap();
+        let agg = Aggregate { version: Version(1), state: Some(doc), ..Aggregate::default() };
+        let _ = decide(&agg, &cmd, &Limits::default(), chrono::DateTime::from_timestamp(0, 0).unwrap());
+    }
+}

@@ -1,0 +1,274 @@
+//! Configuration in two stages (SPEC §3.4): [`RawArgs`] holds the values as given by flags,
+//! the environment and `.env` (flags win); [`Config::resolve`] validates them once into a
+//! [`Config`], and a bad value fails start-up with one line naming the setting.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use sourced_core::Limits;
+
+/// Command line of the `sourced` binary.
+#[derive(Debug, Parser)]
+#[command(name = "sourced", version, about = "A generic CQRS / event-sourcing service")]
+pub struct Cli {
+    /// What to run; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    /// Settings of `serve`, also accepted without the subcommand.
+    #[command(flatten)]
+    pub serve: RawArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the service (the default).
+    Serve(RawArgs),
+}
+
+/// Settings as given, unvalidated. Each is a flag and an environment variable of the same
+/// name in upper case (`--listen` / `LISTEN`).
+#[derive(Debug, Default, Clone, Args)]
+pub struct RawArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "LISTEN")]
+    pub listen: Option<String>,
+    /// Event store: `sqlite://PATH` [default: sqlite://./data/sourced.db].
+    #[arg(long, env = "EVENT_STORE_URL")]
+    pub event_store_url: Option<String>,
+    /// trace, debug, info, warn or error [default: info].
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// text or json [default: text].
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Require an expected version (If-Match) on writes to existing aggregates [default: false].
+    #[arg(long, env = "REQUIRE_VERSION")]
+    pub require_version: Option<String>,
+    /// Largest request body in bytes [default: 1048576].
+    #[arg(long, env = "MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<String>,
+    /// Deepest JSON nesting in a body or document [default: 64].
+    #[arg(long, env = "MAX_JSON_DEPTH")]
+    pub max_json_depth: Option<String>,
+    /// Most operations in one JSON Patch [default: 1000].
+    #[arg(long, env = "MAX_PATCH_OPS")]
+    pub max_patch_ops: Option<String>,
+    /// Most `/-` array appends in one JSON Patch [default: 1000].
+    #[arg(long, env = "MAX_ARRAY_APPENDS")]
+    pub max_array_appends: Option<String>,
+    /// Largest document after a command, in bytes [default: 1048576].
+    #[arg(long, env = "MAX_DOCUMENT_BYTES")]
+    pub max_document_bytes: Option<String>,
+    /// Largest page a list, history or feed request may ask for [default: 1000].
+    #[arg(long, env = "MAX_PAGE_LIMIT")]
+    pub max_page_limit: Option<String>,
+    /// Most commands the embedded store commits in one transaction [default: 512].
+    #[arg(long, env = "BATCH_APPENDS_MAX")]
+    pub batch_appends_max: Option<String>,
+    /// Seconds to wait for in-flight requests at shutdown [default: 30].
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<String>,
+}
+
+/// Where events are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// The embedded SQLite store at this path.
+    Sqlite(PathBuf),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits the HTTP layer enforces itself (SPEC §8.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest request body.
+    pub body_bytes_max: usize,
+    /// Default page size.
+    pub page_limit_default: usize,
+    /// Largest page size.
+    pub page_limit_max: usize,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Event store.
+    pub store: StoreUrl,
+    /// Log filter directive (a level).
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Require expected versions on writes to existing aggregates.
+    pub require_version: bool,
+    /// The core's limits.
+    pub limits: Limits,
+    /// The HTTP layer's limits.
+    pub http: HttpLimits,
+    /// Embedded store: most commands per commit.
+    pub batch_appends_max: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// A setting that could not be used; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {setting} {value:?}: {reason}")]
+pub struct ConfigError {
+    /// The setting's environment name.
+    pub setting: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What is expected.
+    pub reason: String,
+}
+
+fn bad(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { setting, value: value.to_owned(), reason: reason.into() }
+}
+
+fn number(
+    setting: &'static str,
+    raw: &Option<String>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let Some(s) = raw else { return Ok(default) };
+    match s.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(setting, s, format!("expected a whole number from {min} to {max}"))),
+    }
+}
+
+impl Config {
+    /// Validates raw settings.
+    pub fn resolve(raw: &RawArgs) -> Result<Config, ConfigError> {
+        let listen = match &raw.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            Some(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| bad("LISTEN", s, "expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"))?,
+        };
+        let store = match &raw.event_store_url {
+            None => StoreUrl::Sqlite(PathBuf::from("./data/sourced.db")),
+            Some(s) => parse_store_url(s)?,
+        };
+        let log_level = match raw.log_level.as_deref().map(str::trim) {
+            None => "info".to_owned(),
+            Some(l @ ("trace" | "debug" | "info" | "warn" | "error")) => l.to_owned(),
+            Some(other) => return Err(bad("LOG_LEVEL", other, "expected trace, debug, info, warn or error")),
+        };
+        let log_format = match raw.log_format.as_deref().map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(bad("LOG_FORMAT", other, "expected text or json")),
+        };
+        let require_version = match raw.require_version.as_deref().map(str::trim) {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => return Err(bad("REQUIRE_VERSION", other, "expected true or false")),
+        };
+        const MIB: usize = 1024 * 1024;
+        let limits = Limits {
+            json_depth_max: number("MAX_JSON_DEPTH", &raw.max_json_depth, 64, 1, 120)?,
+            patch_ops_max: number("MAX_PATCH_OPS", &raw.max_patch_ops, 1_000, 1, 100_000)?,
+            array_appends_max: number("MAX_ARRAY_APPENDS", &raw.max_array_appends, 1_000, 0, 100_000)?,
+            document_bytes_max: number("MAX_DOCUMENT_BYTES", &raw.max_document_bytes, MIB, 2, 64 * MIB)?,
+        };
+        let http = HttpLimits {
+            body_bytes_max: number("MAX_BODY_BYTES", &raw.max_body_bytes, MIB, 2, 64 * MIB)?,
+            page_limit_default: 100,
+            page_limit_max: number("MAX_PAGE_LIMIT", &raw.max_page_limit, 1_000, 1, sourced_store::READ_LIMIT_MAX)?,
+        };
+        let http = HttpLimits { page_limit_default: http.page_limit_default.min(http.page_limit_max), ..http };
+        Ok(Config {
+            listen,
+            store,
+            log_level,
+            log_format,
+            require_version,
+            limits,
+            http,
+            batch_appends_max: number("BATCH_APPENDS_MAX", &raw.batch_appends_max, 512, 1, 10_000)?,
+            shutdown_timeout_secs: number("SHUTDOWN_TIMEOUT_SECS", &raw.shutdown_timeout_secs, 30, 0, 3_600)? as u64,
+        })
+    }
+
+    /// Defaults for everything but the address and the embedded store's file (tests, benches).
+    pub fn embedded(listen: SocketAddr, db_path: PathBuf) -> Config {
+        let mut c = Config::resolve(&RawArgs::default()).expect("the defaults are valid");
+        c.listen = listen;
+        c.store = StoreUrl::Sqlite(db_path);
+        c
+    }
+}
+
+/// Parses `EVENT_STORE_URL`.
+pub fn parse_store_url(s: &str) -> Result<StoreUrl, ConfigError> {
+    let t = s.trim();
+    if let Some(path) = t.strip_prefix("sqlite://").or_else(|| t.strip_prefix("sqlite:")) {
+        if path.is_empty() {
+            return Err(bad("EVENT_STORE_URL", s, "the sqlite URL needs a file path, e.g. sqlite://./data/sourced.db"));
+        }
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+        return Err(bad(
+            "EVENT_STORE_URL",
+            s,
+            "the PostgreSQL backend is not available in this version; use sqlite://PATH",
+        ));
+    }
+    Err(bad("EVENT_STORE_URL", s, "expected sqlite://PATH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::resolve(&RawArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.store, StoreUrl::Sqlite(PathBuf::from("./data/sourced.db")));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases: Vec<(RawArgs, &str)> = vec![
+            (RawArgs { listen: Some("nowhere".into()), ..Default::default() }, "LISTEN"),
+            (RawArgs { event_store_url: Some("mysql://x".into()), ..Default::default() }, "EVENT_STORE_URL"),
+            (RawArgs { log_level: Some("loud".into()), ..Default::default() }, "LOG_LEVEL"),
+            (RawArgs { log_format: Some("xml".into()), ..Default::default() }, "LOG_FORMAT"),
+            (RawArgs { max_body_bytes: Some("-1".into()), ..Default::default() }, "MAX_BODY_BYTES"),
+            (RawArgs { max_json_depth: Some("1000".into()), ..Default::default() }, "MAX_JSON_DEPTH"),
+            (RawArgs { require_version: Some("maybe".into()), ..Default::default() }, "REQUIRE_VERSION"),
+        ];
+        for (raw, setting) in cases {
+            let e = Config::resolve(&raw).unwrap_err();
+            assert_eq!(e.setting, setting);
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(parse_store_url("sqlite:///tmp/x.db").unwrap(), StoreUrl::Sqlite(PathBuf::from("/tmp/x.db")));
+        assert_eq!(parse_store_url("sqlite:x.db").unwrap(), StoreUrl::Sqlite(PathBuf::from("x.db")));
+        assert!(parse_store_url("sqlite://").is_err());
+    }
+}

@@ -1,0 +1,616 @@
+//! The resource-style HTTP API of SPEC §3.1: [`router`] builds it from an [`AppState`], so
+//! tests drive it with `oneshot` and no socket. Every route turns its request into a command
+//! envelope and goes through the same pipeline as `POST /commands`.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Value, json};
+
+use sourced_core::aggregate::document;
+use sourced_core::{
+    AggregateId, Command, CommandId, EnvelopeDefaults, ExpectedVersion, Position, StreamKey, TenantId, TypeName,
+    Version, Violation, ids::RESERVED_TYPE_NAMES,
+};
+use sourced_engine::{CommandOutcome, Engine};
+use sourced_store::{DocumentRow, ListQuery};
+
+use crate::config::HttpLimits;
+use crate::problem::{Problem, from_engine};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The command pipeline and its store.
+    pub engine: Engine,
+    /// Limits of the HTTP layer.
+    pub http: HttpLimits,
+}
+
+type Result<T, E = Problem> = std::result::Result<T, E>;
+
+/// The HTTP API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/commands", post(post_command))
+        .route("/events", get(feed))
+        .route("/{type}", post(create).get(list))
+        .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
+        .route("/{type}/{id}/events", get(history))
+        .route("/{type}/{id}/{command}", post(custom_command))
+        .fallback(|| async { Problem::not_found("no route matches this path") })
+        .method_not_allowed_fallback(|method: Method| async move {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                format!("{method} is not allowed on this path"),
+            )
+        })
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.engine.store().ping().await {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", e.to_string()).into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request parts
+
+/// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
+fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
+    match headers.get("x-tenant") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("\u{0}");
+            TenantId::parse(s).map(Some).map_err(|mut e| {
+                e.pointer = String::new();
+                Problem::bad_request(format!("invalid X-Tenant header: {}", e.message), vec![e])
+            })
+        }
+    }
+}
+
+fn tenant(headers: &HeaderMap) -> Result<TenantId> {
+    Ok(tenant_header(headers)?.unwrap_or_else(TenantId::default_tenant))
+}
+
+/// An aggregate type from the path: reserved names have no resource here (404).
+fn type_name(raw: &str) -> Result<TypeName> {
+    if RESERVED_TYPE_NAMES.contains(&raw) {
+        return Err(Problem::not_found(format!("'{raw}' is not available in this version")));
+    }
+    TypeName::parse(raw)
+        .map_err(|e| Problem::bad_request(format!("invalid aggregate type in path: {}", e.message), vec![]))
+}
+
+fn aggregate_id(raw: &str) -> Result<AggregateId> {
+    AggregateId::parse(raw)
+        .map_err(|e| Problem::bad_request(format!("invalid aggregate id in path: {}", e.message), vec![]))
+}
+
+fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
+    Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
+}
+
+/// Reads the whole body, refusing one over the limit with 413 before or while reading.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "The request body is too large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+        .with("limit", limit)
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Problem::bad_request(format!("could not read the request body: {e}"), vec![])),
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value> {
+    if bytes.is_empty() {
+        return Err(Problem::bad_request("the request body is empty; a JSON value is required", vec![]));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        Problem::bad_request(
+            format!("the body is not valid JSON: {e}"),
+            vec![Violation::new("", format!("line {}, column {}: {e}", e.line(), e.column()))],
+        )
+        .with_type("invalid-json", "The body is not valid JSON")
+    })
+}
+
+/// The media type of the body, lower-case, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+fn unsupported_media(got: Option<String>, allowed: &[&str]) -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "Unsupported media type",
+        format!(
+            "Content-Type {} is not accepted here; use {}",
+            got.as_deref().unwrap_or("(none)"),
+            allowed.join(" or ")
+        ),
+    )
+    .with("accepted", allowed.to_vec())
+}
+
+async fn json_body(body: Body, headers: &HeaderMap, s: &AppState) -> Result<Value> {
+    let media = media_type(headers);
+    if !media.as_deref().is_some_and(is_json) {
+        return Err(unsupported_media(media, &["application/json"]));
+    }
+    parse_json(&read_body(body, headers, s.http.body_bytes_max).await?)
+}
+
+/// An entity tag naming a version: `"N"`, also `W/"N"` and a bare `N`.
+fn parse_etag(raw: &str) -> Option<Version> {
+    let t = raw.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
+    t.parse::<u64>().ok().map(Version)
+}
+
+fn etag(v: Version) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{v}\"")).expect("a number is a valid header value")
+}
+
+/// `If-Match` as an expected version: `*` means the aggregate exists.
+fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("");
+    if s.trim() == "*" {
+        return Ok(Some(ExpectedVersion::Exists));
+    }
+    parse_etag(s).map(|v| Some(ExpectedVersion::Exact(v))).ok_or_else(|| {
+        Problem::bad_request(format!("If-Match must be one entity tag of a version, like \"3\", not {s:?}"), vec![])
+    })
+}
+
+/// The `Idempotency-Key` header as a command id.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    match v.to_str() {
+        Ok(s) if !s.trim().is_empty() && s.len() <= 256 => Ok(Some(CommandId::from_idempotency_key(s.trim()))),
+        _ => Err(Problem::bad_request("Idempotency-Key must be 1 to 256 visible ASCII characters", vec![])),
+    }
+}
+
+fn prefers_minimal(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("return=minimal"))
+}
+
+fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
+    let unknown: Vec<Violation> = pairs
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, _)| Violation::new("", format!("unknown query parameter '{k}'")))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Problem::bad_request(
+            format!("unknown query parameter; known here: {}", known.join(", ")),
+            unknown,
+        ));
+    }
+    Ok(pairs)
+}
+
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn page_limit(pairs: &[(String, String)], limits: &HttpLimits) -> Result<usize> {
+    match param(pairs, "limit") {
+        None => Ok(limits.page_limit_default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=limits.page_limit_max).contains(&n) => Ok(n),
+            _ => Err(Problem::bad_request(
+                format!("limit must be a whole number from 1 to {}", limits.page_limit_max),
+                vec![],
+            )),
+        },
+    }
+}
+
+fn flag(pairs: &[(String, String)], name: &str) -> Result<bool> {
+    match param(pairs, name) {
+        None | Some("false") => Ok(false),
+        Some("" | "true") => Ok(true),
+        Some(other) => Err(Problem::bad_request(format!("{name} must be true or false, not {other:?}"), vec![])),
+    }
+}
+
+/// Opaque page cursors: base64url of a small JSON object tagged with its page kind, so a
+/// cursor from one listing is refused by another.
+fn encode_cursor(kind: &str, value: Value) -> String {
+    URL_SAFE_NO_PAD.encode(json!({"k": kind, "v": value}).to_string())
+}
+
+fn decode_cursor(kind: &str, raw: &str) -> Result<Value> {
+    let invalid =
+        || Problem::bad_request("invalid cursor: pass back the 'next' value of a page of this listing", vec![]);
+    let bytes = URL_SAFE_NO_PAD.decode(raw.as_bytes()).map_err(|_| invalid())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    if v.get("k").and_then(Value::as_str) != Some(kind) {
+        return Err(invalid());
+    }
+    v.get("v").cloned().ok_or_else(invalid)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+/// How a write answers: the document (as GET would) with its ETag, or the headers only.
+struct WriteReply {
+    outcome: CommandOutcome,
+    status: StatusCode,
+    location: Option<String>,
+    minimal: bool,
+}
+
+impl IntoResponse for WriteReply {
+    fn into_response(self) -> Response {
+        let version = self.outcome.result.version;
+        let mut r = if self.minimal {
+            StatusCode::NO_CONTENT.into_response()
+        } else {
+            (self.status, axum::Json(self.outcome.document)).into_response()
+        };
+        let h = r.headers_mut();
+        h.insert(header::ETAG, etag(version));
+        if let Some(loc) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            h.insert(header::LOCATION, loc);
+        }
+        if self.outcome.replayed {
+            h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        r
+    }
+}
+
+/// Builds the command for a resource route from its envelope, with the `Idempotency-Key`
+/// header as its id and the `X-Tenant` header as its tenant.
+fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> Result<Command> {
+    if let Some(id) = idempotency_key(headers)? {
+        envelope.insert("id".into(), Value::from(id.to_string()));
+    }
+    let defaults =
+        EnvelopeDefaults { tenant: tenant(headers)?, tenant_fixed: true, generated_id: AggregateId::generate() };
+    Ok(Command::from_envelope(&Value::Object(envelope), defaults)?)
+}
+
+/// Runs a command. `precondition` says whether its expected version came from an HTTP
+/// precondition header (a mismatch is then 412, else 409).
+async fn exec(s: &AppState, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
+    s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, precondition))
+}
+
+fn envelope(kind: &str, ty: &TypeName, id: Option<&AggregateId>) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("type".into(), Value::from(kind));
+    m.insert("targetName".into(), Value::from(ty.as_str()));
+    if let Some(id) = id {
+        m.insert("targetId".into(), Value::from(id.as_str()));
+    }
+    m
+}
+
+fn with_version(mut m: serde_json::Map<String, Value>, v: Option<ExpectedVersion>) -> serde_json::Map<String, Value> {
+    if let Some(v) = v {
+        m.insert("version".into(), json!(v));
+    }
+    m
+}
+
+async fn create(
+    State(s): State<AppState>,
+    Path(ty): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<WriteReply> {
+    let ty = type_name(&ty)?;
+    let doc = json_body(body, &headers, &s).await?;
+    let mut env = envelope("create", &ty, None);
+    env.insert("body".into(), doc);
+    let outcome = exec(&s, build(&headers, env)?, false).await?;
+    let location = format!("/{}/{}", ty, outcome.result.target_id);
+    Ok(WriteReply {
+        outcome,
+        status: StatusCode::CREATED,
+        location: Some(location),
+        minimal: prefers_minimal(&headers),
+    })
+}
+
+async fn replace(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<WriteReply> {
+    let key = key(&headers, &ty, &id)?;
+    let mut expected = if_match(&headers)?;
+    if let Some(v) = headers.get(header::IF_NONE_MATCH) {
+        if v.to_str().map(str::trim).ok() != Some("*") {
+            return Err(Problem::bad_request("on PUT, If-None-Match accepts only *", vec![]));
+        }
+        if expected.is_some() {
+            return Err(Problem::bad_request("If-Match and If-None-Match cannot be combined", vec![]));
+        }
+        expected = Some(ExpectedVersion::NoStream);
+    }
+    let precondition = expected.is_some();
+    let doc = json_body(body, &headers, &s).await?;
+    let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
+    env.insert("body".into(), doc);
+    let outcome = exec(&s, build(&headers, env)?, precondition).await?;
+    let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
+    let (status, location) = if created {
+        (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
+    } else {
+        (StatusCode::OK, None)
+    };
+    Ok(WriteReply { outcome, status, location, minimal: prefers_minimal(&headers) })
+}
+
+async fn patch(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<WriteReply> {
+    let key = key(&headers, &ty, &id)?;
+    let expected = if_match(&headers)?;
+    const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
+    let media = media_type(&headers);
+    let merge = match media.as_deref() {
+        Some("application/json-patch+json") => Some(false),
+        Some("application/merge-patch+json") => Some(true),
+        // Plain JSON: an array is an RFC 6902 patch, an object an RFC 7396 merge patch.
+        Some("application/json") => None,
+        _ => return Err(unsupported_media(media, ACCEPTED)),
+    };
+    let value = parse_json(&read_body(body, &headers, s.http.body_bytes_max).await?)?;
+    let merge = merge.unwrap_or(value.is_object());
+    let mut env = with_version(envelope("patch", &key.type_name, Some(&key.id)), expected);
+    let cmd = if merge {
+        // Merge patch is HTTP only, not an envelope type: parse a patch envelope, then swap.
+        env.insert("body".into(), Value::Array(Vec::new()));
+        build(&headers, env)?.into_merge_patch(value)?
+    } else {
+        env.insert("body".into(), value);
+        build(&headers, env)?
+    };
+    let outcome = exec(&s, cmd, expected.is_some()).await?;
+    Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
+}
+
+async fn delete(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<WriteReply> {
+    let key = key(&headers, &ty, &id)?;
+    let expected = if_match(&headers)?;
+    let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
+    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
+}
+
+async fn custom_command(
+    State(s): State<AppState>,
+    Path((ty, id, command)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let key = key(&headers, &ty, &id)?;
+    let expected = if_match(&headers)?;
+    let payload = json_body(body, &headers, &s).await?;
+    let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
+    env.insert("name".into(), Value::from(command));
+    env.insert("body".into(), payload);
+    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
+        .into_response())
+}
+
+async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let mut env = json_body(body, &headers, &s).await?;
+    if let Some(key) = idempotency_key(&headers)?
+        && let Value::Object(m) = &mut env
+    {
+        match m.get("id") {
+            None | Some(Value::Null) => {
+                m.insert("id".into(), Value::from(key.to_string()));
+            }
+            Some(Value::String(id)) if *id == key.to_string() => {}
+            Some(_) => {
+                return Err(Problem::bad_request("the envelope id and the Idempotency-Key header differ", vec![]));
+            }
+        }
+    }
+    let header_tenant = tenant_header(&headers)?;
+    let defaults = EnvelopeDefaults {
+        tenant_fixed: header_tenant.is_some(),
+        tenant: header_tenant.unwrap_or_else(TenantId::default_tenant),
+        generated_id: AggregateId::generate(),
+    };
+    let cmd = Command::from_envelope(&env, defaults)?;
+    let outcome = s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, false))?;
+    let mut r = axum::Json(&outcome.result).into_response();
+    r.headers_mut().insert(header::ETAG, etag(outcome.result.version));
+    if outcome.replayed {
+        r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+fn row_document(row: &DocumentRow) -> Value {
+    let empty = serde_json::Map::new();
+    let state = row.state.as_object().unwrap_or(&empty);
+    document(&row.key.id, state, row.version, Some(row.created_at), Some(row.updated_at), row.deleted)
+}
+
+async fn get_document(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    query_pairs(&q, &[])?;
+    let key = key(&headers, &ty, &id)?;
+    let row = s.engine.store().get_document(&key).await?;
+    let Some(row) = row else {
+        return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
+    };
+    if row.deleted {
+        return Err(sourced_core::DomainError::Deleted { version: row.version }.into());
+    }
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let hit = inm.split(',').any(|t| t.trim() == "*" || parse_etag(t) == Some(row.version));
+        if hit {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, etag(row.version));
+            return Ok(r);
+        }
+    }
+    let mut r = axum::Json(row_document(&row)).into_response();
+    r.headers_mut().insert(header::ETAG, etag(row.version));
+    Ok(r)
+}
+
+async fn history(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let pairs = query_pairs(&q, &["limit", "cursor"])?;
+    let key = key(&headers, &ty, &id)?;
+    let limit = page_limit(&pairs, &s.http)?;
+    let after = match param(&pairs, "cursor") {
+        None => Version::ZERO,
+        Some(c) => Version(
+            decode_cursor("history", c)?.as_u64().ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?,
+        ),
+    };
+    let items = s.engine.store().read_stream(&key, after, None, limit).await?;
+    if items.is_empty() && after == Version::ZERO {
+        return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
+    }
+    let next = (items.len() == limit).then(|| encode_cursor("history", json!(items.last().map(|e| e.version.0))));
+    Ok(axum::Json(json!({"items": items, "next": next})).into_response())
+}
+
+async fn list(
+    State(s): State<AppState>,
+    Path(ty): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let pairs = query_pairs(&q, &["limit", "cursor", "includeDeleted"])?;
+    let query = ListQuery {
+        tenant: tenant(&headers)?,
+        type_name: type_name(&ty)?,
+        after: match param(&pairs, "cursor") {
+            None => None,
+            Some(c) => Some(
+                decode_cursor("list", c)?
+                    .as_str()
+                    .and_then(|s| AggregateId::parse(s).ok())
+                    .ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?,
+            ),
+        },
+        limit: page_limit(&pairs, &s.http)?,
+        include_deleted: flag(&pairs, "includeDeleted")?,
+    };
+    let rows = s.engine.store().list_documents(&query).await?;
+    let next =
+        (rows.len() == query.limit).then(|| encode_cursor("list", json!(rows.last().map(|r| r.key.id.as_str()))));
+    let items: Vec<Value> = rows.iter().map(row_document).collect();
+    Ok(axum::Json(json!({"items": items, "next": next})).into_response())
+}
+
+/// The tenant's global feed. It never ends: `next` is always where to continue from.
+async fn feed(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> Result<Response> {
+    if headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream") && !a.contains("json"))
+    {
+        return Err(Problem::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-acceptable",
+            "Not acceptable",
+            "the live feed (text/event-stream) is not available in this version; poll with ?after=P",
+        ));
+    }
+    let pairs = query_pairs(&q, &["limit", "cursor", "after"])?;
+    let limit = page_limit(&pairs, &s.http)?;
+    let after = match (param(&pairs, "cursor"), param(&pairs, "after")) {
+        (Some(_), Some(_)) => return Err(Problem::bad_request("give either cursor or after, not both", vec![])),
+        (Some(c), None) => {
+            decode_cursor("feed", c)?.as_u64().ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?
+        }
+        (None, Some(a)) => a.parse::<u64>().map_err(|_| {
+            Problem::bad_request(format!("after must be a position (a whole number), not {a:?}"), vec![])
+        })?,
+        (None, None) => 0,
+    };
+    let items = s.engine.store().read_all(&tenant(&headers)?, Position(after), limit).await?;
+    let last = items.last().map_or(after, |e| e.position.0);
+    Ok(axum::Json(json!({"items": items, "next": encode_cursor("feed", json!(last))})).into_response())
+}
+
+impl Problem {
+    fn with_type(mut self, slug: &'static str, title: &'static str) -> Self {
+        self.slug = slug;
+        self.title = title;
+        self
+    }
+}
