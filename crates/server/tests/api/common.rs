@@ -107,3 +107,48 @@ impl TestApp {
         self.call("PATCH", path, &h, Some(&body.to_string())).await
     }
 }
+
+/// Starts the `sourced` binary with the store at `db` on a free port, in `cwd` when given, with
+/// only the environment given here; returns it and the address it logged.
+pub(crate) async fn spawn_sourced(db: &std::path::Path) -> (tokio::process::Child, std::net::SocketAddr) {
+    let env = [("EVENT_STORE_URL".to_owned(), format!("sqlite://{}", db.display()))];
+    spawn_sourced_with(&env, None).await
+}
+
+/// As [`spawn_sourced`], with any environment and working directory.
+pub(crate) async fn spawn_sourced_with(
+    env: &[(String, String)],
+    cwd: Option<&std::path::Path>,
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sourced"));
+    cmd.env_clear().env("LISTEN", "127.0.0.1:0").env("LOG_FORMAT", "json").env("LOG_LEVEL", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the sourced binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(addr) = v["fields"]["addr"].as_str()
+            {
+                return addr.parse::<std::net::SocketAddr>().unwrap();
+            }
+        }
+        panic!("sourced exited before listening");
+    })
+    .await
+    .expect("sourced starts listening within 30 s");
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}

@@ -3,46 +3,12 @@
 //! versions contiguous, positions gap-free.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sourced_client::Client;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
-/// Starts `sourced` on a free port with the store at `db`; returns it and its address.
-async fn spawn_sourced(db: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sourced"))
-        .env_clear()
-        .env("LISTEN", "127.0.0.1:0")
-        .env("EVENT_STORE_URL", format!("sqlite://{}", db.display()))
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the sourced binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                return addr.parse::<SocketAddr>().unwrap();
-            }
-        }
-        panic!("sourced exited before listening");
-    })
-    .await
-    .expect("sourced starts listening within 30 s");
-    // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
+use crate::common::spawn_sourced;
 
 #[derive(Debug, Default)]
 struct Acked {

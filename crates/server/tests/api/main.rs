@@ -4,6 +4,8 @@
 
 mod common;
 
+mod cli;
+
 mod concurrency;
 mod conformance;
 mod crash;
