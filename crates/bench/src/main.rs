@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+
+/// The same allocator as the `sourced` binary, so the in-process server runs as it would.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sourced_bench::Options;
 
 /// Durable commands over HTTP against Sourced, an HTTP floor and a raw SQLite ceiling.

@@ -162,57 +162,59 @@ pub fn document(
 pub fn decide(agg: &Aggregate, cmd: &Command, limits: &Limits, now: DateTime<Utc>) -> Result<Decision, DomainError> {
     limits.check_depth(&cmd.body)?;
     let id = cmd.key.id.as_str();
-    let changes = match cmd.kind {
+    // Each generic command yields one event and the state after it, computed once here; the
+    // fold (`evolve`) reaches the same state from the event on replay (a property test checks
+    // that the two agree).
+    let (change, state, deleted) = match cmd.kind {
         CommandKind::Create => {
             ensure_absent(agg)?;
-            vec![created(&cmd.body, id)?]
+            created(&cmd.body, id)?
         }
         CommandKind::Replace => {
             if agg.version == Version::ZERO {
-                vec![created(&cmd.body, id)?]
+                created(&cmd.body, id)?
             } else {
                 let current = ensure_live(agg)?;
                 patch::check_document_shape(&cmd.body, Some(id))?;
                 let mut next = cmd.body.clone();
                 strip_id(&mut next);
-                vec![patched(patch::diff(current, &next), current, limits)?]
+                // The state is the diff applied to the current one, not the body itself, so that
+                // it is exactly what the fold will rebuild (key order included).
+                patched(patch::diff(current, &next), current)?
             }
         }
         CommandKind::Patch => {
             let current = ensure_live(agg)?;
             let p = patch::parse_patch(&cmd.body, limits)?;
             patch::check_protected(&p)?;
-            vec![patched(p, current, limits)?]
+            patched(p, current)?
         }
         CommandKind::MergePatch => {
             let current = ensure_live(agg)?;
             patch::check_document_shape(&cmd.body, Some(id))?;
             let mut merge = cmd.body.clone();
             strip_id(&mut merge);
-            vec![patched(patch::merge_to_patch(current, &merge), current, limits)?]
+            patched(patch::merge_to_patch(current, &merge), current)?
         }
         CommandKind::Delete => {
-            ensure_live(agg)?;
-            vec![Change { event_type: DELETED.to_owned(), data: Value::Null }]
+            let current = ensure_live(agg)?;
+            (Change { event_type: DELETED.to_owned(), data: Value::Null }, current.clone(), true)
         }
         CommandKind::Logic | CommandKind::Orchestration => {
             return Err(DomainError::UnknownCommand { name: cmd.name.clone() });
         }
     };
-    let mut next = agg.clone();
-    for c in &changes {
-        next.apply_change(&c.event_type, &c.data, now).map_err(|message| DomainError::PatchFailed {
-            index: 0,
-            path: String::new(),
-            message,
-        })?;
-    }
-    if let Some(state) = &next.state {
-        patch::check_document_shape(state, None)?;
-        limits.check_document_size(state)?;
-        limits.check_depth(state)?;
-    }
-    Ok(Decision { changes, next })
+    patch::check_document_shape(&state, None)?;
+    limits.check_document_size(&state)?;
+    limits.check_depth(&state)?;
+    let next = Aggregate {
+        version: agg.version.next(),
+        state: Some(state),
+        deleted,
+        created_at: agg.created_at.or(Some(now)),
+        updated_at: Some(now),
+    };
+    Ok(Decision { changes: vec![change], next })
 }
 
 fn ensure_absent(agg: &Aggregate) -> Result<(), DomainError> {
@@ -239,20 +241,19 @@ fn strip_id(doc: &mut Value) {
     }
 }
 
-fn created(body: &Value, id: &str) -> Result<Change, DomainError> {
+fn created(body: &Value, id: &str) -> Result<(Change, Value, bool), DomainError> {
     patch::check_document_shape(body, Some(id))?;
     let mut doc = body.clone();
     strip_id(&mut doc);
-    Ok(Change { event_type: CREATED.to_owned(), data: doc })
+    Ok((Change { event_type: CREATED.to_owned(), data: doc.clone() }, doc, false))
 }
 
-fn patched(p: json_patch::Patch, current: &Value, limits: &Limits) -> Result<Change, DomainError> {
+fn patched(p: json_patch::Patch, current: &Value) -> Result<(Change, Value, bool), DomainError> {
     let next = patch::apply(current, &p)?;
     if &next == current {
         return Err(DomainError::NoOp);
     }
-    limits.check_document_size(&next)?;
-    Ok(Change { event_type: PATCHED.to_owned(), data: patch::to_value(&p) })
+    Ok((Change { event_type: PATCHED.to_owned(), data: patch::to_value(&p) }, next, false))
 }
 
 /// Turns decided changes into events with deterministic ids and the command's metadata.

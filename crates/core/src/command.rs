@@ -104,9 +104,17 @@ pub struct EnvelopeDefaults {
 impl Command {
     /// Parses and validates a wire envelope, reporting every violation found.
     pub fn from_envelope(envelope: &Value, defaults: EnvelopeDefaults) -> Result<Command, DomainError> {
-        let Value::Object(env) = envelope else {
+        Self::from_envelope_value(envelope.clone(), defaults)
+    }
+
+    /// As [`Command::from_envelope`], taking the envelope by value so its body is moved into
+    /// the command rather than copied.
+    pub fn from_envelope_value(envelope: Value, defaults: EnvelopeDefaults) -> Result<Command, DomainError> {
+        let Value::Object(mut env) = envelope else {
             return Err(invalid("", "the command envelope must be a JSON object"));
         };
+        let body = env.shift_remove("body").unwrap_or(Value::Null);
+        let env = env;
         let mut v = Vec::new();
         for key in env.keys() {
             if !ENVELOPE_FIELDS.contains(&key.as_str()) {
@@ -205,7 +213,6 @@ impl Command {
                 }
             },
         };
-        let body = env.get("body").cloned().unwrap_or(Value::Null);
         if !matches!(body, Value::Null | Value::Object(_) | Value::Array(_)) {
             v.push(Violation::new("/body", "the body must be an object or an array"));
         }
@@ -281,16 +288,8 @@ impl Command {
             unreachable!("every missing field was reported as a violation");
         };
         let name = name.unwrap_or_else(|| GENERIC_COMMAND_NAME.to_owned());
-        let fingerprint = fingerprint(&[
-            Value::from(kind.as_str()),
-            Value::from(name.as_str()),
-            Value::from(tenant.as_str()),
-            Value::from(type_name.as_str()),
-            given_id.as_ref().map_or(Value::Null, |i| Value::from(i.as_str())),
-            serde_json::to_value(expected).unwrap_or(Value::Null),
-            body.clone(),
-            Value::Object(context.clone()),
-        ]);
+        let fingerprint =
+            content_fingerprint(kind, &name, &tenant, &type_name, given_id.as_ref(), expected, &body, &context);
         Ok(Command {
             id,
             kind,
@@ -313,16 +312,16 @@ impl Command {
         }
         self.kind = CommandKind::MergePatch;
         self.body = merge;
-        self.fingerprint = fingerprint(&[
-            Value::from(self.kind.as_str()),
-            Value::from(self.name.as_str()),
-            Value::from(self.key.tenant.as_str()),
-            Value::from(self.key.type_name.as_str()),
-            Value::from(self.key.id.as_str()),
-            serde_json::to_value(self.expected).unwrap_or(Value::Null),
-            self.body.clone(),
-            Value::Object(self.context.clone()),
-        ]);
+        self.fingerprint = content_fingerprint(
+            self.kind,
+            &self.name,
+            &self.key.tenant,
+            &self.key.type_name,
+            Some(&self.key.id),
+            self.expected,
+            &self.body,
+            &self.context,
+        );
         Ok(self)
     }
 }
@@ -336,30 +335,69 @@ pub fn escape(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// SHA-256, hex, of the canonical JSON (object keys sorted) of `parts`.
-pub fn fingerprint(parts: &[Value]) -> String {
+/// SHA-256, hex, of the canonical JSON (object keys sorted) of a command's content: everything
+/// but its id. `target_id` is the id as the client gave it (none for a create that names none).
+#[allow(clippy::too_many_arguments)]
+fn content_fingerprint(
+    kind: CommandKind,
+    name: &str,
+    tenant: &TenantId,
+    type_name: &TypeName,
+    target_id: Option<&AggregateId>,
+    expected: Option<ExpectedVersion>,
+    body: &Value,
+    context: &Map<String, Value>,
+) -> String {
     let mut h = Sha256::new();
-    for p in parts {
-        canonical(p, &mut h);
+    for scalar in [
+        Some(kind.as_str()),
+        Some(name),
+        Some(tenant.as_str()),
+        Some(type_name.as_str()),
+        target_id.map(AggregateId::as_str),
+    ] {
+        // Writing to a hasher cannot fail.
+        let _ = serde_json::to_writer(HashWriter(&mut h), &scalar);
         h.update([0x1e]);
     }
+    let _ = serde_json::to_writer(HashWriter(&mut h), &expected);
+    h.update([0x1e]);
+    canonical(body, &mut h);
+    h.update([0x1e]);
+    canonical_map(context, &mut h);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds a hasher through `io::Write`, so scalars are hashed as serde_json writes them.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn canonical_map(m: &Map<String, Value>, h: &mut Sha256) {
+    let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    h.update(b"{");
+    for (k, v) in entries {
+        // Writing to a hasher cannot fail.
+        let _ = serde_json::to_writer(HashWriter(h), k);
+        h.update(b":");
+        canonical(v, h);
+        h.update(b",");
+    }
+    h.update(b"}");
 }
 
 fn canonical(v: &Value, h: &mut Sha256) {
     match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                h.update(Value::from(k.as_str()).to_string().as_bytes());
-                h.update(b":");
-                canonical(&m[k], h);
-                h.update(b",");
-            }
-            h.update(b"}");
-        }
+        Value::Object(m) => canonical_map(m, h),
         Value::Array(a) => {
             h.update(b"[");
             for x in a {
@@ -368,7 +406,9 @@ fn canonical(v: &Value, h: &mut Sha256) {
             }
             h.update(b"]");
         }
-        other => h.update(other.to_string().as_bytes()),
+        other => {
+            let _ = serde_json::to_writer(HashWriter(h), other);
+        }
     }
 }
 

@@ -174,9 +174,10 @@ impl fmt::Display for Position {
 pub struct CommandId(pub Uuid);
 
 impl CommandId {
-    /// A fresh random command id.
+    /// A fresh command id: a UUID v7, so ids generated together sort (and are stored) near
+    /// each other.
     pub fn generate() -> Self {
-        Self(Uuid::new_v4())
+        Self(Uuid::now_v7())
     }
 
     /// A command id derived from an HTTP `Idempotency-Key` of any shape: the key itself when

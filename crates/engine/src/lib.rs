@@ -4,15 +4,18 @@
 
 #![warn(missing_docs)]
 
+mod cache;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
+use cache::AggregateCache;
 use sourced_core::{
-    Aggregate, AggregateId, Command, CommandId, DomainError, ExpectedVersion, FoldError, Limits, RecordedEvent,
-    StreamHead, StreamKey, TypeName, Version, decide, new_events, timestamp,
+    Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits,
+    RecordedEvent, StreamHead, StreamKey, TypeName, Version, decide, new_events, timestamp,
 };
 use sourced_store::{
     AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX, StoreError,
@@ -44,11 +47,21 @@ pub struct EngineConfig {
     pub conflict_retries_max: u32,
     /// Whether every command on an existing aggregate must carry an expected version.
     pub require_version: bool,
+    /// Most aggregates kept folded in memory (0 disables the cache).
+    pub cache_aggregates_max: usize,
+    /// About how many bytes of documents the cache may hold.
+    pub cache_bytes_max: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { limits: Limits::default(), conflict_retries_max: 3, require_version: false }
+        Self {
+            limits: Limits::default(),
+            conflict_retries_max: 3,
+            require_version: false,
+            cache_aggregates_max: 10_000,
+            cache_bytes_max: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -123,12 +136,14 @@ pub struct Engine {
     store: Arc<dyn EventStore>,
     config: Arc<EngineConfig>,
     clock: Arc<dyn Clock>,
+    cache: Arc<AggregateCache>,
 }
 
 impl Engine {
     /// An engine over `store`.
     pub fn new(store: Arc<dyn EventStore>, config: EngineConfig, clock: Arc<dyn Clock>) -> Self {
-        Self { store, config: Arc::new(config), clock }
+        let cache = Arc::new(AggregateCache::new(config.cache_aggregates_max, config.cache_bytes_max));
+        Self { store, config: Arc::new(config), clock, cache }
     }
 
     /// The store, for reads that need no domain logic.
@@ -142,27 +157,49 @@ impl Engine {
     }
 
     /// Runs one command through the pipeline of SPEC §2.3 (without artifacts and auth).
+    ///
+    /// The happy path reads nothing before its append: a create assumes the aggregate is new,
+    /// other commands use the cached aggregate when there is one, and the idempotency record
+    /// is looked up only when something fails (the store refuses a recorded command id at
+    /// append, so a retry never writes twice). Every failure is confirmed against a fresh load
+    /// and the command records before it is reported.
     pub async fn execute(&self, cmd: Command, principal: Option<&str>) -> Result<CommandOutcome, EngineError> {
-        if let Some(record) = self.store.get_command(&cmd.key.tenant, cmd.id).await? {
-            return self.replay(&cmd, record).await;
-        }
         let mut attempt = 0;
+        // Whether the aggregate must come from the store rather than the cache or a guess.
+        let mut fresh = false;
         loop {
-            let agg = self.load(&cmd.key, None).await?;
+            let agg = self.aggregate_for(&cmd, fresh).await?;
             if self.config.require_version && cmd.expected.is_none() && agg.version > Version::ZERO {
-                return Err(EngineError::VersionRequired);
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
+                return self.refuse(&cmd, EngineError::VersionRequired).await;
             }
             if let Some(expected) = cmd.expected
                 && !expected.matches(agg.head())
             {
-                return Err(EngineError::Conflict { expected, actual: agg.head(), client_version: true });
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
+                let e = EngineError::Conflict { expected, actual: agg.head(), client_version: true };
+                return self.refuse(&cmd, e).await;
             }
             let now = timestamp::truncate(self.clock.now());
-            let decision = decide(&agg, &cmd, &self.config.limits, now)?;
+            let decision = match decide(&agg, &cmd, &self.config.limits, now) {
+                Ok(d) => d,
+                // A refusal may come from a stale or guessed state: confirm it on a fresh one.
+                Err(_) if !fresh => {
+                    fresh = true;
+                    continue;
+                }
+                Err(e) => return self.refuse(&cmd, e.into()).await,
+            };
             let request = AppendRequest {
                 key: cmd.key.clone(),
-                // Always the loaded version: the decision was made on it, so any write in
-                // between must be detected (SPEC §2.3 step 7).
+                // Always the version the decision was made on: any write in between must be
+                // detected (SPEC §2.3 step 7).
                 expected: ExpectedVersion::Exact(agg.version),
                 events: new_events(&cmd, &decision.changes, principal),
                 timestamp: now,
@@ -175,12 +212,14 @@ impl Engine {
             match self.store.append(request).await {
                 Ok(AppendOutcome::Appended(events)) => {
                     let document = decision.next.document(&cmd.key.id).unwrap_or(Value::Null);
+                    let version = decision.next.version;
+                    self.cache.put(&cmd.key, Arc::new(decision.next));
                     return Ok(CommandOutcome {
                         result: CommandResult {
                             id: cmd.id,
                             target_name: cmd.key.type_name.clone(),
                             target_id: cmd.key.id.clone(),
-                            version: decision.next.version,
+                            version,
                             events,
                             warnings: Vec::new(),
                         },
@@ -190,24 +229,57 @@ impl Engine {
                 }
                 Ok(AppendOutcome::Duplicate(record)) => return self.replay(&cmd, record).await,
                 Err(StoreError::Conflict { actual, .. }) => {
+                    self.cache.remove(&cmd.key);
                     let client_exact =
                         matches!(cmd.expected, Some(ExpectedVersion::Exact(_) | ExpectedVersion::NoStream));
-                    if client_exact {
+                    if client_exact && fresh {
                         let expected = cmd.expected.unwrap_or(ExpectedVersion::Exact(agg.version));
-                        return Err(EngineError::Conflict { expected, actual, client_version: true });
+                        let e = EngineError::Conflict { expected, actual, client_version: true };
+                        return self.refuse(&cmd, e).await;
                     }
-                    attempt += 1;
+                    if fresh {
+                        attempt += 1;
+                    }
                     if attempt > self.config.conflict_retries_max {
-                        return Err(EngineError::Conflict {
+                        let e = EngineError::Conflict {
                             expected: ExpectedVersion::Exact(agg.version),
                             actual,
                             client_version: false,
-                        });
+                        };
+                        return self.refuse(&cmd, e).await;
                     }
+                    fresh = true;
                     tracing::debug!(command = %cmd.id, attempt, "lost a race, deciding again");
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// The aggregate a command is decided on: from the store when `fresh`, else the cached
+    /// one, else (for a create) the empty aggregate it expects, else from the store.
+    async fn aggregate_for(&self, cmd: &Command, fresh: bool) -> Result<Arc<Aggregate>, EngineError> {
+        if !fresh {
+            if let Some(agg) = self.cache.get(&cmd.key) {
+                return Ok(agg);
+            }
+            if cmd.kind == CommandKind::Create {
+                return Ok(Arc::new(Aggregate::default()));
+            }
+        }
+        let agg = Arc::new(self.load(&cmd.key, None).await?);
+        if agg.version > Version::ZERO {
+            self.cache.put(&cmd.key, agg.clone());
+        }
+        Ok(agg)
+    }
+
+    /// Reports a refusal, unless the command was already carried out: then its recorded
+    /// outcome is the answer (SPEC §2.4).
+    async fn refuse(&self, cmd: &Command, error: EngineError) -> Result<CommandOutcome, EngineError> {
+        match self.store.get_command(&cmd.key.tenant, cmd.id).await? {
+            Some(record) => self.replay(cmd, record).await,
+            None => Err(error),
         }
     }
 

@@ -318,7 +318,7 @@ fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> R
     }
     let defaults =
         EnvelopeDefaults { tenant: tenant(headers)?, tenant_fixed: true, generated_id: AggregateId::generate() };
-    Ok(Command::from_envelope(&Value::Object(envelope), defaults)?)
+    Ok(Command::from_envelope_value(Value::Object(envelope), defaults)?)
 }
 
 /// Runs a command. `precondition` says whether its expected version came from an HTTP
@@ -477,7 +477,7 @@ async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body)
         tenant: header_tenant.unwrap_or_else(TenantId::default_tenant),
         generated_id: AggregateId::generate(),
     };
-    let cmd = Command::from_envelope(&env, defaults)?;
+    let cmd = Command::from_envelope_value(env, defaults)?;
     let outcome = s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, false))?;
     let mut r = axum::Json(&outcome.result).into_response();
     r.headers_mut().insert(header::ETAG, etag(outcome.result.version));

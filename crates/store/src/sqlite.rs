@@ -144,12 +144,53 @@ impl std::fmt::Debug for SqliteStore {
 struct Writer {
     sender: mpsc::Sender<Job>,
     thread: JoinHandle<()>,
+    /// Ends when the writer thread does (it holds the only request sender).
+    checkpointer: JoinHandle<()>,
 }
 
 /// One append waiting for the writer, and where its answer goes.
 struct Job {
     request: AppendRequest,
-    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    /// The request's JSON, serialized by the caller so the single writer thread does not.
+    encoded: Encoded,
+    /// The answer, with the request handed back so the caller can build the recorded events
+    /// without the writer copying them.
+    reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
+}
+
+/// An append's text columns, ready to bind.
+struct Encoded {
+    event_ids: Vec<String>,
+    data: Vec<String>,
+    metadata: Vec<String>,
+    state: String,
+    command_id: String,
+    extra: String,
+}
+
+impl Encoded {
+    fn new(request: &AppendRequest) -> Result<Encoded, StoreError> {
+        Ok(Encoded {
+            event_ids: request.events.iter().map(|e| e.id.0.to_string()).collect(),
+            data: request.events.iter().map(|e| to_json(&e.data)).collect::<Result<_, _>>()?,
+            metadata: request.events.iter().map(|e| to_json(&e.metadata)).collect::<Result<_, _>>()?,
+            state: to_json(&request.document.state)?,
+            command_id: request.command.id.0.to_string(),
+            extra: to_json(&request.command.extra)?,
+        })
+    }
+}
+
+/// What the writer did with one append; the caller builds the recorded events from its own
+/// request, so the writer copies no JSON.
+enum Written {
+    Appended {
+        /// The first event's position; the others follow without gaps.
+        first_position: Position,
+        /// The first event's version; the others follow without gaps.
+        first_version: Version,
+    },
+    Duplicate(CommandRecord),
 }
 
 #[derive(Default)]
@@ -181,24 +222,34 @@ impl SqliteStore {
             return Err(StoreError::Backend(format!("{} cannot use WAL (journal mode is {mode})", path.display())));
         }
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err)?;
+        tune(&conn)?;
         migrate(&mut conn)?;
         let next_position = load_next_position(&conn)?;
 
         let readers = Arc::new(ReaderPool::open(path, options.readers)?);
         let counters = Arc::new(Counters::default());
+        // Checkpoints run on their own thread and connection, not inside the writer's commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
+        let checkpointer_conn = Connection::open(path).map_err(sql_err)?;
+        checkpointer_conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(sql_err)?;
+        let (checkpoint, checkpoint_requests) = std::sync::mpsc::sync_channel(1);
+        let checkpointer = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer_conn, checkpoint_requests))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer thread: {e}")))?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
         let thread = {
             let counters = Arc::clone(&counters);
             let batch_appends_max = options.batch_appends_max;
             std::thread::Builder::new()
-                .name("sourced-sqlite-writer".into())
-                .spawn(move || write_loop(conn, receiver, batch_appends_max, next_position, &counters))
+                .name("sqlite-writer".into())
+                .spawn(move || write_loop(conn, receiver, batch_appends_max, next_position, &counters, checkpoint))
                 .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
         };
         tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
         Ok(SqliteStore {
             path: path.to_owned(),
-            writer: Mutex::new(Some(Writer { sender, thread })),
+            writer: Mutex::new(Some(Writer { sender, thread, checkpointer })),
             readers,
             counters,
         })
@@ -237,12 +288,15 @@ impl SqliteStore {
     /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
     /// the queued appends. Blocking.
     fn stop_writer(writer: Option<Writer>) {
-        if let Some(Writer { sender, thread }) = writer {
+        if let Some(Writer { sender, thread, checkpointer }) = writer {
             // The thread ends when every sender is gone and the queue is empty; appends in
             // flight hold clones until their job is queued.
             drop(sender);
             if thread.join().is_err() {
                 tracing::error!("the SQLite writer thread panicked");
+            }
+            if checkpointer.join().is_err() {
+                tracing::error!("the SQLite checkpointer thread panicked");
             }
         }
     }
@@ -259,6 +313,7 @@ impl Drop for SqliteStore {
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         validate_append(&request)?;
+        let encoded = Encoded::new(&request)?;
         let sender = self
             .writer
             .lock()
@@ -268,12 +323,37 @@ impl EventStore for SqliteStore {
             .ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
         sender
-            .send(Job { request, reply })
+            .send(Job { request, encoded, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?;
         self.counters.accepted.fetch_add(1, Ordering::SeqCst);
         drop(sender);
-        answer.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped before answering".into()))?
+        let (request, written) =
+            answer.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped before answering".into()))?;
+        match written? {
+            Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
+            Written::Appended { first_position, first_version } => {
+                let AppendRequest { key, events, timestamp, .. } = request;
+                let timestamp = truncate(timestamp);
+                let recorded = events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| RecordedEvent {
+                        id: e.id,
+                        position: Position(first_position.0 + i as u64),
+                        tenant: key.tenant.clone(),
+                        target_name: key.type_name.clone(),
+                        target_id: key.id.clone(),
+                        version: Version(first_version.0 + i as u64),
+                        event_type: e.event_type,
+                        data: e.data,
+                        metadata: e.metadata,
+                        timestamp,
+                    })
+                    .collect();
+                Ok(AppendOutcome::Appended(recorded))
+            }
+        }
     }
 
     async fn read_stream(
@@ -434,6 +514,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(sql_err)
 }
 
+/// Page cache and memory-mapped reads, for every connection: without them the writer re-reads
+/// evicted pages through `read()` on every batch once the file outgrows SQLite's 2 MiB default.
+fn tune(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(sql_err)?;
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(sql_err)?;
+    Ok(())
+}
+
+/// Page cache per connection, in KiB.
+const CACHE_KIB: i64 = 64 * 1024;
+/// Memory-mapped window per connection, in bytes.
+const MMAP_BYTES: i64 = 1 << 30;
+
 fn load_next_position(conn: &Connection) -> Result<u64, StoreError> {
     let max: i64 =
         conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| r.get(0)).map_err(sql_err)?;
@@ -445,15 +538,18 @@ fn load_next_position(conn: &Connection) -> Result<u64, StoreError> {
 // The writer
 
 /// The writer thread: waits for an append, takes every other one already queued (up to
-/// `batch_appends_max`), commits them together, then answers them.
+/// `batch_appends_max`), commits them together, then answers them. Every few commits it asks
+/// the checkpointer to copy the WAL back into the database, off this thread.
 fn write_loop(
     mut conn: Connection,
     mut receiver: mpsc::Receiver<Job>,
     batch_appends_max: usize,
     mut next_position: u64,
     counters: &Counters,
+    checkpoint: std::sync::mpsc::SyncSender<()>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
+    let mut commits_since_checkpoint = 0u32;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
         while batch.len() < batch_appends_max {
@@ -466,11 +562,38 @@ fn write_loop(
         debug_assert_eq!(results.len(), batch.len());
         for (job, result) in batch.drain(..).zip(results) {
             // The caller may have gone away; the write stands either way.
-            let _ = job.reply.send(result);
+            let _ = job.reply.send((job.request, result));
             counters.answered.fetch_add(1, Ordering::SeqCst);
+        }
+        commits_since_checkpoint += 1;
+        if commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS {
+            commits_since_checkpoint = 0;
+            // Full means a checkpoint is already due: nothing to add.
+            let _ = checkpoint.try_send(());
         }
     }
     tracing::debug!("the SQLite writer has stopped");
+}
+
+/// Commits between two checkpoint requests.
+const CHECKPOINT_EVERY_COMMITS: u32 = 32;
+/// WAL frames past which the checkpointer waits for readers to move on (RESTART) instead of
+/// copying what it can (PASSIVE), so the WAL cannot grow without bound.
+const WAL_FRAMES_RESTART: i64 = 64 * 1024;
+
+/// The checkpointer thread: copies committed WAL frames into the database file with its own
+/// connection, so the writer never pays for it (the writer runs with `wal_autocheckpoint=0`).
+fn checkpoint_loop(conn: Connection, requests: std::sync::mpsc::Receiver<()>) {
+    let mut mode = "PASSIVE";
+    while requests.recv().is_ok() {
+        let sql = format!("PRAGMA wal_checkpoint({mode})");
+        match conn.query_row(&sql, [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+            Ok((_busy, log, done)) => {
+                mode = if log - done > WAL_FRAMES_RESTART { "RESTART" } else { "PASSIVE" };
+            }
+            Err(e) => tracing::warn!(error = %e, "a SQLite checkpoint failed; the next one will retry"),
+        }
+    }
 }
 
 /// Commits one batch; on success each request gets its own outcome, else every request gets
@@ -480,16 +603,16 @@ fn commit_batch(
     batch: &[Job],
     next_position: &mut u64,
     counters: &Counters,
-) -> Vec<Result<AppendOutcome, StoreError>> {
+) -> Vec<Result<Written, StoreError>> {
     let batch_start_position = *next_position;
     match run_batch(conn, batch, next_position) {
         Ok(results) => {
             let mut appends = 0;
             let mut events = 0;
-            for result in &results {
-                if let Ok(AppendOutcome::Appended(recorded)) = result {
+            for (job, result) in batch.iter().zip(&results) {
+                if let Ok(Written::Appended { .. }) = result {
                     appends += 1;
-                    events += recorded.len() as u64;
+                    events += job.request.events.len() as u64;
                 }
             }
             assert_eq!(
@@ -519,23 +642,58 @@ fn commit_batch(
     }
 }
 
-/// One transaction for the batch, one savepoint per request. An error returned here means
-/// the transaction did not commit.
+/// One transaction for the batch. An error returned here means the transaction did not commit.
+///
+/// The fast path checks each append (command id, expected version) before writing it and
+/// needs no savepoints: a refused append writes nothing. Should a write fail after its checks
+/// passed (which the single writer makes impossible short of I/O errors or corruption), the
+/// whole transaction is rolled back and the batch is run again with one savepoint per append,
+/// so the failure stays with that append.
 fn run_batch(
     conn: &mut Connection,
     batch: &[Job],
     next_position: &mut u64,
-) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let start_position = *next_position;
+    {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut clean = true;
+        for job in batch {
+            let result = apply(&tx, &job.request, &job.encoded, next_position);
+            if matches!(result, Err(StoreError::Conflict { .. }) | Ok(_)) {
+                results.push(result);
+            } else {
+                clean = false;
+                break;
+            }
+        }
+        if clean {
+            tx.commit().map_err(sql_err)?;
+            return Ok(results);
+        }
+        // Dropping the transaction rolls it back.
+    }
+    *next_position = start_position;
+    run_batch_with_savepoints(conn, batch, next_position)
+}
+
+/// The slow path of [`run_batch`]: one savepoint per append.
+fn run_batch_with_savepoints(
+    conn: &mut Connection,
+    batch: &[Job],
+    next_position: &mut u64,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let position_before = *next_position;
         let savepoint = tx.savepoint().map_err(sql_err)?;
-        let result = apply(&savepoint, &job.request, next_position);
+        let result = apply(&savepoint, &job.request, &job.encoded, next_position);
         if let Err(StoreError::Corrupt(m)) = &result {
             tracing::error!(key = %job.request.key, error = %m, "an append found inconsistent data");
         }
-        if let Ok(AppendOutcome::Appended(_)) = result {
+        if let Ok(Written::Appended { .. }) = result {
             savepoint.commit().map_err(sql_err)?;
         } else {
             // Nothing of this request stays, and its positions go to the next one. If the
@@ -551,19 +709,24 @@ fn run_batch(
     Ok(results)
 }
 
-/// One append, inside its savepoint: idempotency, then the expected version, then the writes.
-fn apply(conn: &Connection, request: &AppendRequest, next_position: &mut u64) -> Result<AppendOutcome, StoreError> {
+/// One append: idempotency, then the expected version, then the writes. A refusal (duplicate
+/// or conflict) is decided before anything is written.
+fn apply(
+    conn: &Connection,
+    request: &AppendRequest,
+    encoded: &Encoded,
+    next_position: &mut u64,
+) -> Result<Written, StoreError> {
     let key = &request.key;
     if let Some(record) = select_command(conn, &key.tenant, request.command.id)? {
-        return Ok(AppendOutcome::Duplicate(record));
+        return Ok(Written::Duplicate(record));
     }
     let head = select_head(conn, key)?;
     if !request.expected.matches(head) {
         return Err(StoreError::Conflict { expected: request.expected, actual: head });
     }
 
-    let timestamp = truncate(request.timestamp);
-    let ts_us = to_micros(&timestamp);
+    let ts_us = to_micros(&truncate(request.timestamp));
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO events
@@ -571,40 +734,34 @@ fn apply(conn: &Connection, request: &AppendRequest, next_position: &mut u64) ->
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(sql_err)?;
-    let mut recorded = Vec::with_capacity(request.events.len());
+    let first_position = Position(*next_position);
+    let first_version = head.version.next();
     let mut version = head.version;
-    for event in &request.events {
+    for (i, event) in request.events.iter().enumerate() {
         version = version.next();
-        let position = Position(*next_position);
+        let position = *next_position;
         *next_position += 1;
         insert
             .execute(params![
-                to_sql_int(position.0)?,
+                to_sql_int(position)?,
                 key.tenant.as_str(),
                 key.type_name.as_str(),
                 key.id.as_str(),
                 to_sql_int(version.0)?,
-                event.id.0.to_string(),
+                encoded.event_ids[i],
                 event.event_type,
-                to_json(&event.data)?,
-                to_json(&event.metadata)?,
+                encoded.data[i],
+                encoded.metadata[i],
                 ts_us,
             ])
             .map_err(write_err)?;
-        recorded.push(RecordedEvent {
-            id: event.id,
-            position,
-            tenant: key.tenant.clone(),
-            target_name: key.type_name.clone(),
-            target_id: key.id.clone(),
-            version,
-            event_type: event.event_type.clone(),
-            data: event.data.clone(),
-            metadata: event.metadata.clone(),
-            timestamp,
-        });
     }
-    check_appended(head.version, &recorded)?;
+    // What was written must continue the stream and the global order exactly.
+    if version.0 != head.version.0 + request.events.len() as u64
+        || *next_position != first_position.0 + request.events.len() as u64
+    {
+        return Err(StoreError::Corrupt(format!("{key}: an append did not continue its stream contiguously")));
+    }
 
     conn.prepare_cached(
         "INSERT INTO documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
@@ -619,13 +776,12 @@ fn apply(conn: &Connection, request: &AppendRequest, next_position: &mut u64) ->
         key.type_name.as_str(),
         key.id.as_str(),
         to_sql_int(version.0)?,
-        to_json(&request.document.state)?,
+        encoded.state,
         request.document.deleted,
         ts_us,
     ])
     .map_err(write_err)?;
 
-    let first_version = head.version.next();
     conn.prepare_cached(
         "INSERT INTO commands (tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -633,40 +789,17 @@ fn apply(conn: &Connection, request: &AppendRequest, next_position: &mut u64) ->
     .map_err(sql_err)?
     .execute(params![
         key.tenant.as_str(),
-        request.command.id.0.to_string(),
+        encoded.command_id,
         request.command.fingerprint,
         key.type_name.as_str(),
         key.id.as_str(),
         to_sql_int(first_version.0)?,
         to_sql_int(version.0)?,
-        to_json(&request.command.extra)?,
+        encoded.extra,
     ])
     .map_err(write_err)?;
 
-    Ok(AppendOutcome::Appended(recorded))
-}
-
-/// The invariants of what one append wrote: versions contiguous from the head, positions
-/// strictly increasing and gap-free.
-fn check_appended(head: Version, recorded: &[RecordedEvent]) -> Result<(), StoreError> {
-    let mut expected_version = head;
-    let mut previous: Option<Position> = None;
-    for event in recorded {
-        expected_version = expected_version.next();
-        if event.version != expected_version {
-            return Err(StoreError::Corrupt(format!(
-                "{}: wrote version {} where {expected_version} was due",
-                event.target_id, event.version
-            )));
-        }
-        if let Some(p) = previous
-            && event.position.0 != p.0 + 1
-        {
-            return Err(StoreError::Corrupt(format!("wrote position {} after {p}", event.position)));
-        }
-        previous = Some(event.position);
-    }
-    Ok(())
+    Ok(Written::Appended { first_position, first_version })
 }
 
 /// The stream's head, from its read-model row (no row: version 0, not deleted).
@@ -707,6 +840,7 @@ impl ReaderPool {
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
             let conn = Connection::open_with_flags(path, flags).map_err(sql_err)?;
             conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(sql_err)?;
+            tune(&conn)?;
             connections.push(Mutex::new(Some(conn)));
         }
         Ok(ReaderPool { connections, next: AtomicUsize::new(0) })
