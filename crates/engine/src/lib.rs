@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+pub mod subscriptions;
 
 use std::sync::Arc;
 
@@ -15,11 +16,12 @@ use serde_json::Value;
 use cache::AggregateCache;
 use sourced_core::{
     Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits,
-    RecordedEvent, StreamHead, StreamKey, TypeName, Version, decide, new_events, timestamp,
+    RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version, decide, new_events, timestamp,
 };
 use sourced_store::{
     AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX, StoreError,
 };
+pub use subscriptions::{Hub, Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
 /// A source of the current time; tests pass a fixed one.
 pub trait Clock: Send + Sync + 'static {
@@ -51,6 +53,9 @@ pub struct EngineConfig {
     pub cache_aggregates_max: usize,
     /// About how many bytes of documents the cache may hold.
     pub cache_bytes_max: usize,
+    /// Events the live buffer of subscriptions keeps (SPEC §6); a subscriber further behind
+    /// reads the store instead.
+    pub live_buffer_events: usize,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +66,7 @@ impl Default for EngineConfig {
             require_version: false,
             cache_aggregates_max: 10_000,
             cache_bytes_max: 64 * 1024 * 1024,
+            live_buffer_events: 4_096,
         }
     }
 }
@@ -137,13 +143,29 @@ pub struct Engine {
     config: Arc<EngineConfig>,
     clock: Arc<dyn Clock>,
     cache: Arc<AggregateCache>,
+    hub: Arc<Hub>,
 }
 
 impl Engine {
     /// An engine over `store`.
     pub fn new(store: Arc<dyn EventStore>, config: EngineConfig, clock: Arc<dyn Clock>) -> Self {
         let cache = Arc::new(AggregateCache::new(config.cache_aggregates_max, config.cache_bytes_max));
-        Self { store, config: Arc::new(config), clock, cache }
+        let hub = Hub::new(config.live_buffer_events);
+        if !hub.attach(store.as_ref()) {
+            tracing::info!("the store does not feed live events; subscriptions read the store after each append");
+        }
+        Self { store, config: Arc::new(config), clock, cache, hub }
+    }
+
+    /// A live subscription to a tenant's events (SPEC §6): every event matching `filter` after
+    /// `start`, exactly once and in position order, then a caught-up marker, then live events.
+    pub fn subscribe(&self, tenant: TenantId, filter: SubscriptionFilter, start: Start) -> Subscription {
+        Subscription::new(self.store.clone(), self.hub.clone(), tenant, filter, start)
+    }
+
+    /// The live buffer shared by subscriptions.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     /// The store, for reads that need no domain logic.
@@ -211,6 +233,7 @@ impl Engine {
             };
             match self.store.append(request).await {
                 Ok(AppendOutcome::Appended(events)) => {
+                    self.hub.wake();
                     let document = decision.next.document(&cmd.key.id).unwrap_or(Value::Null);
                     let version = decision.next.version;
                     self.cache.put(&cmd.key, Arc::new(decision.next));

@@ -34,7 +34,8 @@ pub struct RawArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "LISTEN")]
     pub listen: Option<String>,
-    /// Event store: `sqlite://PATH` [default: sqlite://./data/sourced.db].
+    /// Event store: `sqlite://PATH` or `postgres://USER@HOST:PORT/DATABASE`
+    /// [default: sqlite://./data/sourced.db].
     #[arg(long, env = "EVENT_STORE_URL")]
     pub event_store_url: Option<String>,
     /// trace, debug, info, warn or error [default: info].
@@ -70,13 +71,43 @@ pub struct RawArgs {
     /// Seconds to wait for in-flight requests at shutdown [default: 30].
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<String>,
+    /// Most commands in flight on one WebSocket connection [default: 64].
+    #[arg(long, env = "WS_INFLIGHT_MAX")]
+    pub ws_inflight_max: Option<String>,
+    /// Largest WebSocket message or frame in bytes [default: MAX_BODY_BYTES].
+    #[arg(long, env = "WS_MESSAGE_BYTES_MAX")]
+    pub ws_message_bytes_max: Option<String>,
+    /// Most subscriptions on one WebSocket connection [default: 16].
+    #[arg(long, env = "WS_SUBSCRIPTIONS_MAX")]
+    pub ws_subscriptions_max: Option<String>,
+    /// Most messages queued for one WebSocket client [default: 256].
+    #[arg(long, env = "WS_OUTBOUND_MAX")]
+    pub ws_outbound_max: Option<String>,
+    /// Milliseconds a WebSocket client may leave a message unread before it is closed [default: 10000].
+    #[arg(long, env = "WS_SLOW_CLIENT_TIMEOUT_MS")]
+    pub ws_slow_client_timeout_ms: Option<String>,
+    /// Events the shared live buffer of subscriptions keeps [default: 4096].
+    #[arg(long, env = "LIVE_BUFFER_EVENTS")]
+    pub live_buffer_events: Option<String>,
 }
 
 /// Where events are stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// The embedded SQLite store at this path.
     Sqlite(PathBuf),
+    /// A PostgreSQL database: `postgres://…` or `postgresql://…`, as given.
+    Postgres(String),
+}
+
+/// Shows a PostgreSQL URL without its password: the configuration is logged at start.
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            StoreUrl::Postgres(url) => f.debug_tuple("Postgres").field(&redact_url(url)).finish(),
+        }
+    }
 }
 
 /// Log output format.
@@ -97,6 +128,21 @@ pub struct HttpLimits {
     pub page_limit_default: usize,
     /// Largest page size.
     pub page_limit_max: usize,
+}
+
+/// Limits of WebSocket connections (SPEC §3.2, §8.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsLimits {
+    /// Most commands in flight per connection; beyond it the server reads no more frames.
+    pub inflight_max: usize,
+    /// Largest message and frame (close 1009 beyond).
+    pub message_bytes_max: usize,
+    /// Most subscriptions per connection.
+    pub subscriptions_max: usize,
+    /// Most messages queued for the client.
+    pub outbound_max: usize,
+    /// How long one message may wait for the client to take it before it is closed (1008).
+    pub slow_client_timeout_ms: u64,
 }
 
 /// Validated configuration.
@@ -120,6 +166,10 @@ pub struct Config {
     pub batch_appends_max: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_timeout_secs: u64,
+    /// WebSocket limits.
+    pub ws: WsLimits,
+    /// Events the shared live buffer of subscriptions keeps.
+    pub live_buffer_events: usize,
 }
 
 /// A setting that could not be used; the message names it.
@@ -194,6 +244,32 @@ impl Config {
             page_limit_max: number("MAX_PAGE_LIMIT", &raw.max_page_limit, 1_000, 1, sourced_store::READ_LIMIT_MAX)?,
         };
         let http = HttpLimits { page_limit_default: http.page_limit_default.min(http.page_limit_max), ..http };
+        let ws = WsLimits {
+            inflight_max: number("WS_INFLIGHT_MAX", &raw.ws_inflight_max, 64, 1, 65_536)?,
+            message_bytes_max: number(
+                "WS_MESSAGE_BYTES_MAX",
+                &raw.ws_message_bytes_max,
+                http.body_bytes_max,
+                16,
+                64 * MIB,
+            )?,
+            subscriptions_max: number("WS_SUBSCRIPTIONS_MAX", &raw.ws_subscriptions_max, 16, 0, 1_024)?,
+            outbound_max: number("WS_OUTBOUND_MAX", &raw.ws_outbound_max, 256, 1, 65_536)?,
+            slow_client_timeout_ms: number(
+                "WS_SLOW_CLIENT_TIMEOUT_MS",
+                &raw.ws_slow_client_timeout_ms,
+                10_000,
+                1,
+                3_600_000,
+            )? as u64,
+        };
+        let live_buffer_events = number(
+            "LIVE_BUFFER_EVENTS",
+            &raw.live_buffer_events,
+            4_096,
+            1,
+            sourced_engine::subscriptions::LIVE_BUFFER_EVENTS_MAX,
+        )?;
         Ok(Config {
             listen,
             store,
@@ -204,6 +280,8 @@ impl Config {
             http,
             batch_appends_max: number("BATCH_APPENDS_MAX", &raw.batch_appends_max, 512, 1, 10_000)?,
             shutdown_timeout_secs: number("SHUTDOWN_TIMEOUT_SECS", &raw.shutdown_timeout_secs, 30, 0, 3_600)? as u64,
+            ws,
+            live_buffer_events,
         })
     }
 
@@ -226,13 +304,26 @@ pub fn parse_store_url(s: &str) -> Result<StoreUrl, ConfigError> {
         return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
     }
     if t.starts_with("postgres://") || t.starts_with("postgresql://") {
-        return Err(bad(
-            "EVENT_STORE_URL",
-            s,
-            "the PostgreSQL backend is not available in this version; use sqlite://PATH",
-        ));
+        if let Err(e) = sourced_store::postgres::check_url(t) {
+            return Err(bad("EVENT_STORE_URL", &redact_url(s), e.to_string().replace('\n', " ")));
+        }
+        return Ok(StoreUrl::Postgres(t.to_owned()));
     }
-    Err(bad("EVENT_STORE_URL", s, "expected sqlite://PATH"))
+    Err(bad("EVENT_STORE_URL", s, "expected sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"))
+}
+
+/// The URL with its password, if any, replaced by `***` (for logs and error messages).
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +339,26 @@ mod tests {
     }
 
     #[test]
+    fn ws_defaults_follow_the_body_limit() {
+        let c = Config::resolve(&RawArgs::default()).unwrap();
+        assert_eq!(
+            c.ws,
+            WsLimits {
+                inflight_max: 64,
+                message_bytes_max: 1024 * 1024,
+                subscriptions_max: 16,
+                outbound_max: 256,
+                slow_client_timeout_ms: 10_000,
+            }
+        );
+        assert_eq!(c.live_buffer_events, 4_096);
+        let c = Config::resolve(&RawArgs { max_body_bytes: Some("4096".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.ws.message_bytes_max, 4096);
+        let raw = RawArgs { ws_message_bytes_max: Some("100".into()), ..Default::default() };
+        assert_eq!(Config::resolve(&raw).unwrap().ws.message_bytes_max, 100);
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let cases: Vec<(RawArgs, &str)> = vec![
             (RawArgs { listen: Some("nowhere".into()), ..Default::default() }, "LISTEN"),
@@ -257,6 +368,15 @@ mod tests {
             (RawArgs { max_body_bytes: Some("-1".into()), ..Default::default() }, "MAX_BODY_BYTES"),
             (RawArgs { max_json_depth: Some("1000".into()), ..Default::default() }, "MAX_JSON_DEPTH"),
             (RawArgs { require_version: Some("maybe".into()), ..Default::default() }, "REQUIRE_VERSION"),
+            (RawArgs { ws_inflight_max: Some("0".into()), ..Default::default() }, "WS_INFLIGHT_MAX"),
+            (RawArgs { ws_message_bytes_max: Some("big".into()), ..Default::default() }, "WS_MESSAGE_BYTES_MAX"),
+            (RawArgs { ws_subscriptions_max: Some("5000".into()), ..Default::default() }, "WS_SUBSCRIPTIONS_MAX"),
+            (RawArgs { ws_outbound_max: Some("0".into()), ..Default::default() }, "WS_OUTBOUND_MAX"),
+            (
+                RawArgs { ws_slow_client_timeout_ms: Some("0".into()), ..Default::default() },
+                "WS_SLOW_CLIENT_TIMEOUT_MS",
+            ),
+            (RawArgs { live_buffer_events: Some("0".into()), ..Default::default() }, "LIVE_BUFFER_EVENTS"),
         ];
         for (raw, setting) in cases {
             let e = Config::resolve(&raw).unwrap_err();
@@ -270,5 +390,16 @@ mod tests {
         assert_eq!(parse_store_url("sqlite:///tmp/x.db").unwrap(), StoreUrl::Sqlite(PathBuf::from("/tmp/x.db")));
         assert_eq!(parse_store_url("sqlite:x.db").unwrap(), StoreUrl::Sqlite(PathBuf::from("x.db")));
         assert!(parse_store_url("sqlite://").is_err());
+        for url in ["postgres://u@localhost:5432/db", "postgresql://u:pw@h/db?options=-csearch_path%3Dx"] {
+            assert_eq!(parse_store_url(url).unwrap(), StoreUrl::Postgres(url.to_owned()));
+        }
+        let e = parse_store_url("postgres://u:secret@h/db?sslmode=sometimes").unwrap_err();
+        assert_eq!(e.setting, "EVENT_STORE_URL");
+        assert!(!e.to_string().contains('\n') && !e.to_string().contains("secret"), "{e}");
+        assert_eq!(
+            format!("{:?}", StoreUrl::Postgres("postgres://u:secret@h:5432/db".into())),
+            r#"Postgres("postgres://u:***@h:5432/db")"#
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

@@ -21,8 +21,9 @@ use sourced_core::{
 use sourced_engine::{CommandOutcome, Engine};
 use sourced_store::{DocumentRow, ListQuery};
 
-use crate::config::HttpLimits;
+use crate::config::{HttpLimits, WsLimits};
 use crate::problem::{Problem, from_engine};
+use crate::ws::LiveState;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -31,6 +32,10 @@ pub struct AppState {
     pub engine: Engine,
     /// Limits of the HTTP layer.
     pub http: HttpLimits,
+    /// Limits of WebSocket connections.
+    pub ws: WsLimits,
+    /// Live connections (WebSocket, SSE): counters and the shutdown signal.
+    pub live: std::sync::Arc<LiveState>,
 }
 
 type Result<T, E = Problem> = std::result::Result<T, E>;
@@ -42,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/commands", post(post_command))
         .route("/events", get(feed))
+        .route("/ws", get(crate::ws::upgrade))
         .route("/{type}", post(create).get(list))
         .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
         .route("/{type}/{id}/events", get(history))
@@ -75,7 +81,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 // Request parts
 
 /// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
-fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
+pub(crate) fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
     match headers.get("x-tenant") {
         None => Ok(None),
         Some(v) => {
@@ -88,7 +94,7 @@ fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
     }
 }
 
-fn tenant(headers: &HeaderMap) -> Result<TenantId> {
+pub(crate) fn tenant(headers: &HeaderMap) -> Result<TenantId> {
     Ok(tenant_header(headers)?.unwrap_or_else(TenantId::default_tenant))
 }
 
@@ -220,7 +226,7 @@ fn prefers_minimal(headers: &HeaderMap) -> bool {
         .any(|p| p.trim().eq_ignore_ascii_case("return=minimal"))
 }
 
-fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {
+pub(crate) fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
     let unknown: Vec<Violation> = pairs
@@ -237,7 +243,7 @@ fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, Stri
     Ok(pairs)
 }
 
-fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
@@ -576,19 +582,15 @@ async fn list(
     Ok(axum::Json(json!({"items": items, "next": next})).into_response())
 }
 
-/// The tenant's global feed. It never ends: `next` is always where to continue from.
+/// The tenant's global feed. It never ends: `next` is always where to continue from. With
+/// `Accept: text/event-stream` it streams live instead (SSE, see `sse.rs`).
 async fn feed(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> Result<Response> {
     if headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream") && !a.contains("json"))
     {
-        return Err(Problem::new(
-            StatusCode::NOT_ACCEPTABLE,
-            "not-acceptable",
-            "Not acceptable",
-            "the live feed (text/event-stream) is not available in this version; poll with ?after=P",
-        ));
+        return crate::sse::live_feed(&s, &q, &headers);
     }
     let pairs = query_pairs(&q, &["limit", "cursor", "after"])?;
     let limit = page_limit(&pairs, &s.http)?;

@@ -6,6 +6,8 @@
 pub mod config;
 pub mod http;
 pub mod problem;
+pub mod sse;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,36 +18,55 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use sourced_engine::{Engine, EngineConfig, SystemClock};
+use sourced_store::postgres::{PostgresOptions, PostgresStore};
 use sourced_store::sqlite::{SqliteOptions, SqliteStore};
 use sourced_store::{EventStore, StoreStats};
 
+use config::redact_url;
 pub use config::{Config, LogFormat, StoreUrl};
 pub use http::{AppState, router};
 
-/// Opens the configured event store.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+/// Opens the configured event store (for PostgreSQL: connects and migrates the schema).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
     match &config.store {
-        StoreUrl::Sqlite(path) => {
-            let options = SqliteOptions { batch_appends_max: config.batch_appends_max, ..SqliteOptions::default() };
-            let store = SqliteStore::open(path, options)
-                .with_context(|| format!("cannot open the embedded store at {}", path.display()))?;
+        StoreUrl::Sqlite(path) => open_sqlite_store(config, path),
+        StoreUrl::Postgres(url) => {
+            let options = PostgresOptions { batch_appends_max: config.batch_appends_max, ..PostgresOptions::default() };
+            let store = PostgresStore::connect(url, options).await.with_context(|| {
+                format!("cannot open the PostgreSQL store at {} (EVENT_STORE_URL)", redact_url(url))
+            })?;
             Ok(Arc::new(store))
         }
     }
 }
 
+/// Opens the embedded store at `path` with `config`'s settings (synchronous).
+pub fn open_sqlite_store(config: &Config, path: &std::path::Path) -> anyhow::Result<Arc<dyn EventStore>> {
+    let options = SqliteOptions { batch_appends_max: config.batch_appends_max, ..SqliteOptions::default() };
+    let store = SqliteStore::open(path, options)
+        .with_context(|| format!("cannot open the embedded store at {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
 /// The HTTP application over an opened store.
 pub fn app(config: &Config, store: Arc<dyn EventStore>) -> axum::Router {
+    app_with_stats(config, store, Arc::default())
+}
+
+/// [`app`], with the state of its live connections (WebSocket, SSE) in `live`.
+pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws::LiveState>) -> axum::Router {
     let engine = Engine::new(
         store,
         EngineConfig {
             limits: config.limits.clone(),
             require_version: config.require_version,
+            live_buffer_events: config.live_buffer_events,
             ..EngineConfig::default()
         },
         Arc::new(SystemClock),
     );
-    router(AppState { engine, http: config.http.clone() }).layer(tower_http::trace::TraceLayer::new_for_http())
+    let state = AppState { engine, http: config.http.clone(), ws: config.ws.clone(), live: live.clone() };
+    router(state).layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
 /// A server running in the background.
@@ -55,17 +76,19 @@ pub struct RunningServer {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
+    live: Arc<ws::LiveState>,
 }
 
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (LISTEN)", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = app(&config, store.clone());
+    let live = Arc::<ws::LiveState>::default();
+    let app = app_with_stats(&config, store.clone(), live.clone());
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -73,7 +96,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             })
             .await
     });
-    Ok(RunningServer { addr, store, stop: Some(stop), task, grace: Duration::from_secs(config.shutdown_timeout_secs) })
+    Ok(RunningServer {
+        addr,
+        store,
+        stop: Some(stop),
+        task,
+        grace: Duration::from_secs(config.shutdown_timeout_secs),
+        live,
+    })
 }
 
 impl RunningServer {
@@ -87,12 +117,19 @@ impl RunningServer {
         self.store.stats()
     }
 
-    /// Stops accepting connections, lets in-flight requests finish (up to the grace period),
-    /// then closes the store so every acknowledged command is on disk.
+    /// The live connections' counters.
+    pub fn live(&self) -> &ws::LiveState {
+        &self.live
+    }
+
+    /// Stops accepting connections, closes live connections (WebSocket 1001, SSE streams end),
+    /// lets in-flight requests finish (up to the grace period), then closes the store so every
+    /// acknowledged command is on disk.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        self.live.close();
         match tokio::time::timeout(self.grace, &mut self.task).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "server stopped with an error"),

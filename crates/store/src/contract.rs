@@ -66,8 +66,10 @@ use crate::{
 /// The argument is an expression evaluating to a future of a [`FreshStore`]: a
 /// `Box<dyn EventStore>`, an `Arc<dyn EventStore>`, or a pair of one of these and a guard
 /// that must outlive the store (a temporary directory, a scratch database), e.g.
-/// `contract_tests!(fresh())` with `async fn fresh() -> (Box<dyn EventStore>, TempDir)`.
-/// The expression is evaluated once per test. Each test closes the store at the end.
+/// `contract_tests!(fresh())` with `async fn fresh() -> (Box<dyn EventStore>, TempDir)`, or an
+/// `Option` of any of these: `None` skips the test (for a backend whose server is not there;
+/// the set-up says so). The expression is evaluated once per test. Each test closes the store
+/// at the end.
 ///
 /// The tests are named after the functions of [`contract`](crate::contract); invoke the macro
 /// inside a module of its own (`mod contract { use super::*; contract_tests!(fresh()); }`).
@@ -100,6 +102,9 @@ macro_rules! contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
                 let fresh = $fresh.await;
+                if $crate::contract::FreshStore::skipped(&fresh) {
+                    return;
+                }
                 let store = $crate::contract::FreshStore::store(&fresh);
                 $crate::contract::$name(store).await;
                 store.close().await;
@@ -113,6 +118,24 @@ macro_rules! contract_tests {
 pub trait FreshStore: Send {
     /// The store under test.
     fn store(&self) -> &dyn EventStore;
+
+    /// Whether there is no store to test (a backend whose server is not reachable, which its
+    /// set-up has reported): the test then returns at once.
+    fn skipped(&self) -> bool {
+        false
+    }
+}
+
+/// `None`: the backend's set-up found no server to test against and said so; the test is
+/// skipped.
+impl<S: FreshStore> FreshStore for Option<S> {
+    fn store(&self) -> &dyn EventStore {
+        self.as_ref().expect("a skipped test has no store").store()
+    }
+
+    fn skipped(&self) -> bool {
+        self.as_ref().is_none_or(FreshStore::skipped)
+    }
 }
 
 impl FreshStore for Box<dyn EventStore> {
@@ -131,6 +154,10 @@ impl FreshStore for Arc<dyn EventStore> {
 impl<S: FreshStore, G: Send> FreshStore for (S, G) {
     fn store(&self) -> &dyn EventStore {
         self.0.store()
+    }
+
+    fn skipped(&self) -> bool {
+        self.0.skipped()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Sourced's event store: the [`EventStore`] trait every backend implements, its error type,
-//! the contract suite every backend runs ([`contract`]), and the embedded SQLite backend.
+//! the contract suite every backend runs ([`contract`]), the embedded SQLite backend ([`sqlite`])
+//! and the PostgreSQL backend ([`postgres`]).
 //!
 //! A store keeps three things and changes them together, in one transaction per append:
 //! the events (streams keyed by tenant, type and id, with contiguous versions and global
@@ -18,6 +19,7 @@ use sourced_core::{
 };
 
 pub mod contract;
+pub mod postgres;
 pub mod sqlite;
 
 /// Most events one append may carry.
@@ -206,6 +208,30 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Counters since the store was opened.
     fn stats(&self) -> StoreStats;
+
+    /// Registers the one listener that hears every committed append in position order
+    /// (live subscriptions, SPEC §6). Returns `false` when the backend cannot (the default),
+    /// or when a listener is already set; the engine then falls back to reading the store.
+    fn set_commit_listener(&self, listener: std::sync::Arc<dyn CommitListener>) -> bool {
+        let _ = listener;
+        false
+    }
+}
+
+/// Hears committed appends from a backend, in position order (SPEC §6, §7.3).
+///
+/// A backend calls [`CommitListener::committed`] once per commit, after the commit is durable
+/// and before any of its appends is acknowledged, from one place that sees commits in position
+/// order (the SQLite writer thread), so the listener never sees positions out of order. It must
+/// not block: it runs on the writer's path.
+pub trait CommitListener: Send + Sync + 'static {
+    /// Whether the listener wants the events now; when `false` the backend may pass none and
+    /// skip building them (it still reports the head).
+    fn wants_events(&self) -> bool;
+
+    /// One commit: the highest position committed so far, and (when wanted) the commit's
+    /// events in position order.
+    fn committed(&self, head: Position, events: Vec<RecordedEvent>);
 }
 
 /// Checks the shape of an append before a backend runs it.

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use sourced_core::{
 };
 
 use crate::{
-    AppendOutcome, AppendRequest, CommandRecord, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX, StoreError,
-    StoreStats, validate_append,
+    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
+    StoreError, StoreStats, validate_append,
 };
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
@@ -132,6 +132,8 @@ pub struct SqliteStore {
     writer: Mutex<Option<Writer>>,
     readers: Arc<ReaderPool>,
     counters: Arc<Counters>,
+    /// Hears every commit, from the writer thread (see [`CommitListener`]).
+    listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -238,12 +240,17 @@ impl SqliteStore {
             .spawn(move || checkpoint_loop(checkpointer_conn, checkpoint_requests))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer thread: {e}")))?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
+        let listener: Arc<OnceLock<Arc<dyn CommitListener>>> = Arc::new(OnceLock::new());
         let thread = {
             let counters = Arc::clone(&counters);
+            let listener = Arc::clone(&listener);
             let batch_appends_max = options.batch_appends_max;
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
-                .spawn(move || write_loop(conn, receiver, batch_appends_max, next_position, &counters, checkpoint))
+                .spawn(move || {
+                    let writer = WriterState { counters: &counters, checkpoint, listener: &listener };
+                    write_loop(conn, receiver, batch_appends_max, next_position, writer)
+                })
                 .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
         };
         tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
@@ -252,6 +259,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(Writer { sender, thread, checkpointer })),
             readers,
             counters,
+            listener,
         })
     }
 
@@ -492,6 +500,10 @@ impl EventStore for SqliteStore {
             events: self.counters.events.load(Ordering::Relaxed),
         }
     }
+
+    fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
+        self.listener.set(listener).is_ok()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,9 +557,9 @@ fn write_loop(
     mut receiver: mpsc::Receiver<Job>,
     batch_appends_max: usize,
     mut next_position: u64,
-    counters: &Counters,
-    checkpoint: std::sync::mpsc::SyncSender<()>,
+    writer: WriterState<'_>,
 ) {
+    let WriterState { counters, checkpoint, listener } = writer;
     let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
     let mut commits_since_checkpoint = 0u32;
     while let Some(first) = receiver.blocking_recv() {
@@ -560,6 +572,12 @@ fn write_loop(
         }
         let results = commit_batch(&mut conn, &batch, &mut next_position, counters);
         debug_assert_eq!(results.len(), batch.len());
+        // Committed and durable: the listener hears it before any caller does, in commit
+        // (= position) order, since this thread is the only one that commits.
+        if let Some(listener) = listener.get() {
+            let events = if listener.wants_events() { committed_events(&batch, &results) } else { Vec::new() };
+            listener.committed(Position(next_position.saturating_sub(1)), events);
+        }
         for (job, result) in batch.drain(..).zip(results) {
             // The caller may have gone away; the write stands either way.
             let _ = job.reply.send((job.request, result));
@@ -573,6 +591,41 @@ fn write_loop(
         }
     }
     tracing::debug!("the SQLite writer has stopped");
+}
+
+/// What the writer thread shares with the rest of the store.
+struct WriterState<'a> {
+    counters: &'a Counters,
+    checkpoint: std::sync::mpsc::SyncSender<()>,
+    listener: &'a OnceLock<Arc<dyn CommitListener>>,
+}
+
+/// The events one commit stored, in position order, for the commit listener.
+fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> Vec<RecordedEvent> {
+    let mut out = Vec::new();
+    for (job, result) in batch.iter().zip(results) {
+        if let Ok(Written::Appended { first_position, first_version }) = result {
+            let r = &job.request;
+            let timestamp = truncate(r.timestamp);
+            out.extend(r.events.iter().enumerate().map(|(i, e)| RecordedEvent {
+                id: e.id,
+                position: Position(first_position.0 + i as u64),
+                tenant: r.key.tenant.clone(),
+                target_name: r.key.type_name.clone(),
+                target_id: r.key.id.clone(),
+                version: Version(first_version.0 + i as u64),
+                event_type: e.event_type.clone(),
+                data: e.data.clone(),
+                metadata: e.metadata.clone(),
+                timestamp,
+            }));
+        }
+    }
+    debug_assert!(
+        out.windows(2).all(|w| w[0].position.0 + 1 == w[1].position.0),
+        "a commit's positions are contiguous"
+    );
+    out
 }
 
 /// Commits between two checkpoint requests.

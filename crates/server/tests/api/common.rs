@@ -67,7 +67,8 @@ impl TestApp {
         let dir = TempDir::new().unwrap();
         let mut config = config_in(&dir);
         f(&mut config);
-        let store = sourced_server::open_store(&config).unwrap();
+        let sourced_server::StoreUrl::Sqlite(path) = &config.store else { panic!("TestApp opens the embedded store") };
+        let store = sourced_server::open_sqlite_store(&config, path).unwrap();
         let router = sourced_server::app(&config, store.clone());
         TestApp { router, store, dir }
     }

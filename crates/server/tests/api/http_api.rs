@@ -289,7 +289,10 @@ async fn global_feed_is_ordered_and_resumable() {
     let r = app.get("/events?after=8").await;
     assert_eq!(r.ok(200)["items"].as_array().unwrap().len(), 2);
     app.get("/events?after=-1").await.problem(400, "invalid-request");
-    app.call("GET", "/events", &[("accept", "text/event-stream")], None).await.problem(406, "not-acceptable");
+    // The live feed (SSE) checks its parameters before it starts streaming (see sse.rs).
+    let sse = [("accept", "text/event-stream")];
+    app.call("GET", "/events?after=x", &sse, None).await.problem(400, "invalid-request");
+    app.call("GET", "/events?limit=3", &sse, None).await.problem(400, "invalid-request");
 }
 
 #[tokio::test]

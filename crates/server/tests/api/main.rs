@@ -1,6 +1,6 @@
 //! Integration tests of the service: the HTTP API through the router (no socket), the JSON
-//! Patch suite through PATCH, races over real sockets, idempotency across restarts, and a
-//! crash test of a child `sourced` process.
+//! Patch suite through PATCH, races over real sockets, idempotency across restarts, a crash
+//! test of a child `sourced` process, and the WebSocket and SSE APIs over loopback.
 
 mod common;
 
@@ -11,3 +11,6 @@ mod conformance;
 mod crash;
 mod http_api;
 mod idempotency;
+mod postgres;
+mod sse;
+mod ws;

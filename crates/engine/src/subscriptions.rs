@@ -1,0 +1,413 @@
+//! Live subscriptions (SPEC §6): a [`Hub`] that the store's writer feeds with committed events
+//! in position order, and [`Subscription`]s that read the store to catch up and then follow the
+//! hub, handing over without gaps or duplicates.
+//!
+//! How a subscription never skips and never repeats an event:
+//! - The hub only ever carries events in strictly increasing position order, because its one
+//!   producer is the store's commit listener, called by the single writer after each durable
+//!   commit and before any append of that commit is acknowledged (see `CommitListener`).
+//! - A subscription takes its hub receiver *before* its store reads. Every event is either
+//!   committed before a read begins (then that read returns it: an acknowledged append is
+//!   visible to `read_all`) or after (then the hub sends it after the receiver exists, so the
+//!   receiver has it). Events seen both ways are dropped by position: only positions above the
+//!   last one delivered pass.
+//! - When the receiver lags (the shared live buffer overwrote events it had not taken), the
+//!   subscription takes a fresh receiver and goes back to reading the store from its last
+//!   position; the store is the truth, the hub only a shortcut. Memory per subscription is one
+//!   store page; the live buffer is shared and bounded.
+//! - With a store that has no commit listener, the engine sends only wake-ups after its
+//!   appends, and subscriptions read every event from the store.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::broadcast;
+
+use sourced_core::{AggregateId, Position, RecordedEvent, TenantId, TypeName};
+use sourced_store::{CommitListener, EventStore, StoreError};
+
+/// Events one catch-up read asks the store for.
+pub const CATCH_UP_PAGE_EVENTS: usize = 256;
+/// Bounds of the live buffer (events kept for receivers that have not taken them yet).
+pub const LIVE_BUFFER_EVENTS_MAX: usize = 1 << 20;
+
+/// What the hub carries.
+#[derive(Clone, Debug)]
+enum Live {
+    /// A committed event; events arrive in strictly increasing position order.
+    Event(Arc<RecordedEvent>),
+    /// Something was committed; read the store (stores without a commit listener).
+    Wake,
+}
+
+/// The live buffer between the store's writer and the subscriptions.
+#[derive(Debug)]
+pub struct Hub {
+    sender: broadcast::Sender<Live>,
+    /// The highest position committed as far as the hub knows (0 before the first commit
+    /// when the store reports none).
+    head: AtomicU64,
+    /// Whether the store feeds the hub with events (else the engine sends wake-ups).
+    fed: AtomicBool,
+}
+
+impl Hub {
+    /// A hub whose live buffer keeps `capacity` events (clamped to 1 ..= [`LIVE_BUFFER_EVENTS_MAX`]).
+    pub fn new(capacity: usize) -> Arc<Hub> {
+        let (sender, _) = broadcast::channel(capacity.clamp(1, LIVE_BUFFER_EVENTS_MAX));
+        Arc::new(Hub { sender, head: AtomicU64::new(0), fed: AtomicBool::new(false) })
+    }
+
+    /// Registers the hub as the store's commit listener; `false` when the store cannot feed it.
+    pub(crate) fn attach(self: &Arc<Self>, store: &dyn EventStore) -> bool {
+        let fed = store.set_commit_listener(self.clone());
+        self.fed.store(fed, Ordering::SeqCst);
+        fed
+    }
+
+    /// Whether the store feeds the hub with events.
+    pub fn is_fed(&self) -> bool {
+        self.fed.load(Ordering::SeqCst)
+    }
+
+    /// Receivers (subscriptions) alive now.
+    pub fn receivers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
+    /// Tells subscriptions that something was committed (stores that do not feed the hub).
+    pub(crate) fn wake(&self) {
+        if !self.is_fed() {
+            let _ = self.sender.send(Live::Wake);
+        }
+    }
+}
+
+impl CommitListener for Hub {
+    fn wants_events(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
+    fn committed(&self, head: Position, events: Vec<RecordedEvent>) {
+        self.head.fetch_max(head.0, Ordering::SeqCst);
+        for e in events {
+            // No receiver is not an error: a subscription that starts later reads the store.
+            let _ = self.sender.send(Live::Event(Arc::new(e)));
+        }
+    }
+}
+
+/// Which events a subscription wants, within its tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionFilter {
+    /// Only events of this aggregate type.
+    pub target_name: Option<TypeName>,
+    /// Only events of aggregates with this id.
+    pub target_id: Option<AggregateId>,
+}
+
+impl SubscriptionFilter {
+    /// Whether `e` passes (the tenant is checked separately).
+    pub fn matches(&self, e: &RecordedEvent) -> bool {
+        self.target_name.as_ref().is_none_or(|t| *t == e.target_name)
+            && self.target_id.as_ref().is_none_or(|i| *i == e.target_id)
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// From the tenant's first event.
+    Beginning,
+    /// After this position (what a reconnecting subscriber last saw).
+    After(Position),
+    /// After the last event committed when the subscription starts.
+    Now,
+}
+
+/// What a subscription yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SubscriptionItem {
+    /// The next matching event.
+    Event(Arc<RecordedEvent>),
+    /// The subscription has delivered everything committed so far, up to this position (the
+    /// position to resume after); from here on, events come live. Sent once.
+    CaughtUp(Position),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading pages from the store.
+    CatchUp,
+    /// Following the hub.
+    Live,
+}
+
+/// One subscriber's feed: every matching event after its start, exactly once, in position
+/// order (see the module documentation).
+pub struct Subscription {
+    store: Arc<dyn EventStore>,
+    hub: Arc<Hub>,
+    receiver: broadcast::Receiver<Live>,
+    tenant: TenantId,
+    filter: SubscriptionFilter,
+    /// The last position delivered or passed over (this tenant's events only).
+    last: Position,
+    /// `Start::Now` not resolved yet.
+    start_now: bool,
+    /// The current store page, not yet looked at.
+    page: VecDeque<RecordedEvent>,
+    phase: Phase,
+    caught_up_sent: bool,
+    /// Times the subscription went back to the store after lagging behind the live buffer.
+    lag_recoveries: u64,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("tenant", &self.tenant)
+            .field("filter", &self.filter)
+            .field("last", &self.last)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// A subscription; its hub receiver exists from here on, before any store read.
+    pub(crate) fn new(
+        store: Arc<dyn EventStore>,
+        hub: Arc<Hub>,
+        tenant: TenantId,
+        filter: SubscriptionFilter,
+        start: Start,
+    ) -> Subscription {
+        let receiver = hub.sender.subscribe();
+        let (last, start_now) = match start {
+            Start::Beginning => (Position(0), false),
+            Start::After(p) => (p, false),
+            // The head read after the receiver exists: anything committed later is in the
+            // receiver or in the first catch-up read.
+            Start::Now => match hub.head.load(Ordering::SeqCst) {
+                // Unknown until the first commit since start (or no listener): read to the end.
+                0 => (Position(0), true),
+                head => (Position(head), false),
+            },
+        };
+        Subscription {
+            store,
+            hub,
+            receiver,
+            tenant,
+            filter,
+            last,
+            start_now,
+            page: VecDeque::new(),
+            phase: Phase::CatchUp,
+            caught_up_sent: false,
+            lag_recoveries: 0,
+        }
+    }
+
+    /// The last position delivered or passed over: where to resume after.
+    pub fn position(&self) -> Position {
+        self.last
+    }
+
+    /// Times the subscription lagged behind the live buffer and read the store again.
+    pub fn lag_recoveries(&self) -> u64 {
+        self.lag_recoveries
+    }
+
+    /// The next item. Errors are the store's; the subscription may be polled again after one
+    /// (it resumes from its last position).
+    pub async fn next(&mut self) -> Result<SubscriptionItem, StoreError> {
+        if self.start_now {
+            self.skip_to_head().await?;
+        }
+        loop {
+            while let Some(e) = self.page.pop_front() {
+                if e.position <= self.last {
+                    return Err(StoreError::Corrupt(format!(
+                        "the feed went back from position {} to {}",
+                        self.last, e.position
+                    )));
+                }
+                self.last = e.position;
+                if self.filter.matches(&e) {
+                    return Ok(SubscriptionItem::Event(Arc::new(e)));
+                }
+            }
+            match self.phase {
+                Phase::CatchUp => {
+                    let page = self.store.read_all(&self.tenant, self.last, CATCH_UP_PAGE_EVENTS).await?;
+                    if page.len() < CATCH_UP_PAGE_EVENTS {
+                        self.phase = Phase::Live;
+                    }
+                    self.page.extend(page);
+                }
+                Phase::Live if !self.caught_up_sent => {
+                    self.caught_up_sent = true;
+                    return Ok(SubscriptionItem::CaughtUp(self.last));
+                }
+                Phase::Live => match self.receiver.recv().await {
+                    Ok(Live::Event(e)) => {
+                        if e.tenant != self.tenant || e.position <= self.last {
+                            continue;
+                        }
+                        self.last = e.position;
+                        if self.filter.matches(&e) {
+                            return Ok(SubscriptionItem::Event(e));
+                        }
+                    }
+                    Ok(Live::Wake) => self.phase = Phase::CatchUp,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // A fresh receiver first, then the store: see the module documentation.
+                        self.receiver = self.hub.sender.subscribe();
+                        self.phase = Phase::CatchUp;
+                        self.lag_recoveries += 1;
+                        tracing::debug!(missed, last = %self.last, "a subscription lagged; reading the store");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(StoreError::Closed);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Resolves [`Start::Now`] on a store that does not report its head: reads the tenant's
+    /// feed to its end without delivering it (pages of bounded size).
+    async fn skip_to_head(&mut self) -> Result<(), StoreError> {
+        loop {
+            let page = self.store.read_all(&self.tenant, self.last, sourced_store::READ_LIMIT_MAX).await?;
+            if let Some(e) = page.last() {
+                self.last = e.position;
+            }
+            if page.len() < sourced_store::READ_LIMIT_MAX {
+                self.start_now = false;
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_matches_type_and_id() {
+        let f = SubscriptionFilter { target_name: Some(TypeName::parse("order").unwrap()), target_id: None };
+        let e = |t: &str, id: &str| RecordedEvent {
+            id: sourced_core::EventId(uuid::Uuid::nil()),
+            position: Position(1),
+            tenant: TenantId::default_tenant(),
+            target_name: TypeName::parse(t).unwrap(),
+            target_id: AggregateId::parse(id).unwrap(),
+            version: sourced_core::Version(1),
+            event_type: "created".into(),
+            data: serde_json::Value::Null,
+            metadata: serde_json::Value::Null,
+            timestamp: chrono::Utc::now(),
+        };
+        assert!(f.matches(&e("order", "a")));
+        assert!(!f.matches(&e("invoice", "a")));
+        let f = SubscriptionFilter { target_id: Some(AggregateId::parse("a").unwrap()), ..f };
+        assert!(f.matches(&e("order", "a")));
+        assert!(!f.matches(&e("order", "b")));
+    }
+
+    use crate::{Engine, EngineConfig, SystemClock};
+    use sourced_core::{Command, EnvelopeDefaults};
+    use sourced_store::sqlite::{SqliteOptions, SqliteStore};
+
+    fn engine(dir: &tempfile::TempDir, live_buffer_events: usize) -> Engine {
+        let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).unwrap();
+        let config = EngineConfig { live_buffer_events, ..EngineConfig::default() };
+        Engine::new(Arc::new(store), config, Arc::new(SystemClock))
+    }
+
+    async fn create(engine: &Engine, id: &str) {
+        let env = serde_json::json!({"type": "create", "targetName": "order", "targetId": id, "body": {}});
+        let defaults = EnvelopeDefaults {
+            tenant: TenantId::default_tenant(),
+            tenant_fixed: false,
+            generated_id: AggregateId::generate(),
+        };
+        engine.execute(Command::from_envelope_value(env, defaults).unwrap(), None).await.unwrap();
+    }
+
+    async fn next_event(sub: &mut Subscription) -> u64 {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(20), sub.next()).await.unwrap().unwrap();
+        match item {
+            SubscriptionItem::Event(e) => e.position.0,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_reads_the_store_and_skips_nothing() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let engine = engine(&dir, 4);
+        assert!(engine.hub().is_fed(), "the SQLite store feeds the hub");
+        let mut sub = engine.subscribe(TenantId::default_tenant(), SubscriptionFilter::default(), Start::Beginning);
+        assert_eq!(sub.next().await.unwrap(), SubscriptionItem::CaughtUp(Position(0)));
+        // 100 events into a live buffer of 4 while the subscriber takes none.
+        for i in 0..100 {
+            create(&engine, &format!("o{i}")).await;
+        }
+        for p in 1..=100 {
+            assert_eq!(next_event(&mut sub).await, p);
+        }
+        assert_eq!(sub.lag_recoveries(), 1);
+        // Live again afterwards.
+        create(&engine, "late").await;
+        assert_eq!(next_event(&mut sub).await, 101);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_starting_during_writes_get_every_event_once_in_order() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let engine = engine(&dir, 8);
+        const WRITERS: usize = 4;
+        const PER_WRITER: usize = 100;
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    for i in 0..PER_WRITER {
+                        create(&engine, &format!("w{w}-{i}")).await;
+                    }
+                })
+            })
+            .collect();
+        let mut readers = Vec::new();
+        for k in 0..8u64 {
+            tokio::task::yield_now().await;
+            let start = if k % 2 == 0 { Start::Beginning } else { Start::After(Position(k * 10)) };
+            let from = if let Start::After(p) = start { p.0 } else { 0 };
+            let mut sub = engine.subscribe(TenantId::default_tenant(), SubscriptionFilter::default(), start);
+            readers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < WRITERS * PER_WRITER - from as usize {
+                    let item = tokio::time::timeout(std::time::Duration::from_secs(30), sub.next()).await;
+                    if let SubscriptionItem::Event(e) = item.unwrap().unwrap() {
+                        got.push(e.position.0);
+                    }
+                }
+                (from, got)
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        let total = (WRITERS * PER_WRITER) as u64;
+        for r in readers {
+            let (from, got) = r.await.unwrap();
+            assert_eq!(got, ((from + 1)..=total).collect::<Vec<u64>>());
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! The WebSocket API (`GET /ws`, SPEC §3.2): JSON text frames carrying commands (the same
+//! pipeline and problem objects as `POST /commands`), subscriptions (SPEC §6) and pings.
+//!
+//! The protocol is written against a generic `Sink`/`Stream` of [`Message`]s ([`serve`]), so
+//! unit tests drive it with channels. One connection is three kinds of task: the reader (this
+//! function's loop: parses frames, starts commands and subscriptions), one task per command in
+//! flight and per subscription (each puts its replies on the outbound queue), and the writer
+//! (takes from the outbound queue and writes to the socket). Every queue is bounded:
+//! - commands in flight: a semaphore of `WS_INFLIGHT_MAX` permits; the reader takes a permit
+//!   before it reads a frame, so beyond the limit it stops reading (TCP pushes back);
+//! - the outbound queue: `WS_OUTBOUND_MAX` messages; producers wait when it is full, so a slow
+//!   client slows its own commands, and its subscriptions fall behind the live buffer and go
+//!   back to reading the store (no per-subscriber buffer grows);
+//! - a client that takes nothing for `WS_SLOW_CLIENT_TIMEOUT_MS` is closed with 1008.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+
+use sourced_core::{AggregateId, Command, EnvelopeDefaults, Position, TenantId, TypeName};
+use sourced_engine::{Engine, Start, SubscriptionFilter, SubscriptionItem};
+
+use crate::config::WsLimits;
+use crate::http::{AppState, tenant_header};
+use crate::problem::{Problem, from_engine};
+
+/// Longest subscription name.
+const SUB_NAME_BYTES_MAX: usize = 128;
+/// Most queued messages the writer puts on the socket before one flush.
+const WRITE_BATCH_MAX: usize = 64;
+/// How long the writer tries to deliver its close frame to a client that has stopped reading.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live connections (WebSocket and SSE): counters for tests and metrics, and the signal that
+/// ends them at shutdown (they would otherwise hold the graceful shutdown for its whole grace).
+#[derive(Debug, Default)]
+pub struct LiveState {
+    /// Set to `true` once at shutdown.
+    closing: tokio::sync::watch::Sender<bool>,
+    /// Connections open now.
+    pub connections: AtomicUsize,
+    /// The most messages ever seen waiting in one connection's outbound queue.
+    pub outbound_high_water: AtomicUsize,
+    /// Connections closed because the client stopped reading (1008).
+    pub slow_clients_closed: AtomicU64,
+}
+
+impl LiveState {
+    /// Ends every live connection: WebSockets close with 1001, SSE streams end.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`LiveState::close`] has been called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|closing| *closing).await;
+        }
+    }
+}
+
+/// What one connection needs.
+#[derive(Clone)]
+pub struct Connection {
+    /// The command pipeline and subscriptions.
+    pub engine: Engine,
+    /// The limits.
+    pub limits: WsLimits,
+    /// Counters.
+    pub stats: Arc<LiveState>,
+    /// The tenant fixed by the upgrade request (`X-Tenant`), if any.
+    pub tenant: Option<TenantId>,
+}
+
+/// `GET /ws`: upgrades, with the message and frame size limits set.
+pub(crate) async fn upgrade(State(s): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    let tenant = match tenant_header(&headers) {
+        Ok(t) => t,
+        Err(p) => return p.into_response(),
+    };
+    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), tenant };
+    let max = conn.limits.message_bytes_max;
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
+        let (sink, stream) = socket.split();
+        serve(sink, stream, conn)
+    })
+}
+
+/// Why the reader stopped.
+enum End {
+    /// The client closed or went away.
+    Gone,
+    /// The server closes with this code and reason.
+    Close(u16, String),
+}
+
+/// Runs one connection's protocol until the client leaves or is closed.
+pub async fn serve<S, R>(sink: S, mut stream: R, conn: Connection)
+where
+    S: Sink<Message> + Unpin + Send + 'static,
+    S::Error: std::fmt::Display + Send,
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    conn.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let (out, out_rx) = mpsc::channel::<Message>(conn.limits.outbound_max);
+    let slow = Duration::from_millis(conn.limits.slow_client_timeout_ms);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, slow, conn.stats.clone()));
+    let inflight = Arc::new(Semaphore::new(conn.limits.inflight_max));
+    let mut tasks = JoinSet::new();
+    let mut subs: HashMap<String, AbortHandle> = HashMap::new();
+    let mut writer_done = false;
+    let closing = conn.stats.closed();
+    tokio::pin!(closing);
+
+    let end = loop {
+        while tasks.try_join_next().is_some() {}
+        // Beyond the in-flight limit, read nothing until a command finishes.
+        let permit = tokio::select! {
+            p = inflight.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break End::Gone,
+            },
+            _ = &mut writer => { writer_done = true; break End::Gone }
+        };
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = &mut writer => { writer_done = true; break End::Gone }
+            _ = &mut closing => break End::Close(close_code::AWAY, "the server is shutting down".into()),
+        };
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => break End::Gone,
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                break End::Close(close_code::UNSUPPORTED, "binary frames are not supported; send JSON text".into());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Err(e)) => match too_large(&e) {
+                Some(reason) => break End::Close(close_code::SIZE, reason),
+                None => {
+                    tracing::debug!(error = %e, "WebSocket read failed");
+                    break End::Gone;
+                }
+            },
+        };
+        let frame = match Frame::parse(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                let (id, problem) = *e;
+                if send(&out, error_frame(id, None, &problem)).await.is_err() {
+                    break End::Gone;
+                }
+                continue;
+            }
+        };
+        match frame {
+            Frame::Ping => {
+                if send(&out, json!({"op": "pong"})).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            Frame::Command(envelope) => {
+                let (engine, out, tenant) = (conn.engine.clone(), out.clone(), conn.tenant.clone());
+                tasks.spawn(async move {
+                    let reply = run_command(&engine, envelope, tenant).await;
+                    let _ = send(&out, reply).await;
+                    drop(permit);
+                });
+            }
+            Frame::Subscribe { sub, tenant, filter, start } => {
+                subs.retain(|_, h| !h.is_finished());
+                let problem = if subs.contains_key(&sub) {
+                    Some(Problem::bad_request(
+                        format!("subscription '{sub}' is already open on this connection"),
+                        vec![],
+                    ))
+                } else if subs.len() >= conn.limits.subscriptions_max {
+                    Some(
+                        Problem::new(
+                            axum::http::StatusCode::TOO_MANY_REQUESTS,
+                            "too-many-subscriptions",
+                            "Too many subscriptions",
+                            format!("a connection may hold {} subscriptions", conn.limits.subscriptions_max),
+                        )
+                        .with("limit", conn.limits.subscriptions_max),
+                    )
+                } else {
+                    None
+                };
+                let tenant = match (tenant, &conn.tenant) {
+                    (Some(t), Some(fixed)) if t != *fixed => {
+                        let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
+                        let _ = send(&out, error_frame(None, Some(&sub), &p)).await;
+                        continue;
+                    }
+                    (t, fixed) => t.or_else(|| fixed.clone()).unwrap_or_else(TenantId::default_tenant),
+                };
+                if let Some(p) = problem {
+                    if send(&out, error_frame(None, Some(&sub), &p)).await.is_err() {
+                        break End::Gone;
+                    }
+                    continue;
+                }
+                let subscription = conn.engine.subscribe(tenant, filter, start);
+                let handle = tasks.spawn(run_subscription(subscription, sub.clone(), out.clone()));
+                subs.insert(sub, handle);
+            }
+            Frame::Unsubscribe { sub } => {
+                let reply = match subs.remove(&sub) {
+                    Some(h) => {
+                        h.abort();
+                        json!({"op": "unsubscribed", "sub": sub})
+                    }
+                    None => error_frame(
+                        None,
+                        Some(&sub),
+                        &Problem::not_found(format!("no subscription '{sub}' on this connection")),
+                    ),
+                };
+                if send(&out, reply).await.is_err() {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+
+    // Nothing more is produced: stop the tasks, say why (if the server closes), and let the
+    // writer finish what is queued; it ends once every sender is gone.
+    tasks.shutdown().await;
+    if let End::Close(code, reason) = end {
+        tracing::debug!(code, %reason, "closing a WebSocket connection");
+        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let _ = tokio::time::timeout(slow, out.send(frame)).await;
+    }
+    drop(out);
+    if !writer_done {
+        let _ = writer.await;
+    }
+    conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The writer: takes queued messages and writes them, flushing when the queue is empty or
+/// after [`WRITE_BATCH_MAX`]. A client that takes nothing for `slow` is closed with 1008.
+async fn write_loop<S>(mut sink: S, mut queue: mpsc::Receiver<Message>, slow: Duration, stats: Arc<LiveState>)
+where
+    S: Sink<Message> + Unpin + Send + 'static,
+    S::Error: std::fmt::Display + Send,
+{
+    while let Some(first) = queue.recv().await {
+        stats.outbound_high_water.fetch_max(queue.len() + 1, Ordering::Relaxed);
+        let mut closing = matches!(first, Message::Close(_));
+        let written = tokio::time::timeout(slow, async {
+            sink.feed(first).await?;
+            let mut n = 1;
+            while !closing && n < WRITE_BATCH_MAX {
+                let Ok(m) = queue.try_recv() else { break };
+                closing = matches!(m, Message::Close(_));
+                sink.feed(m).await?;
+                n += 1;
+            }
+            sink.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) if closing => return,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket write failed");
+                return;
+            }
+            Err(_) => {
+                stats.slow_clients_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(timeout_ms = slow.as_millis() as u64, "closing a WebSocket client that stopped reading");
+                let reason = format!("the client read nothing for {} ms", slow.as_millis());
+                let frame = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, sink.send(frame)).await;
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, sink.close()).await;
+}
+
+/// Queues one JSON message; fails only when the writer has gone.
+async fn send(out: &mpsc::Sender<Message>, v: Value) -> Result<(), ()> {
+    out.send(Message::Text(v.to_string().into())).await.map_err(|_| ())
+}
+
+/// The reason for a 1009 close, when a read failed because a message or frame was too large.
+fn too_large(e: &axum::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) = s.downcast_ref::<WsError>() {
+            return Some(format!("message of {size} bytes exceeds the limit of {max_size} bytes"));
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// `{"op":"error","id":…,"sub":…,"error":{problem}}`.
+fn error_frame(id: Option<Value>, sub: Option<&str>, problem: &Problem) -> Value {
+    let mut m = Map::new();
+    m.insert("op".into(), Value::from("error"));
+    if let Some(sub) = sub {
+        m.insert("sub".into(), Value::from(sub));
+    } else {
+        m.insert("id".into(), id.unwrap_or(Value::Null));
+    }
+    m.insert("error".into(), problem.body());
+    Value::Object(m)
+}
+
+/// One command, as `POST /commands` runs it; the reply frame.
+async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> Value {
+    let id = envelope.get("id").filter(|v| v.is_string()).cloned();
+    let defaults = EnvelopeDefaults {
+        tenant_fixed: tenant.is_some(),
+        tenant: tenant.unwrap_or_else(TenantId::default_tenant),
+        generated_id: AggregateId::generate(),
+    };
+    let cmd = match Command::from_envelope_value(envelope, defaults) {
+        Ok(c) => c,
+        Err(e) => return error_frame(id, None, &Problem::from(e)),
+    };
+    let cmd_id = Value::from(cmd.id.to_string());
+    match engine.execute(cmd, None).await {
+        Ok(outcome) => {
+            let mut m = Map::new();
+            m.insert("op".into(), Value::from("result"));
+            if let Ok(Value::Object(r)) = serde_json::to_value(&outcome.result) {
+                m.extend(r);
+            }
+            if outcome.replayed {
+                m.insert("replayed".into(), Value::Bool(true));
+            }
+            Value::Object(m)
+        }
+        Err(e) => error_frame(Some(cmd_id), None, &from_engine(e, false)),
+    }
+}
+
+/// Feeds one subscription to the outbound queue until it fails or the client goes.
+async fn run_subscription(mut subscription: sourced_engine::Subscription, sub: String, out: mpsc::Sender<Message>) {
+    let sub_json = Value::from(sub.as_str()).to_string();
+    loop {
+        let msg = match subscription.next().await {
+            // Written directly: the event is serialized once, with no intermediate tree.
+            Ok(SubscriptionItem::Event(e)) => match serde_json::to_string(&*e) {
+                Ok(event) => format!(r#"{{"op":"event","sub":{sub_json},"event":{event}}}"#),
+                Err(err) => {
+                    let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
+                    return;
+                }
+            },
+            Ok(SubscriptionItem::CaughtUp(p)) => json!({"op": "caught-up", "sub": sub, "position": p}).to_string(),
+            Err(e) => {
+                let _ = send(&out, error_frame(None, Some(&sub), &Problem::from(e))).await;
+                return;
+            }
+        };
+        if out.send(Message::Text(msg.into())).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A parsed client frame.
+#[derive(Debug)]
+enum Frame {
+    Command(Value),
+    Subscribe { sub: String, tenant: Option<TenantId>, filter: SubscriptionFilter, start: Start },
+    Unsubscribe { sub: String },
+    Ping,
+}
+
+/// A frame that cannot be used: the command id, if one was found, and the problem (boxed:
+/// the error path is rare and the problem large).
+type FrameError = Box<(Option<Value>, Problem)>;
+
+impl Frame {
+    fn parse(text: &str) -> Result<Frame, FrameError> {
+        let bad = |detail: String| Box::new((None, Problem::bad_request(detail, vec![])));
+        let v: Value = serde_json::from_str(text).map_err(|e| {
+            let p = Problem::bad_request(format!("the frame is not valid JSON: {e}"), vec![]);
+            Box::new((None, p))
+        })?;
+        let Value::Object(mut m) = v else { return Err(bad("a frame must be a JSON object".into())) };
+        let op = match m.remove("op") {
+            Some(Value::String(op)) => op,
+            Some(_) => return Err(bad("'op' must be a string".into())),
+            None => return Err(bad("the frame has no 'op'".into())),
+        };
+        let known: &[&str] = match op.as_str() {
+            "command" => &["command"],
+            "subscribe" => &["sub", "tenant", "filter", "after"],
+            "unsubscribe" => &["sub"],
+            "ping" => &[],
+            other => {
+                return Err(bad(format!("unknown op '{other}'; expected command, subscribe, unsubscribe or ping")));
+            }
+        };
+        if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
+            let id = m.get("command").and_then(|c| c.get("id")).filter(|v| v.is_string()).cloned();
+            return Err(Box::new((id, Problem::bad_request(format!("unknown field '{k}' in a '{op}' frame"), vec![]))));
+        }
+        match op.as_str() {
+            "command" => match m.remove("command") {
+                Some(c @ Value::Object(_)) => Ok(Frame::Command(c)),
+                Some(_) => Err(bad("'command' must be an object (the command envelope)".into())),
+                None => Err(bad("a 'command' frame needs the field 'command' (the command envelope)".into())),
+            },
+            "subscribe" => {
+                let sub = sub_name(m.remove("sub")).map_err(bad)?;
+                let tenant = match m.remove("tenant") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(t)) => {
+                        Some(TenantId::parse(&t).map_err(|e| bad(format!("invalid tenant: {}", e.message)))?)
+                    }
+                    Some(_) => return Err(bad("'tenant' must be a string".into())),
+                };
+                let filter = filter(m.remove("filter")).map_err(bad)?;
+                let start = match m.remove("after") {
+                    None | Some(Value::Null) => Start::Beginning,
+                    Some(Value::String(s)) if s == "now" => Start::Now,
+                    Some(Value::Number(n)) if n.as_u64().is_some() => Start::After(Position(n.as_u64().unwrap_or(0))),
+                    Some(_) => return Err(bad("'after' must be a position (a whole number) or \"now\"".into())),
+                };
+                Ok(Frame::Subscribe { sub, tenant, filter, start })
+            }
+            "unsubscribe" => Ok(Frame::Unsubscribe { sub: sub_name(m.remove("sub")).map_err(bad)? }),
+            _ => Ok(Frame::Ping),
+        }
+    }
+}
+
+fn sub_name(v: Option<Value>) -> Result<String, String> {
+    match v {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= SUB_NAME_BYTES_MAX => Ok(s),
+        Some(Value::String(_)) => Err(format!("'sub' must be 1 to {SUB_NAME_BYTES_MAX} bytes")),
+        Some(_) => Err("'sub' must be a string".into()),
+        None => Err("the frame needs 'sub', the subscription's name".into()),
+    }
+}
+
+/// `{"targetName": …, "targetId": …}`, both optional.
+fn filter(v: Option<Value>) -> Result<SubscriptionFilter, String> {
+    let m = match v {
+        None | Some(Value::Null) => return Ok(SubscriptionFilter::default()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err("'filter' must be an object".into()),
+    };
+    let mut f = SubscriptionFilter::default();
+    for (k, v) in m {
+        let s = v.as_str().ok_or_else(|| format!("filter.{k} must be a string"))?;
+        match k.as_str() {
+            "targetName" => {
+                f.target_name = Some(TypeName::parse(s).map_err(|e| format!("filter.targetName: {}", e.message))?)
+            }
+            "targetId" => {
+                f.target_id = Some(AggregateId::parse(s).map_err(|e| format!("filter.targetId: {}", e.message))?)
+            }
+            other => return Err(format!("unknown filter field '{other}'; known: targetName, targetId")),
+        }
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use sourced_engine::{EngineConfig, SystemClock};
+    use sourced_store::sqlite::{SqliteOptions, SqliteStore};
+
+    /// A connection driven through channels: what the client sends, what it receives.
+    struct Harness {
+        to_server: mpsc::Sender<Result<Message, axum::Error>>,
+        from_server: mpsc::Receiver<Message>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness(limits: WsLimits) -> Harness {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let engine = Engine::new(Arc::new(store), EngineConfig::default(), Arc::new(SystemClock));
+        let (to_server, rx) = mpsc::channel(16);
+        let (tx, from_server) = mpsc::channel(1024);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
+            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
+            Ok::<_, axum::Error>(tx)
+        });
+        let conn = Connection { engine, limits, stats: Arc::default(), tenant: None };
+        tokio::spawn(serve(Box::pin(sink), Box::pin(stream), conn));
+        Harness { to_server, from_server, _dir: dir }
+    }
+
+    fn limits() -> WsLimits {
+        WsLimits {
+            inflight_max: 4,
+            message_bytes_max: 1 << 20,
+            subscriptions_max: 2,
+            outbound_max: 16,
+            slow_client_timeout_ms: 10_000,
+        }
+    }
+
+    impl Harness {
+        async fn send(&self, v: Value) {
+            self.to_server.send(Ok(Message::Text(v.to_string().into()))).await.unwrap();
+        }
+        async fn recv(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(10), self.from_server.recv()).await.unwrap().unwrap()
+        }
+        async fn recv_json(&mut self) -> Value {
+            match self.recv().await {
+                Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_get_errors_and_the_connection_stays() {
+        let mut h = harness(limits());
+        h.to_server.send(Ok(Message::Text("{nope".into()))).await.unwrap();
+        let e = h.recv_json().await;
+        assert_eq!(e["op"], "error");
+        assert_eq!(e["id"], Value::Null);
+        assert!(e["error"]["detail"].as_str().unwrap().contains("not valid JSON"), "{e}");
+        for (frame, needle) in [
+            (json!({"op": "fly"}), "unknown op 'fly'"),
+            (json!({"x": 1}), "no 'op'"),
+            (json!({"op": "command"}), "needs the field 'command'"),
+            (json!({"op": "subscribe"}), "needs 'sub'"),
+            (json!({"op": "subscribe", "sub": "s", "after": "later"}), "'after'"),
+            (json!({"op": "ping", "extra": true}), "unknown field 'extra'"),
+        ] {
+            h.send(frame).await;
+            let e = h.recv_json().await;
+            assert_eq!(e["op"], "error", "{e}");
+            assert_eq!(e["error"]["status"], 400, "{e}");
+            assert!(e["error"]["detail"].as_str().unwrap().contains(needle), "{needle}: {e}");
+        }
+        h.send(json!({"op": "ping"})).await;
+        assert_eq!(h.recv_json().await, json!({"op": "pong"}));
+    }
+
+    #[tokio::test]
+    async fn commands_and_a_subscription_over_channels() {
+        let mut h = harness(limits());
+        h.send(json!({"op": "subscribe", "sub": "s1", "filter": {"targetName": "order"}})).await;
+        assert_eq!(h.recv_json().await, json!({"op": "caught-up", "sub": "s1", "position": 0}));
+        let id = "0190a0b0-0000-7000-8000-0000000000aa";
+        h.send(json!({"op": "command", "command": {"id": id, "type": "create", "targetName": "order", "targetId": "o1", "body": {"n": 1}}})).await;
+        // The event and the result, in either order.
+        let (a, b) = (h.recv_json().await, h.recv_json().await);
+        let (result, event) = if a["op"] == "result" { (a, b) } else { (b, a) };
+        assert_eq!(result["id"], id);
+        assert_eq!(result["version"], 1);
+        assert_eq!(event["op"], "event");
+        assert_eq!(event["event"]["targetId"], "o1");
+        assert_eq!(event["event"]["position"], 1);
+        // Too many subscriptions, a duplicate name, unsubscribe.
+        h.send(json!({"op": "subscribe", "sub": "s1"})).await;
+        assert!(h.recv_json().await["error"]["detail"].as_str().unwrap().contains("already open"));
+        h.send(json!({"op": "subscribe", "sub": "s2", "after": "now"})).await;
+        assert_eq!(h.recv_json().await, json!({"op": "caught-up", "sub": "s2", "position": 1}));
+        h.send(json!({"op": "subscribe", "sub": "s3"})).await;
+        assert_eq!(h.recv_json().await["error"]["status"], 429);
+        h.send(json!({"op": "unsubscribe", "sub": "s2"})).await;
+        assert_eq!(h.recv_json().await, json!({"op": "unsubscribed", "sub": "s2"}));
+    }
+
+    #[tokio::test]
+    async fn binary_frames_close_the_connection() {
+        let mut h = harness(limits());
+        h.to_server.send(Ok(Message::Binary(vec![1, 2].into()))).await.unwrap();
+        match h.recv().await {
+            Message::Close(Some(f)) => assert_eq!(f.code, close_code::UNSUPPORTED),
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+}

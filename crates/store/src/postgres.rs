@@ -1,0 +1,1257 @@
+//! The PostgreSQL backend: several Sourced processes share one database (SPEC §7.1); each
+//! process has one writer task that commits concurrent appends in batches (group commit), and
+//! a connection pool (deadpool) for reads.
+//!
+//! # Global order: serialized position assignment
+//!
+//! Positions come from a single-row counter table, `sourced_position`. Every writing
+//! transaction, of every process, starts with `SELECT last FROM sourced_position FOR UPDATE`:
+//! it takes the counter's row lock *first*, before it reads or writes anything else, gives its
+//! events the positions `last + 1 ..`, stores the new `last`, and holds the lock until it
+//! commits. Why this makes SPEC §7.3 hold:
+//!
+//! - Positions are gap-free: a transaction that rolls back also rolls back its counter update,
+//!   so the next one reuses the same positions (a `SEQUENCE` would leave a hole).
+//! - Commit order is position order: the next holder of the row lock wakes only after the
+//!   previous holder has ended, and PostgreSQL releases a transaction's locks only after its
+//!   commit is visible to new snapshots. So by the time transaction B even learns its first
+//!   position, every transaction with lower positions is visible; any snapshot that sees B
+//!   sees all of them. A reader (one `SELECT … WHERE position > P ORDER BY position`, one
+//!   snapshot) therefore always sees a gap-free prefix of the positions, and can never later
+//!   meet a position below one it has already seen.
+//! - A rolled-back or crashed writer never stalls readers: nothing is ever in flight below a
+//!   visible position. It stalls other *writers* at most for its transaction's life; a dead
+//!   connection's locks go with it, and a writer waits at most `lock_timeout_ms` for the lock
+//!   (then its batch fails as [`StoreError::Unavailable`]).
+//!
+//! The price: writing transactions of the whole cluster run one at a time. Group commit pays
+//! for it: one transaction carries every append queued in the process (a few round trips per
+//! batch, whatever its size, with array parameters and pipelined statements).
+//!
+//! # Expected versions across processes
+//!
+//! Because every writer holds the counter lock while it checks heads and command ids, the
+//! checks and the writes that follow are not a read-then-check race: no other writer, in any
+//! process, can change a stream in between. The unique constraints on
+//! `(tenant, type, agg_id, version)` and `(tenant, command_id)` back this up; should one ever
+//! fire (a writer that bypassed the lock), the batch is re-run append by append with one
+//! savepoint each, and the failing append alone gets [`StoreError::Corrupt`].
+//!
+//! # Storage details
+//!
+//! JSON is stored as `json` (not `jsonb`), which keeps the text as written: key order and
+//! number spelling come back unchanged. Ids are `text COLLATE "C"`, so they sort by bytes as
+//! Rust's `String` does. Timestamps are `timestamptz` (microseconds). Migrations are versioned
+//! in `sourced_schema_migrations` and run at start under `pg_advisory_xact_lock`, so two
+//! processes starting at once migrate once. The tables live in the connection's
+//! `current_schema()` (set `options=-csearch_path=NAME` in the URL to choose another schema).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
+use uuid::Uuid;
+
+use sourced_core::timestamp::truncate;
+use sourced_core::{
+    AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
+};
+
+use crate::{
+    AppendOutcome, AppendRequest, CommandRecord, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX, StoreError,
+    StoreStats, validate_append,
+};
+
+/// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "events, read model, command records, position counter",
+    r#"
+    CREATE TABLE sourced_position (
+        id   boolean PRIMARY KEY DEFAULT true CHECK (id),
+        last bigint  NOT NULL CHECK (last >= 0)
+    );
+    INSERT INTO sourced_position (id, last) VALUES (true, 0);
+    CREATE TABLE sourced_events (
+        position   bigint           PRIMARY KEY,
+        tenant     text COLLATE "C" NOT NULL,
+        type       text COLLATE "C" NOT NULL,
+        agg_id     text COLLATE "C" NOT NULL,
+        version    bigint           NOT NULL CHECK (version >= 1),
+        event_id   uuid             NOT NULL,
+        event_type text             NOT NULL,
+        data       json             NOT NULL,
+        metadata   json             NOT NULL,
+        ts         timestamptz      NOT NULL,
+        UNIQUE (tenant, type, agg_id, version)
+    );
+    CREATE INDEX sourced_events_tenant_position ON sourced_events (tenant, position);
+    CREATE TABLE sourced_documents (
+        tenant     text COLLATE "C" NOT NULL,
+        type       text COLLATE "C" NOT NULL,
+        agg_id     text COLLATE "C" NOT NULL,
+        version    bigint           NOT NULL CHECK (version >= 1),
+        state      json             NOT NULL,
+        deleted    boolean          NOT NULL,
+        created_at timestamptz      NOT NULL,
+        updated_at timestamptz      NOT NULL,
+        PRIMARY KEY (tenant, type, agg_id)
+    );
+    CREATE TABLE sourced_commands (
+        tenant        text COLLATE "C" NOT NULL,
+        command_id    uuid             NOT NULL,
+        fingerprint   text             NOT NULL,
+        type          text COLLATE "C" NOT NULL,
+        agg_id        text COLLATE "C" NOT NULL,
+        first_version bigint           NOT NULL,
+        last_version  bigint           NOT NULL,
+        extra         json             NOT NULL,
+        PRIMARY KEY (tenant, command_id)
+    );
+    "#,
+)];
+
+/// First key of the advisory lock taken around migrations (the second is the schema's hash).
+const MIGRATION_LOCK_KEY: i32 = 0x536f_7572; // "Sour"
+
+/// Most connections a pool may hold.
+pub const POOL_SIZE_MAX: usize = 1_024;
+/// Most appends one commit may carry.
+pub const BATCH_APPENDS_MAX: usize = 65_536;
+/// Most events one commit may carry (an append alone may carry up to
+/// [`APPEND_EVENTS_MAX`](crate::APPEND_EVENTS_MAX)).
+pub const BATCH_EVENTS_MAX: usize = 20_000;
+/// Most appends that may wait for the writer.
+pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
+/// Longest time any wait may be configured to last.
+pub const TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// Tuning of a [`PostgresStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Most appends committed in one transaction; 1 ..= [`BATCH_APPENDS_MAX`].
+    pub batch_appends_max: usize,
+    /// Most connections (the writer's and the readers'); 2 ..= [`POOL_SIZE_MAX`].
+    pub pool_size: usize,
+    /// Most appends waiting for the writer; a caller beyond it waits for room;
+    /// 1 ..= [`QUEUE_CAPACITY_MAX`].
+    pub queue_capacity: usize,
+    /// How long connecting, or waiting for a free connection, may take before the operation
+    /// fails as [`StoreError::Unavailable`]; 1 ..= [`TIMEOUT_MS_MAX`].
+    pub connect_timeout_ms: u64,
+    /// How long a batch waits for the position counter's lock (held by another process's
+    /// batch) before it fails as [`StoreError::Unavailable`]; 1 ..= [`TIMEOUT_MS_MAX`].
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            batch_appends_max: 512,
+            pool_size: 8,
+            queue_capacity: 4_096,
+            connect_timeout_ms: 5_000,
+            lock_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl PostgresOptions {
+    fn validate(&self) -> Result<(), StoreError> {
+        let mut problems = Vec::new();
+        if !(1..=BATCH_APPENDS_MAX).contains(&self.batch_appends_max) {
+            problems.push(format!("batch_appends_max must be 1..={BATCH_APPENDS_MAX}, not {}", self.batch_appends_max));
+        }
+        if !(2..=POOL_SIZE_MAX).contains(&self.pool_size) {
+            problems.push(format!("pool_size must be 2..={POOL_SIZE_MAX}, not {}", self.pool_size));
+        }
+        if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
+            problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
+        }
+        for (name, value) in
+            [("connect_timeout_ms", self.connect_timeout_ms), ("lock_timeout_ms", self.lock_timeout_ms)]
+        {
+            if !(1..=TIMEOUT_MS_MAX).contains(&value) {
+                problems.push(format!("{name} must be 1..={TIMEOUT_MS_MAX}, not {value}"));
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+    }
+}
+
+/// The PostgreSQL event store (see the module documentation).
+pub struct PostgresStore {
+    pool: Pool,
+    /// `None` once closed: later appends get [`StoreError::Closed`].
+    writer: Mutex<Option<Writer>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("pool", &self.pool.status()).field("stats", &self.stats()).finish()
+    }
+}
+
+/// The handle on the writer task.
+struct Writer {
+    sender: mpsc::Sender<Job>,
+    task: JoinHandle<()>,
+}
+
+/// One append waiting for the writer, and where its answer goes.
+struct Job {
+    request: AppendRequest,
+    encoded: Encoded,
+    reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
+}
+
+/// An append's JSON, serialized by the caller so the single writer task does not.
+struct Encoded {
+    data: Vec<String>,
+    metadata: Vec<String>,
+    state: String,
+    extra: String,
+}
+
+impl Encoded {
+    fn new(request: &AppendRequest) -> Result<Encoded, StoreError> {
+        Ok(Encoded {
+            data: request.events.iter().map(|e| to_json(&e.data)).collect::<Result<_, _>>()?,
+            metadata: request.events.iter().map(|e| to_json(&e.metadata)).collect::<Result<_, _>>()?,
+            state: to_json(&request.document.state)?,
+            extra: to_json(&request.command.extra)?,
+        })
+    }
+}
+
+/// What the writer did with one append.
+#[derive(Clone, Debug)]
+enum Written {
+    Appended { first_position: Position, first_version: Version },
+    Duplicate(CommandRecord),
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    appends: AtomicU64,
+    events: AtomicU64,
+    /// Appends handed to the writer's queue.
+    accepted: AtomicU64,
+    /// Appends the writer has answered.
+    answered: AtomicU64,
+}
+
+/// Checks that `url` is a PostgreSQL connection URL this backend accepts, without connecting.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|e| StoreError::InvalidRequest(format!("not a PostgreSQL URL: {e}")))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`, optionally with
+    /// `?options=-csearch_path%3DNAME`), brings the schema up to date and starts the writer.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        options.validate()?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::InvalidRequest(format!("not a PostgreSQL URL: {e}")))?;
+        let connect_timeout = Duration::from_millis(options.connect_timeout_ms);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sourced");
+        }
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(connect_timeout))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
+        {
+            let mut client = pool.get().await.map_err(pool_err)?;
+            migrate(&mut client).await?;
+        }
+        let counters = Arc::new(Counters::default());
+        let (sender, receiver) = mpsc::channel(options.queue_capacity);
+        let task = tokio::spawn(write_loop(pool.clone(), receiver, options.clone(), Arc::clone(&counters)));
+        tracing::debug!("opened the PostgreSQL store");
+        Ok(PostgresStore { pool, writer: Mutex::new(Some(Writer { sender, task })), counters })
+    }
+
+    /// Appends handed to the writer and not answered yet (queued, or in the batch being
+    /// committed), for metrics and tests. It may briefly count low, never high.
+    pub fn pending_appends(&self) -> u64 {
+        // Accepted first: answers counted after it can only make the difference smaller.
+        let accepted = self.counters.accepted.load(Ordering::SeqCst);
+        accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        validate_append(&request)?;
+        let encoded = Encoded::new(&request)?;
+        let sender = self
+            .writer
+            .lock()
+            .expect("the PostgreSQL writer mutex is poisoned")
+            .as_ref()
+            .map(|w| w.sender.clone())
+            .ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Job { request, encoded, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL writer has stopped".into()))?;
+        self.counters.accepted.fetch_add(1, Ordering::SeqCst);
+        drop(sender);
+        let (request, written) = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the PostgreSQL writer stopped before answering".into()))?;
+        match written? {
+            Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
+            Written::Appended { first_position, first_version } => {
+                let AppendRequest { key, events, timestamp, .. } = request;
+                let timestamp = truncate(timestamp);
+                let recorded = events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| RecordedEvent {
+                        id: e.id,
+                        position: Position(first_position.0 + i as u64),
+                        tenant: key.tenant.clone(),
+                        target_name: key.type_name.clone(),
+                        target_id: key.id.clone(),
+                        version: Version(first_version.0 + i as u64),
+                        event_type: e.event_type,
+                        data: e.data,
+                        metadata: e.metadata,
+                        timestamp,
+                    })
+                    .collect();
+                Ok(AppendOutcome::Appended(recorded))
+            }
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        key: &StreamKey,
+        after: Version,
+        to: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        if limit == 0 || to.is_some_and(|to| to <= after) {
+            return Ok(Vec::new());
+        }
+        let upper = to.map_or(i64::MAX, |v| clamp_sql_int(v.0));
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT position, version, event_id, event_type, data::text, metadata::text, ts FROM sourced_events
+                 WHERE tenant = $1 AND type = $2 AND agg_id = $3 AND version > $4 AND version <= $5
+                 ORDER BY version LIMIT $6",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &key.tenant.as_str(),
+                    &key.type_name.as_str(),
+                    &key.id.as_str(),
+                    &clamp_sql_int(after.0),
+                    &upper,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let events = rows
+            .iter()
+            .map(|r| decode_event(r, key.tenant.clone(), key.type_name.clone(), key.id.clone(), [0, 1, 2, 3, 4, 5, 6]))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Versions are contiguous from 1, so a read after `after` starts at `after + 1`.
+        let mut expected_version = after;
+        let mut previous_position = Position(0);
+        for event in &events {
+            expected_version = expected_version.next();
+            if event.version != expected_version || event.position <= previous_position {
+                return Err(StoreError::Corrupt(format!(
+                    "{key}: read version {} at position {} where version {expected_version} after position \
+                     {previous_position} was due",
+                    event.version, event.position
+                )));
+            }
+            previous_position = event.position;
+        }
+        Ok(events)
+    }
+
+    async fn read_all(
+        &self,
+        tenant: &TenantId,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT position, version, event_id, event_type, data::text, metadata::text, ts, type, agg_id
+                 FROM sourced_events WHERE tenant = $1 AND position > $2 ORDER BY position LIMIT $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows =
+            client.query(&stmt, &[&tenant.as_str(), &clamp_sql_int(after.0), &(limit as i64)]).await.map_err(pg_err)?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let type_name = TypeName::parse(&r.try_get::<_, String>(7).map_err(pg_err)?)
+                .map_err(|v| corrupt_row("sourced_events.type", v.message))?;
+            let id = AggregateId::parse(&r.try_get::<_, String>(8).map_err(pg_err)?)
+                .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
+            events.push(decode_event(r, tenant.clone(), type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
+        }
+        let mut previous = after;
+        for event in &events {
+            if event.position <= previous || event.version == Version::ZERO {
+                return Err(StoreError::Corrupt(format!(
+                    "tenant {tenant}: read position {} (version {}) after position {previous}",
+                    event.position, event.version
+                )));
+            }
+            previous = event.position;
+        }
+        Ok(events)
+    }
+
+    async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT agg_id, version, state::text, deleted, created_at, updated_at FROM sourced_documents
+                 WHERE tenant = $1 AND type = $2 AND agg_id = $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = client
+            .query_opt(&stmt, &[&key.tenant.as_str(), &key.type_name.as_str(), &key.id.as_str()])
+            .await
+            .map_err(pg_err)?;
+        row.map(|r| decode_document(&r, &key.tenant, &key.type_name)).transpose()
+    }
+
+    async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
+        let limit = query.limit.min(READ_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT agg_id, version, state::text, deleted, created_at, updated_at FROM sourced_documents
+                 WHERE tenant = $1 AND type = $2 AND agg_id > $3 AND ($4 OR NOT deleted)
+                 ORDER BY agg_id LIMIT $5",
+            )
+            .await
+            .map_err(pg_err)?;
+        // Ids are never empty, so '' is below every id.
+        let after = query.after.as_ref().map_or("", AggregateId::as_str);
+        let rows = client
+            .query(
+                &stmt,
+                &[&query.tenant.as_str(), &query.type_name.as_str(), &after, &query.include_deleted, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows =
+            rows.iter().map(|r| decode_document(r, &query.tenant, &query.type_name)).collect::<Result<Vec<_>, _>>()?;
+        for pair in rows.windows(2) {
+            if pair[0].key.id >= pair[1].key.id {
+                return Err(StoreError::Corrupt(format!(
+                    "documents out of id order: {} then {}",
+                    pair[0].key, pair[1].key
+                )));
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra::text
+                 FROM sourced_commands WHERE tenant = $1 AND command_id = $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = client.query_opt(&stmt, &[&tenant.as_str(), &id.0]).await.map_err(pg_err)?;
+        row.map(|r| decode_command(&r)).transpose()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let writer_stopped = match self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").as_ref() {
+            None => return Err(StoreError::Closed),
+            Some(w) => w.sender.is_closed(),
+        };
+        if writer_stopped {
+            return Err(StoreError::Unavailable("the PostgreSQL writer has stopped".into()));
+        }
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let writer = self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").take();
+        if let Some(Writer { sender, task }) = writer {
+            // The task ends once every sender is gone and the queue is drained.
+            drop(sender);
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "the PostgreSQL writer task failed");
+            }
+        }
+        self.pool.close();
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            appends: self.counters.appends.load(Ordering::Relaxed),
+            events: self.counters.events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema
+
+async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let schema: Option<String> = tx.query_one("SELECT current_schema()", &[]).await.map_err(pg_err)?.get(0);
+    let Some(schema) = schema else {
+        return Err(StoreError::Backend(
+            "no schema to create Sourced's tables in: the search_path names no existing schema".into(),
+        ));
+    };
+    // Two processes starting at once: the second waits here, then finds the work done.
+    tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&MIGRATION_LOCK_KEY, &schema])
+        .await
+        .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS sourced_schema_migrations (
+             version     integer     PRIMARY KEY,
+             description text        NOT NULL,
+             applied_at  timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(pg_err)?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM sourced_schema_migrations", &[])
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    let latest = MIGRATIONS.len();
+    let current = usize::try_from(current).map_err(|_| StoreError::Corrupt(format!("schema version {current}")))?;
+    if current > latest {
+        return Err(StoreError::Backend(format!(
+            "the database's schema version is {current}, newer than this build's {latest}"
+        )));
+    }
+    for (from, (description, sql)) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.batch_execute(sql).await.map_err(pg_err)?;
+        let to = i32::try_from(from + 1).map_err(|_| StoreError::Backend("too many migrations".into()))?;
+        tx.execute("INSERT INTO sourced_schema_migrations (version, description) VALUES ($1, $2)", &[&to, description])
+            .await
+            .map_err(pg_err)?;
+        tracing::info!(schema = %schema, from, to, "migrated the PostgreSQL schema");
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+/// The writer task: waits for an append, takes every other one already queued (within the
+/// batch limits), commits them together, then answers them.
+async fn write_loop(pool: Pool, mut receiver: mpsc::Receiver<Job>, options: PostgresOptions, counters: Arc<Counters>) {
+    let mut carried: Option<Job> = None;
+    let mut batch: Vec<Job> = Vec::with_capacity(options.batch_appends_max.min(1_024));
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match receiver.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let mut events = first.request.events.len();
+        batch.push(first);
+        while batch.len() < options.batch_appends_max {
+            match receiver.try_recv() {
+                Ok(job) if events + job.request.events.len() > BATCH_EVENTS_MAX => {
+                    carried = Some(job);
+                    break;
+                }
+                Ok(job) => {
+                    events += job.request.events.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&pool, &batch, options.lock_timeout_ms, &counters).await;
+        debug_assert_eq!(results.len(), batch.len());
+        for (job, result) in batch.drain(..).zip(results) {
+            // The caller may have gone away; the write stands either way.
+            let _ = job.reply.send((job.request, result));
+            counters.answered.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    tracing::debug!("the PostgreSQL writer has stopped");
+}
+
+/// Commits one batch: the fast path (one transaction, no savepoints), and when PostgreSQL
+/// refuses a statement of it, the slow path (one savepoint per append). Each request gets its
+/// own outcome, or every request gets the batch's error.
+async fn commit_batch(
+    pool: &Pool,
+    batch: &[Job],
+    lock_timeout_ms: u64,
+    counters: &Counters,
+) -> Vec<Result<Written, StoreError>> {
+    let outcome = async {
+        let client = pool.get().await.map_err(pool_err)?;
+        let results = match run_batch(&client, batch, lock_timeout_ms).await {
+            Ok(results) => results,
+            Err(e) if e.as_db_error().is_some() && !is_unavailable(&e) => {
+                tracing::warn!(error = %e, appends = batch.len(), "a batch failed; retrying it append by append");
+                end_transaction(client, "ROLLBACK").await.map_err(pg_err)?;
+                let client = pool.get().await.map_err(pool_err)?;
+                match run_batch_with_savepoints(&client, batch, lock_timeout_ms).await {
+                    Ok(results) => results,
+                    Err(e) => {
+                        discard(client).await;
+                        return Err(pg_err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                discard(client).await;
+                return Err(pg_err(e));
+            }
+        };
+        Ok::<_, StoreError>(results)
+    }
+    .await;
+    match outcome {
+        Ok(results) => {
+            let mut appends = 0;
+            let mut events = 0;
+            for (job, result) in batch.iter().zip(&results) {
+                if let Ok(Written::Appended { .. }) = result {
+                    appends += 1;
+                    events += job.request.events.len() as u64;
+                }
+            }
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters.appends.fetch_add(appends, Ordering::Relaxed);
+            counters.events.fetch_add(events, Ordering::Relaxed);
+            results
+        }
+        Err(e) => {
+            tracing::error!(error = %e, appends = batch.len(), "a PostgreSQL batch was not committed");
+            batch
+                .iter()
+                .map(|_| {
+                    Err(match &e {
+                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+                        StoreError::Closed => StoreError::Closed,
+                        other => StoreError::Backend(format!("the batch was not committed: {other}")),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// Ends the transaction on `client`; on failure the connection is closed rather than
+/// returned to the pool in an unknown state.
+async fn end_transaction(client: Object, sql: &str) -> Result<(), tokio_postgres::Error> {
+    match client.batch_execute(sql).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            drop(Object::take(client));
+            Err(e)
+        }
+    }
+}
+
+/// After a failure mid-transaction: rolls back, or closes the connection if that fails.
+async fn discard(client: Object) {
+    if client.is_closed() {
+        drop(Object::take(client));
+        return;
+    }
+    let _ = end_transaction(client, "ROLLBACK").await;
+}
+
+/// Begins a writing transaction and takes the position counter's lock (always first, so two
+/// writers never wait on each other in opposite orders). Returns the last position used.
+async fn begin_and_lock(client: &ClientWrapper, lock_timeout_ms: u64) -> Result<u64, tokio_postgres::Error> {
+    let messages = client
+        .simple_query(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; SELECT last FROM sourced_position FOR UPDATE"
+        ))
+        .await?;
+    let last = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).and_then(|s| s.parse::<u64>().ok()),
+        _ => None,
+    });
+    // The migration inserts the counter's only row; without it nothing can be written.
+    Ok(last.unwrap_or(0))
+}
+
+/// The fast path: one transaction for the batch, every check decided in memory from two
+/// lookups, every write one statement with array parameters. An error means the
+/// transaction did not commit (and may still be open on `client`).
+async fn run_batch(
+    client: &ClientWrapper,
+    batch: &[Job],
+    lock_timeout_ms: u64,
+) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
+    let last = begin_and_lock(client, lock_timeout_ms).await?;
+    let jobs: Vec<&Job> = batch.iter().collect();
+    let mut plan = plan(client, &jobs, last).await?;
+    plan.write(client).await?;
+    client.batch_execute("COMMIT").await?;
+    Ok(std::mem::take(&mut plan.results))
+}
+
+/// The slow path: one savepoint per append, so a failing append fails alone.
+async fn run_batch_with_savepoints(
+    client: &ClientWrapper,
+    batch: &[Job],
+    lock_timeout_ms: u64,
+) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
+    let mut last = begin_and_lock(client, lock_timeout_ms).await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        client.batch_execute("SAVEPOINT append").await?;
+        let attempt = async {
+            let plan = plan(client, &[job], last).await?;
+            if plan.events > 0 {
+                plan.write(client).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(plan)
+        }
+        .await;
+        match attempt {
+            Ok(mut plan) => {
+                client.batch_execute("RELEASE SAVEPOINT append").await?;
+                last += plan.events;
+                results.push(plan.results.pop().expect("a plan of one append has one result"));
+            }
+            Err(e) if e.as_db_error().is_some() && !is_unavailable(&e) => {
+                client.batch_execute("ROLLBACK TO SAVEPOINT append").await?;
+                tracing::error!(key = %job.request.key, error = %e, "an append found inconsistent data");
+                results.push(Err(StoreError::Corrupt(format!("the events and the read model disagree: {e}"))));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok(results)
+}
+
+/// What a batch will write, decided in memory under the counter lock.
+#[derive(Default)]
+struct Plan {
+    results: Vec<Result<Written, StoreError>>,
+    /// The counter's value when the plan was made; its writes continue from here.
+    last_position: u64,
+    /// Events the plan appends.
+    events: u64,
+    ev_position: Vec<i64>,
+    ev_tenant: Vec<String>,
+    ev_type: Vec<String>,
+    ev_agg: Vec<String>,
+    ev_version: Vec<i64>,
+    ev_id: Vec<Uuid>,
+    ev_type_name: Vec<String>,
+    ev_data: Vec<String>,
+    ev_metadata: Vec<String>,
+    ev_ts: Vec<DateTime<Utc>>,
+    /// One read-model row per stream (the last append's), in first-touched order.
+    docs: Vec<DocWrite>,
+    cmd_tenant: Vec<String>,
+    cmd_id: Vec<Uuid>,
+    cmd_fingerprint: Vec<String>,
+    cmd_type: Vec<String>,
+    cmd_agg: Vec<String>,
+    cmd_first: Vec<i64>,
+    cmd_last: Vec<i64>,
+    cmd_extra: Vec<String>,
+}
+
+struct DocWrite {
+    tenant: String,
+    type_name: String,
+    agg_id: String,
+    version: i64,
+    state: String,
+    deleted: bool,
+    /// Used only when the row is new.
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+type HeadKey = (String, String, String);
+
+fn head_key(key: &StreamKey) -> HeadKey {
+    (key.tenant.as_str().to_owned(), key.type_name.as_str().to_owned(), key.id.as_str().to_owned())
+}
+
+/// Reads the batch's command records and stream heads (two pipelined statements), then
+/// decides each append in order, as if they ran one after the other.
+async fn plan(client: &ClientWrapper, jobs: &[&Job], last_position: u64) -> Result<Plan, tokio_postgres::Error> {
+    let (commands_stmt, heads_stmt) = tokio::try_join!(
+        client.prepare_cached(
+            "SELECT c.tenant, c.command_id, c.fingerprint, c.type, c.agg_id, c.first_version, c.last_version,
+                    c.extra::text
+             FROM sourced_commands c
+             JOIN unnest($1::text[], $2::uuid[]) AS k(tenant, command_id)
+               ON c.tenant = k.tenant COLLATE \"C\" AND c.command_id = k.command_id",
+        ),
+        client.prepare_cached(
+            "SELECT d.tenant, d.type, d.agg_id, d.version, d.deleted
+             FROM sourced_documents d
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, type, agg_id)
+               ON d.tenant = k.tenant COLLATE \"C\" AND d.type = k.type COLLATE \"C\"
+              AND d.agg_id = k.agg_id COLLATE \"C\"",
+        ),
+    )?;
+    let cmd_tenants: Vec<&str> = jobs.iter().map(|j| j.request.key.tenant.as_str()).collect();
+    let cmd_ids: Vec<Uuid> = jobs.iter().map(|j| j.request.command.id.0).collect();
+    let head_tenants: Vec<&str> = jobs.iter().map(|j| j.request.key.tenant.as_str()).collect();
+    let head_types: Vec<&str> = jobs.iter().map(|j| j.request.key.type_name.as_str()).collect();
+    let head_ids: Vec<&str> = jobs.iter().map(|j| j.request.key.id.as_str()).collect();
+    let command_params: [&(dyn ToSql + Sync); 2] = [&cmd_tenants, &cmd_ids];
+    let head_params: [&(dyn ToSql + Sync); 3] = [&head_tenants, &head_types, &head_ids];
+    let (command_rows, head_rows) =
+        tokio::try_join!(client.query(&commands_stmt, &command_params), client.query(&heads_stmt, &head_params),)?;
+
+    let mut plan = Plan { last_position, ..Plan::default() };
+    // Rows that do not decode are kept as their error's text, reported to the append that meets them.
+    let mut records: HashMap<(String, Uuid), Result<CommandRecord, String>> = HashMap::new();
+    for row in &command_rows {
+        let tenant: String = row.try_get(0)?;
+        let id: Uuid = row.try_get(1)?;
+        records.insert((tenant, id), decode_command(row).map_err(|e| e.to_string()));
+    }
+    let mut heads: HashMap<HeadKey, Result<StreamHead, String>> = HashMap::new();
+    for row in &head_rows {
+        let key: HeadKey = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let version: i64 = row.try_get(3)?;
+        let deleted: bool = row.try_get(4)?;
+        let head = match u64::try_from(version) {
+            Ok(v) if v > 0 => Ok(StreamHead { version: Version(v), deleted }),
+            _ => Err(format!("{}/{}/{}: a read-model row at version {version}", key.0, key.1, key.2)),
+        };
+        heads.insert(key, head);
+    }
+    let mut doc_index: HashMap<HeadKey, usize> = HashMap::new();
+
+    let mut next_position = last_position + 1;
+    for job in jobs {
+        let request = &job.request;
+        let key = &request.key;
+        let record_key = (key.tenant.as_str().to_owned(), request.command.id.0);
+        if let Some(record) = records.get(&record_key) {
+            plan.results.push(record.clone().map(Written::Duplicate).map_err(StoreError::Corrupt));
+            continue;
+        }
+        let hk = head_key(key);
+        let head = match heads.get(&hk) {
+            None => StreamHead::default(),
+            Some(Ok(head)) => *head,
+            Some(Err(e)) => {
+                plan.results.push(Err(StoreError::Corrupt(e.clone())));
+                continue;
+            }
+        };
+        if !request.expected.matches(head) {
+            plan.results.push(Err(StoreError::Conflict { expected: request.expected, actual: head }));
+            continue;
+        }
+        let n = request.events.len() as u64;
+        let first_version = head.version.next();
+        let last_version = Version(head.version.0 + n);
+        let first_position = Position(next_position);
+        let ts = truncate(request.timestamp);
+        let (Some(last_sql), Some(_)) = (to_sql_int(last_version.0), to_sql_int(next_position + n)) else {
+            plan.results
+                .push(Err(StoreError::InvalidRequest("a version or position beyond what the store holds".into())));
+            continue;
+        };
+        for (i, event) in request.events.iter().enumerate() {
+            plan.ev_position.push((next_position + i as u64) as i64);
+            plan.ev_tenant.push(key.tenant.as_str().to_owned());
+            plan.ev_type.push(key.type_name.as_str().to_owned());
+            plan.ev_agg.push(key.id.as_str().to_owned());
+            plan.ev_version.push((first_version.0 + i as u64) as i64);
+            plan.ev_id.push(event.id.0);
+            plan.ev_type_name.push(event.event_type.clone());
+            plan.ev_data.push(job.encoded.data[i].clone());
+            plan.ev_metadata.push(job.encoded.metadata[i].clone());
+            plan.ev_ts.push(ts);
+        }
+        next_position += n;
+        plan.events += n;
+        match doc_index.get(&hk) {
+            Some(&i) => {
+                let doc = &mut plan.docs[i];
+                doc.version = last_sql;
+                doc.state.clone_from(&job.encoded.state);
+                doc.deleted = request.document.deleted;
+                doc.updated_at = ts;
+            }
+            None => {
+                doc_index.insert(hk.clone(), plan.docs.len());
+                plan.docs.push(DocWrite {
+                    tenant: hk.0.clone(),
+                    type_name: hk.1.clone(),
+                    agg_id: hk.2.clone(),
+                    version: last_sql,
+                    state: job.encoded.state.clone(),
+                    deleted: request.document.deleted,
+                    created_at: ts,
+                    updated_at: ts,
+                });
+            }
+        }
+        plan.cmd_tenant.push(hk.0.clone());
+        plan.cmd_id.push(request.command.id.0);
+        plan.cmd_fingerprint.push(request.command.fingerprint.clone());
+        plan.cmd_type.push(hk.1.clone());
+        plan.cmd_agg.push(hk.2.clone());
+        plan.cmd_first.push(first_version.0 as i64);
+        plan.cmd_last.push(last_sql);
+        plan.cmd_extra.push(job.encoded.extra.clone());
+        let record = CommandRecord {
+            id: request.command.id,
+            fingerprint: request.command.fingerprint.clone(),
+            key: key.clone(),
+            first_version,
+            last_version,
+            extra: request.command.extra.clone(),
+        };
+        records.insert(record_key, Ok(record));
+        heads.insert(hk, Ok(StreamHead { version: last_version, deleted: request.document.deleted }));
+        plan.results.push(Ok(Written::Appended { first_position, first_version }));
+    }
+    debug_assert_eq!(plan.results.len(), jobs.len());
+    assert_eq!(next_position, last_position + 1 + plan.events, "a batch's positions must continue the counter exactly");
+    Ok(plan)
+}
+
+impl Plan {
+    /// The plan's writes: events, read-model rows, command records and the counter, as four
+    /// pipelined statements.
+    async fn write(&self, client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+        if self.events == 0 {
+            return Ok(());
+        }
+        let (events_stmt, docs_stmt, commands_stmt, counter_stmt) = tokio::try_join!(
+            client.prepare_cached(
+                "INSERT INTO sourced_events
+                 (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)
+                 SELECT p, t, ty, a, v, e, et, d::json, m::json, ts
+                 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::uuid[], $7::text[],
+                             $8::text[], $9::text[], $10::timestamptz[])
+                      AS u(p, t, ty, a, v, e, et, d, m, ts)",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+                 SELECT t, ty, a, v, s::json, d, c, u
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[],
+                             $7::timestamptz[], $8::timestamptz[]) AS x(t, ty, a, v, s, d, c, u)
+                 ON CONFLICT (tenant, type, agg_id) DO UPDATE SET
+                     version = excluded.version, state = excluded.state,
+                     deleted = excluded.deleted, updated_at = excluded.updated_at",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_commands
+                 (tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra)
+                 SELECT t, c, f, ty, a, fv, lv, x::json
+                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[],
+                             $8::text[]) AS u(t, c, f, ty, a, fv, lv, x)",
+            ),
+            client.prepare_cached("UPDATE sourced_position SET last = $1"),
+        )?;
+        let doc_tenant: Vec<&str> = self.docs.iter().map(|d| d.tenant.as_str()).collect();
+        let doc_type: Vec<&str> = self.docs.iter().map(|d| d.type_name.as_str()).collect();
+        let doc_agg: Vec<&str> = self.docs.iter().map(|d| d.agg_id.as_str()).collect();
+        let doc_version: Vec<i64> = self.docs.iter().map(|d| d.version).collect();
+        let doc_state: Vec<&str> = self.docs.iter().map(|d| d.state.as_str()).collect();
+        let doc_deleted: Vec<bool> = self.docs.iter().map(|d| d.deleted).collect();
+        let doc_created: Vec<DateTime<Utc>> = self.docs.iter().map(|d| d.created_at).collect();
+        let doc_updated: Vec<DateTime<Utc>> = self.docs.iter().map(|d| d.updated_at).collect();
+        let new_last = (self.last_position + self.events) as i64;
+        let event_params: [&(dyn ToSql + Sync); 10] = [
+            &self.ev_position,
+            &self.ev_tenant,
+            &self.ev_type,
+            &self.ev_agg,
+            &self.ev_version,
+            &self.ev_id,
+            &self.ev_type_name,
+            &self.ev_data,
+            &self.ev_metadata,
+            &self.ev_ts,
+        ];
+        let doc_params: [&(dyn ToSql + Sync); 8] =
+            [&doc_tenant, &doc_type, &doc_agg, &doc_version, &doc_state, &doc_deleted, &doc_created, &doc_updated];
+        let command_params: [&(dyn ToSql + Sync); 8] = [
+            &self.cmd_tenant,
+            &self.cmd_id,
+            &self.cmd_fingerprint,
+            &self.cmd_type,
+            &self.cmd_agg,
+            &self.cmd_first,
+            &self.cmd_last,
+            &self.cmd_extra,
+        ];
+        let counter_params: [&(dyn ToSql + Sync); 1] = [&new_last];
+        let (inserted_events, _, inserted_commands, counters) = tokio::try_join!(
+            client.execute(&events_stmt, &event_params),
+            client.execute(&docs_stmt, &doc_params),
+            client.execute(&commands_stmt, &command_params),
+            client.execute(&counter_stmt, &counter_params),
+        )?;
+        assert_eq!(inserted_events, self.events, "every planned event is inserted");
+        assert_eq!(inserted_commands as usize, self.cmd_id.len(), "every planned command record is inserted");
+        assert_eq!(counters, 1, "the position counter has exactly one row");
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+/// An event from a row whose columns at `at` are: position, version, event_id, event_type,
+/// data, metadata, ts.
+fn decode_event(
+    r: &Row,
+    tenant: TenantId,
+    target_name: TypeName,
+    target_id: AggregateId,
+    at: [usize; 7],
+) -> Result<RecordedEvent, StoreError> {
+    let position: i64 = r.try_get(at[0]).map_err(pg_err)?;
+    let version: i64 = r.try_get(at[1]).map_err(pg_err)?;
+    let data: String = r.try_get(at[4]).map_err(pg_err)?;
+    let metadata: String = r.try_get(at[5]).map_err(pg_err)?;
+    Ok(RecordedEvent {
+        id: EventId(r.try_get(at[2]).map_err(pg_err)?),
+        position: Position(from_sql_int(position, "position")?),
+        tenant,
+        target_name,
+        target_id,
+        version: Version(from_sql_int(version, "version")?),
+        event_type: r.try_get(at[3]).map_err(pg_err)?,
+        data: from_json(&data, "sourced_events.data")?,
+        metadata: from_json(&metadata, "sourced_events.metadata")?,
+        timestamp: r.try_get(at[6]).map_err(pg_err)?,
+    })
+}
+
+/// A read-model row from: agg_id, version, state, deleted, created_at, updated_at.
+fn decode_document(r: &Row, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentRow, StoreError> {
+    let agg_id: String = r.try_get(0).map_err(pg_err)?;
+    let id = AggregateId::parse(&agg_id).map_err(|v| corrupt_row("sourced_documents.agg_id", v.message))?;
+    let version = Version(from_sql_int(r.try_get(1).map_err(pg_err)?, "version")?);
+    if version == Version::ZERO {
+        return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
+    }
+    let state: String = r.try_get(2).map_err(pg_err)?;
+    Ok(DocumentRow {
+        key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
+        version,
+        state: from_json(&state, "sourced_documents.state")?,
+        deleted: r.try_get(3).map_err(pg_err)?,
+        created_at: r.try_get(4).map_err(pg_err)?,
+        updated_at: r.try_get(5).map_err(pg_err)?,
+    })
+}
+
+/// A command record from: tenant, command_id, fingerprint, type, agg_id, first_version,
+/// last_version, extra.
+fn decode_command(r: &Row) -> Result<CommandRecord, StoreError> {
+    let tenant: String = r.try_get(0).map_err(pg_err)?;
+    let id = CommandId(r.try_get(1).map_err(pg_err)?);
+    let type_name: String = r.try_get(3).map_err(pg_err)?;
+    let agg_id: String = r.try_get(4).map_err(pg_err)?;
+    let first_version = Version(from_sql_int(r.try_get(5).map_err(pg_err)?, "first_version")?);
+    let last_version = Version(from_sql_int(r.try_get(6).map_err(pg_err)?, "last_version")?);
+    let extra: String = r.try_get(7).map_err(pg_err)?;
+    if first_version == Version::ZERO || last_version < first_version {
+        return Err(StoreError::Corrupt(format!(
+            "command {id} of tenant {tenant}: versions {first_version}..={last_version}"
+        )));
+    }
+    Ok(CommandRecord {
+        id,
+        fingerprint: r.try_get(2).map_err(pg_err)?,
+        key: StreamKey {
+            tenant: TenantId::parse(&tenant).map_err(|v| corrupt_row("sourced_commands.tenant", v.message))?,
+            type_name: TypeName::parse(&type_name).map_err(|v| corrupt_row("sourced_commands.type", v.message))?,
+            id: AggregateId::parse(&agg_id).map_err(|v| corrupt_row("sourced_commands.agg_id", v.message))?,
+        },
+        first_version,
+        last_version,
+        extra: from_json(&extra, "sourced_commands.extra")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions and errors
+
+fn to_json(value: &serde_json::Value) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
+}
+
+fn from_json(text: &str, column: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
+}
+
+fn to_sql_int(n: u64) -> Option<i64> {
+    i64::try_from(n).ok()
+}
+
+/// For bounds of reads: nothing stored is above `i64::MAX`.
+fn clamp_sql_int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
+}
+
+fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{column} does not decode: {e}"))
+}
+
+/// Whether an error means the database cannot be reached or cannot serve now (and a retry
+/// later may succeed): a lost or refused connection, a server shutting down or out of
+/// resources, a lock wait that timed out, a read-only server.
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // No SQLSTATE: an I/O or connection error has an I/O error under it; a value that
+        // did not convert has none.
+        None => {
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || matches!(code, "55P03" | "40001" | "40P01" | "25006")
+        }
+    }
+}
+
+/// Maps a PostgreSQL error: see [`is_unavailable`]; data corruption is
+/// [`StoreError::Corrupt`]; the rest is [`StoreError::Backend`].
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    if is_unavailable(&e) {
+        return StoreError::Unavailable(format!("PostgreSQL: {e}"));
+    }
+    match e.code().map(|c| c.code()) {
+        Some(code) if code.starts_with("XX00") => StoreError::Corrupt(format!("PostgreSQL: {e}")),
+        None if e.to_string().contains("deserializ") => StoreError::Corrupt(format!("PostgreSQL: {e}")),
+        _ => match e.as_db_error() {
+            Some(db) => StoreError::Backend(format!("PostgreSQL: {}: {}", db.code().code(), db.message())),
+            None => StoreError::Backend(format!("PostgreSQL: {e}")),
+        },
+    }
+}
+
+fn pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Timeout(kind) => {
+            StoreError::Unavailable(format!("timed out getting a PostgreSQL connection ({kind:?})"))
+        }
+        PoolError::Backend(e) => match pg_err(e) {
+            StoreError::Backend(m) => StoreError::Unavailable(m),
+            other => other,
+        },
+        PoolError::Closed => StoreError::Closed,
+        other => StoreError::Backend(format!("PostgreSQL pool: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked() {
+        assert!(PostgresOptions::default().validate().is_ok());
+        let bad = PostgresOptions {
+            batch_appends_max: 0,
+            pool_size: 1,
+            queue_capacity: 0,
+            connect_timeout_ms: 0,
+            lock_timeout_ms: TIMEOUT_MS_MAX + 1,
+        };
+        match bad.validate() {
+            Err(StoreError::InvalidRequest(m)) => {
+                for name in
+                    ["batch_appends_max", "pool_size", "queue_capacity", "connect_timeout_ms", "lock_timeout_ms"]
+                {
+                    assert!(m.contains(name), "{m}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
