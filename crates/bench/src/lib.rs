@@ -11,7 +11,9 @@
 mod ceiling;
 mod floor;
 mod load;
+mod postgres;
 mod workload;
+mod ws;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -20,6 +22,8 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 
 pub use ceiling::CeilingMeasure;
+pub use postgres::{PgOptions, PgReport, PgRow, PlainMeasure, run_postgres};
+pub use ws::{LatencyRow, WsCase, WsRow, default_cases as default_ws_cases};
 
 /// Most clients one level may run.
 pub const CLIENTS_MAX: usize = 1_024;
@@ -35,18 +39,37 @@ pub struct Options {
     pub duration: Duration,
     /// The warm-up before each measured window.
     pub warmup: Duration,
+    /// The WebSocket command cases (connections × commands in flight).
+    pub ws_cases: Vec<WsCase>,
+    /// The subscription latency cases: subscribers.
+    pub subscribers: Vec<usize>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { clients: vec![1, 16, 64], duration: Duration::from_secs(5), warmup: Duration::from_secs(1) }
+        Options {
+            clients: vec![1, 16, 64],
+            duration: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            ws_cases: ws::default_cases(),
+            subscribers: vec![1, 100],
+        }
     }
 }
 
 impl Options {
-    /// A tiny run that only shows the whole path works: 1 client, 0.3 s per measurement.
+    /// A tiny run that only shows the whole path works: 1 client, 0.3 s per measurement;
+    /// WebSocket: 1 connection pipelining 1 and 16, 4 connections; 1 and 4 subscribers.
     pub fn smoke() -> Options {
-        Options { clients: vec![1], duration: Duration::from_millis(300), warmup: Duration::from_millis(100) }
+        Options {
+            clients: vec![1],
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(100),
+            ws_cases: [(1, 1), (1, 16), (4, 1)]
+                .map(|(connections, pipeline)| WsCase { connections, pipeline })
+                .to_vec(),
+            subscribers: vec![1, 4],
+        }
     }
 
     /// Checks every setting, reporting all problems together.
@@ -60,6 +83,20 @@ impl Options {
         }
         if self.duration.is_zero() || self.duration > DURATION_MAX {
             problems.push(format!("the duration must be above 0 and at most {} s", DURATION_MAX.as_secs()));
+        }
+        if let Some(bad) = self.ws_cases.iter().find(|c| {
+            !(1..=ws::WS_CONNECTIONS_MAX).contains(&c.connections) || !(1..=ws::WS_PIPELINE_MAX).contains(&c.pipeline)
+        }) {
+            problems.push(format!(
+                "WebSocket cases need 1..={} connections and 1..={} in flight, not {}×{}",
+                ws::WS_CONNECTIONS_MAX,
+                ws::WS_PIPELINE_MAX,
+                bad.connections,
+                bad.pipeline
+            ));
+        }
+        if let Some(bad) = self.subscribers.iter().find(|&&n| !(1..=ws::SUBSCRIBERS_MAX).contains(&n)) {
+            problems.push(format!("subscribers must be 1..={}, not {bad}", ws::SUBSCRIBERS_MAX));
         }
         if self.warmup > DURATION_MAX {
             problems.push(format!("the warm-up must be at most {} s", DURATION_MAX.as_secs()));
@@ -217,6 +254,10 @@ pub struct Report {
     pub options: Options,
     /// One row per concurrency level.
     pub rows: Vec<Row>,
+    /// One row per WebSocket command case.
+    pub ws: Vec<WsRow>,
+    /// One row per subscription latency case.
+    pub latency: Vec<LatencyRow>,
 }
 
 impl Report {
@@ -242,6 +283,7 @@ impl Report {
                 ));
             }
         }
+        problems.extend(ws::problems(&self.ws, &self.latency));
         problems
     }
 
@@ -310,6 +352,8 @@ impl Report {
                 row.sourced_vs_ceiling() * 100.0,
             );
         }
+        let http_64 = self.rows.iter().find(|r| r.clients == 64).map(|r| r.sourced.per_sec());
+        ws::write_markdown(&mut out, &self.ws, &self.latency, http_64);
         let problems = self.problems();
         if !problems.is_empty() {
             let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
@@ -342,7 +386,10 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         let ceiling = ceiling::run(&path, batch_mean, timing)?;
         rows.push(Row { clients, sourced, store, store_appends_total, floor, ceiling });
     }
-    Ok(Report { machine, options: options.clone(), rows })
+    // Without WebSocket command cases, the latency runs at half of the best HTTP rate.
+    let http_max = rows.iter().map(|r| r.sourced.per_sec()).fold(0.0, f64::max);
+    let (ws, latency) = ws::run(&runtime, &options.ws_cases, &options.subscribers, timing, http_max)?;
+    Ok(Report { machine, options: options.clone(), rows, ws, latency })
 }
 
 /// Sourced at one level: a fresh database and server, the load, the store's counters.

@@ -12,7 +12,8 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sourced_bench::Options;
 
-/// Durable commands over HTTP against Sourced, an HTTP floor and a raw SQLite ceiling.
+/// Durable commands over HTTP against Sourced, an HTTP floor and a raw SQLite ceiling; then
+/// commands over WebSocket and subscription latency.
 #[derive(Debug, Parser)]
 #[command(name = "sourced-bench", version)]
 struct Args {
@@ -28,6 +29,13 @@ struct Args {
     /// A tiny run that only checks the path works: 1 client, 0.3 s per measurement.
     #[arg(long, conflicts_with_all = ["duration_secs", "warmup_secs", "clients"])]
     smoke: bool,
+    /// Instead: Sourced on the PostgreSQL server and database at this URL, beside a plain-client
+    /// ceiling and Message DB on the same server (scratch schemas, dropped afterwards).
+    #[arg(long, value_name = "URL", conflicts_with = "smoke")]
+    postgres: Option<String>,
+    /// Where Message DB is installed [default: database sourced_bench_messagedb of --postgres].
+    #[arg(long, value_name = "URL", requires = "postgres")]
+    message_db_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +49,26 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(url) = args.postgres {
+        let options = sourced_bench::PgOptions {
+            url,
+            message_db_url: args.message_db_url,
+            clients: args.clients,
+            duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
+            warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
+        };
+        let report = sourced_bench::run_postgres(&options)?;
+        println!("{}", report.to_markdown());
+        let problems = report.problems();
+        if problems.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("sourced-bench: THE RUN FAILED ({} problems):", problems.len());
+        for problem in problems {
+            eprintln!("  - {problem}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
     let options = if args.smoke {
         Options::smoke()
     } else {
@@ -48,6 +76,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             clients: args.clients,
             duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
             warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
+            ..Options::default()
         }
     };
     if cfg!(debug_assertions) && !args.smoke {

@@ -1,5 +1,6 @@
 //! Runs the benchmark's smoke path in-process and checks that its numbers hang together
-//! (commands counted, no HTTP errors); never how fast anything was.
+//! (commands counted, no HTTP or WebSocket errors, every subscriber got every event); never
+//! how fast anything was.
 
 use sourced_bench::Options;
 
@@ -33,4 +34,30 @@ fn smoke_run_counts_commands_without_errors() {
     let markdown = report.to_markdown();
     assert!(markdown.contains("| clients | Sourced cmd/s |"), "{markdown}");
     assert!(markdown.contains("\n| 1 | "), "{markdown}");
+
+    // WebSocket commands: every case ran, without errors, and the store agrees.
+    assert_eq!(report.ws.iter().map(|r| r.case).collect::<Vec<_>>(), options.ws_cases);
+    for row in &report.ws {
+        let m = &row.sourced;
+        assert!(m.requests > 0 && m.succeeded_total >= m.requests && m.per_sec() > 0.0, "{row:?}");
+        assert!(m.p50_ms > 0.0 && m.p50_ms <= m.p99_ms && m.p99_ms <= m.p999_ms, "{row:?}");
+        assert_eq!(row.store_appends_total, m.succeeded_total, "{row:?}");
+        assert_eq!(row.store.events, row.store.appends, "{row:?}");
+    }
+    assert!(markdown.contains("| connections × in flight |") && markdown.contains("\n| 1 × 16 | "), "{markdown}");
+
+    // Subscription latency: every acknowledged event reached every subscriber once, in order.
+    assert_eq!(report.latency.iter().map(|r| r.subscribers).collect::<Vec<_>>(), options.subscribers);
+    let best_ws = report.ws.iter().map(|r| r.sourced.per_sec()).fold(0.0, f64::max);
+    for row in &report.latency {
+        assert_eq!(row.errors, 0, "{row:?}");
+        assert_eq!(row.target_per_sec, best_ws / 2.0, "{row:?}");
+        assert!(row.acknowledged > 0 && row.achieved_per_sec > 0.0, "{row:?}");
+        assert_eq!(row.deliveries, row.acknowledged * row.subscribers as u64, "{row:?}");
+        assert!(row.before_ack <= row.deliveries, "{row:?}");
+        assert!(row.p50_ms <= row.p99_ms && row.sent_p50_ms <= row.sent_p99_ms, "{row:?}");
+        // Sending precedes the acknowledgement, so each sample from sending is the larger.
+        assert!(row.sent_p50_ms >= row.p50_ms && row.sent_p99_ms >= row.p99_ms && row.sent_p99_ms > 0.0, "{row:?}");
+    }
+    assert!(markdown.contains("| subscribers | target cmd/s |"), "{markdown}");
 }

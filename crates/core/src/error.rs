@@ -82,6 +82,36 @@ pub enum DomainError {
         /// The name asked for.
         name: String,
     },
+    /// A lifecycle forbids the move of its state field (422); `allowed` lists the states this
+    /// command may move to from `from`.
+    #[error("illegal transition of {field} from {} to '{to}': {message}; allowed: {}", .from.as_deref().unwrap_or("(new)"), if .allowed.is_empty() { "none".to_owned() } else { .allowed.join(", ") })]
+    IllegalTransition {
+        /// The state field.
+        field: String,
+        /// The state before (None for a new aggregate).
+        from: Option<String>,
+        /// The state asked for.
+        to: String,
+        /// States this command may move to.
+        allowed: Vec<String>,
+        /// Why not.
+        message: String,
+    },
+    /// Business rules refused the command (422): every violated rule, each named.
+    #[error("rules violated: {}", summarize(.0))]
+    RuleViolations(Vec<Violation>),
+    /// A custom command's preconditions are not met (422): every failing one.
+    #[error("preconditions failed: {}", summarize(.0))]
+    PreconditionFailed(Vec<Violation>),
+    /// A custom command's payload does not match its schema (422).
+    #[error("invalid payload: {}", summarize(.0))]
+    InvalidPayload(Vec<Violation>),
+    /// An artifact expression failed at run time (422).
+    #[error("an expression failed: {message}")]
+    ExpressionFailed {
+        /// What failed.
+        message: String,
+    },
     /// The resulting document is not acceptable (422): every violation listed.
     #[error("invalid document: {}", summarize(.0))]
     InvalidDocument(Vec<Violation>),

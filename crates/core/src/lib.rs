@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod artifacts;
 pub mod command;
 pub mod error;
 pub mod event;

@@ -7,16 +7,17 @@
 mod cache;
 pub mod subscriptions;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
 use cache::AggregateCache;
+use sourced_core::artifacts::{self, ArtifactSet};
 use sourced_core::{
     Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits,
-    RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version, decide, new_events, timestamp,
+    RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version, new_events, timestamp,
 };
 use sourced_store::{
     AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX, StoreError,
@@ -144,6 +145,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     cache: Arc<AggregateCache>,
     hub: Arc<Hub>,
+    /// The loaded artifact set, replaced whole on reload (SPEC §4: never a partial set).
+    artifacts: Arc<RwLock<Arc<ArtifactSet>>>,
 }
 
 impl Engine {
@@ -154,7 +157,24 @@ impl Engine {
         if !hub.attach(store.as_ref()) {
             tracing::info!("the store does not feed live events; subscriptions read the store after each append");
         }
-        Self { store, config: Arc::new(config), clock, cache, hub }
+        Self {
+            store,
+            config: Arc::new(config),
+            clock,
+            cache,
+            hub,
+            artifacts: Arc::new(RwLock::new(Arc::new(ArtifactSet::empty()))),
+        }
+    }
+
+    /// The artifact set commands are decided with.
+    pub fn artifacts(&self) -> Arc<ArtifactSet> {
+        self.artifacts.read().expect("the artifacts lock is never poisoned").clone()
+    }
+
+    /// Replaces the artifact set, atomically: every command is decided with one whole set.
+    pub fn set_artifacts(&self, set: Arc<ArtifactSet>) {
+        *self.artifacts.write().expect("the artifacts lock is never poisoned") = set;
     }
 
     /// A live subscription to a tenant's events (SPEC §6): every event matching `filter` after
@@ -209,8 +229,17 @@ impl Engine {
                 return self.refuse(&cmd, e).await;
             }
             let now = timestamp::truncate(self.clock.now());
-            let decision = match decide(&agg, &cmd, &self.config.limits, now) {
-                Ok(d) => d,
+            let artifacts = self.artifacts();
+            let principal_json = principal.map(Value::from);
+            let checked = match artifacts::decide::decide(
+                &artifacts,
+                &agg,
+                &cmd,
+                &self.config.limits,
+                now,
+                principal_json.as_ref(),
+            ) {
+                Ok(c) => c,
                 // A refusal may come from a stale or guessed state: confirm it on a fresh one.
                 Err(_) if !fresh => {
                     fresh = true;
@@ -218,6 +247,9 @@ impl Engine {
                 }
                 Err(e) => return self.refuse(&cmd, e.into()).await,
             };
+            let (decision, warnings) = (checked.decision, checked.warnings);
+            // Warnings are stored with the command record so a retry returns them too.
+            let extra = if warnings.is_empty() { Value::Null } else { serde_json::json!({"warnings": warnings}) };
             let request = AppendRequest {
                 key: cmd.key.clone(),
                 // Always the version the decision was made on: any write in between must be
@@ -229,7 +261,7 @@ impl Engine {
                     state: decision.next.state.clone().unwrap_or(Value::Null),
                     deleted: decision.next.deleted,
                 },
-                command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra: Value::Null },
+                command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra },
             };
             match self.store.append(request).await {
                 Ok(AppendOutcome::Appended(events)) => {
@@ -244,7 +276,7 @@ impl Engine {
                             target_id: cmd.key.id.clone(),
                             version,
                             events,
-                            warnings: Vec::new(),
+                            warnings,
                         },
                         document,
                         replayed: false,

@@ -25,6 +25,31 @@ pub struct Cli {
 pub enum CliCommand {
     /// Run the service (the default).
     Serve(RawArgs),
+    /// Check an artifact set: print every problem with its file and location; exit 1 if any.
+    Check {
+        /// The artifact set's directory.
+        dir: PathBuf,
+    },
+    /// Write every event of the configured store, in position order, as NDJSON (one event per
+    /// line, the wire shape) to stdout or `--output FILE`.
+    Export {
+        /// The file to write (created or truncated) instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The store (`EVENT_STORE_URL`) and the other settings.
+        #[command(flatten)]
+        settings: RawArgs,
+    },
+    /// Load an NDJSON export from stdin or `--input FILE` into the configured store, which must
+    /// hold no events; positions, versions, ids and timestamps come out identical.
+    Import {
+        /// The file to read instead of stdin.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The store (`EVENT_STORE_URL`) and the other settings.
+        #[command(flatten)]
+        settings: RawArgs,
+    },
 }
 
 /// Settings as given, unvalidated. Each is a flag and an environment variable of the same
@@ -38,6 +63,9 @@ pub struct RawArgs {
     /// [default: sqlite://./data/sourced.db].
     #[arg(long, env = "EVENT_STORE_URL")]
     pub event_store_url: Option<String>,
+    /// Directory of the artifact set (schemas, rules, commands, lifecycles) [default: none].
+    #[arg(long, env = "ARTIFACTS")]
+    pub artifacts: Option<String>,
     /// trace, debug, info, warn or error [default: info].
     #[arg(long, env = "LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -86,6 +114,13 @@ pub struct RawArgs {
     /// Milliseconds a WebSocket client may leave a message unread before it is closed [default: 10000].
     #[arg(long, env = "WS_SLOW_CLIENT_TIMEOUT_MS")]
     pub ws_slow_client_timeout_ms: Option<String>,
+    /// Most SSE streams open at once; beyond it 503 [default: 1024].
+    #[arg(long, env = "SSE_STREAMS_MAX")]
+    pub sse_streams_max: Option<String>,
+    /// Milliseconds an SSE client may leave a write blocked before its connection is closed
+    /// [default: WS_SLOW_CLIENT_TIMEOUT_MS].
+    #[arg(long, env = "SSE_SLOW_CLIENT_TIMEOUT_MS")]
+    pub sse_slow_client_timeout_ms: Option<String>,
     /// Events the shared live buffer of subscriptions keeps [default: 4096].
     #[arg(long, env = "LIVE_BUFFER_EVENTS")]
     pub live_buffer_events: Option<String>,
@@ -130,7 +165,7 @@ pub struct HttpLimits {
     pub page_limit_max: usize,
 }
 
-/// Limits of WebSocket connections (SPEC §3.2, §8.3).
+/// Limits of live connections: WebSocket (SPEC §3.2, §8.3) and SSE streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WsLimits {
     /// Most commands in flight per connection; beyond it the server reads no more frames.
@@ -143,6 +178,10 @@ pub struct WsLimits {
     pub outbound_max: usize,
     /// How long one message may wait for the client to take it before it is closed (1008).
     pub slow_client_timeout_ms: u64,
+    /// Most SSE streams open at once (all clients together); beyond it 503.
+    pub sse_streams_max: usize,
+    /// How long a write to an SSE client may stay blocked before its connection is closed.
+    pub sse_slow_client_timeout_ms: u64,
 }
 
 /// Validated configuration.
@@ -152,6 +191,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Event store.
     pub store: StoreUrl,
+    /// The artifact set's directory, if any.
+    pub artifacts: Option<PathBuf>,
+    /// The loaded artifact set ([`crate::start`] loads it from `artifacts`; empty until then).
+    pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
     /// Log filter directive (a level).
     pub log_level: String,
     /// Log format.
@@ -216,6 +259,14 @@ impl Config {
             None => StoreUrl::Sqlite(PathBuf::from("./data/sourced.db")),
             Some(s) => parse_store_url(s)?,
         };
+        let artifacts = match raw.artifacts.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(a) if a.contains("://") || a.ends_with(".git") => {
+                return Err(bad("ARTIFACTS", a, "git URLs are not supported in this version; give a directory"));
+            }
+            Some(a) if !std::path::Path::new(a).is_dir() => return Err(bad("ARTIFACTS", a, "not a directory")),
+            Some(a) => Some(PathBuf::from(a)),
+        };
         let log_level = match raw.log_level.as_deref().map(str::trim) {
             None => "info".to_owned(),
             Some(l @ ("trace" | "debug" | "info" | "warn" | "error")) => l.to_owned(),
@@ -244,6 +295,8 @@ impl Config {
             page_limit_max: number("MAX_PAGE_LIMIT", &raw.max_page_limit, 1_000, 1, sourced_store::READ_LIMIT_MAX)?,
         };
         let http = HttpLimits { page_limit_default: http.page_limit_default.min(http.page_limit_max), ..http };
+        let ws_slow_ms =
+            number("WS_SLOW_CLIENT_TIMEOUT_MS", &raw.ws_slow_client_timeout_ms, 10_000, 1, 3_600_000)? as u64;
         let ws = WsLimits {
             inflight_max: number("WS_INFLIGHT_MAX", &raw.ws_inflight_max, 64, 1, 65_536)?,
             message_bytes_max: number(
@@ -255,10 +308,12 @@ impl Config {
             )?,
             subscriptions_max: number("WS_SUBSCRIPTIONS_MAX", &raw.ws_subscriptions_max, 16, 0, 1_024)?,
             outbound_max: number("WS_OUTBOUND_MAX", &raw.ws_outbound_max, 256, 1, 65_536)?,
-            slow_client_timeout_ms: number(
-                "WS_SLOW_CLIENT_TIMEOUT_MS",
-                &raw.ws_slow_client_timeout_ms,
-                10_000,
+            slow_client_timeout_ms: ws_slow_ms,
+            sse_streams_max: number("SSE_STREAMS_MAX", &raw.sse_streams_max, 1_024, 0, 1 << 20)?,
+            sse_slow_client_timeout_ms: number(
+                "SSE_SLOW_CLIENT_TIMEOUT_MS",
+                &raw.sse_slow_client_timeout_ms,
+                ws_slow_ms as usize,
                 1,
                 3_600_000,
             )? as u64,
@@ -273,6 +328,8 @@ impl Config {
         Ok(Config {
             listen,
             store,
+            artifacts,
+            artifact_set: Default::default(),
             log_level,
             log_format,
             require_version,
@@ -349,9 +406,14 @@ mod tests {
                 subscriptions_max: 16,
                 outbound_max: 256,
                 slow_client_timeout_ms: 10_000,
+                sse_streams_max: 1_024,
+                sse_slow_client_timeout_ms: 10_000,
             }
         );
         assert_eq!(c.live_buffer_events, 4_096);
+        // The SSE deadline follows the WebSocket one unless set.
+        let raw = RawArgs { ws_slow_client_timeout_ms: Some("500".into()), ..Default::default() };
+        assert_eq!(Config::resolve(&raw).unwrap().ws.sse_slow_client_timeout_ms, 500);
         let c = Config::resolve(&RawArgs { max_body_bytes: Some("4096".into()), ..Default::default() }).unwrap();
         assert_eq!(c.ws.message_bytes_max, 4096);
         let raw = RawArgs { ws_message_bytes_max: Some("100".into()), ..Default::default() };
@@ -377,6 +439,11 @@ mod tests {
                 "WS_SLOW_CLIENT_TIMEOUT_MS",
             ),
             (RawArgs { live_buffer_events: Some("0".into()), ..Default::default() }, "LIVE_BUFFER_EVENTS"),
+            (RawArgs { sse_streams_max: Some("many".into()), ..Default::default() }, "SSE_STREAMS_MAX"),
+            (
+                RawArgs { sse_slow_client_timeout_ms: Some("0".into()), ..Default::default() },
+                "SSE_SLOW_CLIENT_TIMEOUT_MS",
+            ),
         ];
         for (raw, setting) in cases {
             let e = Config::resolve(&raw).unwrap_err();

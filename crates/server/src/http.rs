@@ -44,6 +44,7 @@ type Result<T, E = Problem> = std::result::Result<T, E>;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/schemas/{file}", get(schema_file))
         .route("/readyz", get(readyz))
         .route("/commands", post(post_command))
         .route("/events", get(feed))
@@ -62,6 +63,47 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// `GET /schemas/command.json` (the envelope of SPEC §2.1) and `GET /schemas/{type}.json` (a
+/// loaded aggregate schema).
+async fn schema_file(State(s): State<AppState>, Path(file): Path<String>) -> Result<Response> {
+    let schema = if file == "command.json" {
+        command_schema()
+    } else {
+        let set = s.engine.artifacts();
+        let found = file
+            .strip_suffix(".json")
+            .and_then(|t| TypeName::parse(t).ok())
+            .and_then(|t| set.for_type(&t).and_then(|a| a.schema.as_ref()).map(|sc| sc.source().clone()));
+        found.ok_or_else(|| Problem::not_found(format!("no schema named '{file}' is loaded")))?
+    };
+    let mut r = axum::Json(schema).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/schema+json"));
+    Ok(r)
+}
+
+/// The JSON Schema of the command envelope (SPEC §2.1).
+pub fn command_schema() -> Value {
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "/schemas/command.json",
+        "title": "Sourced command envelope",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["type", "targetName"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid", "description": "command id, the idempotency key; generated when absent"},
+            "type": {"enum": ["create", "patch", "replace", "delete", "logic", "orchestration"]},
+            "name": {"type": "string", "minLength": 1, "maxLength": 128, "description": "aggregate-modification for generic commands; the custom command's name for logic"},
+            "tenant": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+            "targetName": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"},
+            "targetId": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"},
+            "version": {"oneOf": [{"type": "integer", "minimum": 0}, {"enum": ["any", "no_stream", "exists"]}]},
+            "body": {"type": ["object", "array"]},
+            "context": {"type": "object"}
+        }
+    })
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -584,13 +626,18 @@ async fn list(
 
 /// The tenant's global feed. It never ends: `next` is always where to continue from. With
 /// `Accept: text/event-stream` it streams live instead (SSE, see `sse.rs`).
-async fn feed(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> Result<Response> {
+async fn feed(
+    State(s): State<AppState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    guard: Option<axum::Extension<axum::extract::ConnectInfo<crate::stall::StallGuard>>>,
+) -> Result<Response> {
     if headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream") && !a.contains("json"))
     {
-        return crate::sse::live_feed(&s, &q, &headers);
+        return crate::sse::live_feed(&s, &q, &headers, guard.map(|g| g.0.0));
     }
     let pairs = query_pairs(&q, &["limit", "cursor", "after"])?;
     let limit = page_limit(&pairs, &s.http)?;

@@ -3,10 +3,14 @@
 
 #![warn(missing_docs)]
 
+pub mod artifacts;
 pub mod config;
 pub mod http;
 pub mod problem;
+pub mod socketio;
 pub mod sse;
+pub mod stall;
+pub mod transfer;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -65,8 +69,11 @@ pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws:
         },
         Arc::new(SystemClock),
     );
+    engine.set_artifacts(config.artifact_set.clone());
+    let socketio = socketio::layer(engine.clone(), &config.ws, live.clone());
     let state = AppState { engine, http: config.http.clone(), ws: config.ws.clone(), live: live.clone() };
-    router(state).layer(tower_http::trace::TraceLayer::new_for_http())
+    // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
+    router(state).layer(socketio).layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
 /// A server running in the background.
@@ -80,7 +87,18 @@ pub struct RunningServer {
 }
 
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
-pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
+    if let Some(dir) = &config.artifacts {
+        config.artifact_set = Arc::new(artifacts::load_dir(dir).map_err(|problems| {
+            let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            anyhow::anyhow!(
+                "the artifact set in {} (ARTIFACTS) has {} problem(s):\n{}",
+                dir.display(),
+                problems.len(),
+                list.join("\n")
+            )
+        })?);
+    }
     let store = open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -90,7 +108,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let live = Arc::<ws::LiveState>::default();
     let app = app_with_stats(&config, store.clone(), live.clone());
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
+        // Sockets with a write deadline that SSE streams arm (`stall.rs`).
+        let app = app.into_make_service_with_connect_info::<stall::StallGuard>();
+        axum::serve(stall::GuardedListener(listener), app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;
             })

@@ -13,9 +13,12 @@ fn main() -> std::process::ExitCode {
     // `.env` first: variables already set win over it, and flags win over both.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    let raw = match cli.command {
-        Some(CliCommand::Serve(raw)) => raw,
-        None => cli.serve,
+    let (raw, task) = match cli.command {
+        Some(CliCommand::Serve(raw)) => (raw, Task::Serve),
+        Some(CliCommand::Check { dir }) => return check(&dir),
+        Some(CliCommand::Export { output, settings }) => (settings, Task::Export(output)),
+        Some(CliCommand::Import { input, settings }) => (settings, Task::Import(input)),
+        None => (cli.serve, Task::Serve),
     };
     let config = match Config::resolve(&raw) {
         Ok(c) => c,
@@ -32,13 +35,27 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let outcome = runtime.block_on(async {
+        match task {
+            Task::Serve => serve(config).await,
+            Task::Export(output) => sourced_server::transfer::run_export(&config, output.as_deref()).await,
+            Task::Import(input) => sourced_server::transfer::run_import(&config, input.as_deref()).await,
+        }
+    });
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sourced: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// What the binary was asked to do, once configured.
+enum Task {
+    Serve,
+    Export(Option<std::path::PathBuf>),
+    Import(Option<std::path::PathBuf>),
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -69,6 +86,25 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `sourced check DIR`: every problem of the artifact set, one per line; exit 1 if any.
+fn check(dir: &std::path::Path) -> std::process::ExitCode {
+    match sourced_server::artifacts::load_dir(dir) {
+        Ok(set) => {
+            let types = set.types().count();
+            let commands: usize = set.types().map(|(_, a)| a.commands.len()).sum();
+            println!("ok: {} is a valid artifact set ({types} types, {commands} custom commands)", dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            eprintln!("sourced check: {} problem(s) in {}", problems.len(), dir.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logs(config: &Config) {

@@ -122,6 +122,44 @@ impl From<DomainError> for Problem {
             DomainError::UnknownCommand { .. } => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown-command", "No such command", detail)
             }
+            DomainError::IllegalTransition { field, from, to, allowed, .. } => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "illegal-transition",
+                "The lifecycle does not allow this transition",
+                detail,
+            )
+            .with("violations", violations_json(&[Violation::new(field.clone(), format!("cannot move to '{to}'"))]))
+            .with("field", field)
+            .with("from", from)
+            .with("to", to)
+            .with("allowed", allowed),
+            DomainError::RuleViolations(v) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "rule-violation",
+                "Business rules refused the command",
+                detail,
+            )
+            .with("violations", violations_json(&v)),
+            DomainError::PreconditionFailed(v) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "command-precondition-failed",
+                "The command's preconditions are not met",
+                detail,
+            )
+            .with("violations", violations_json(&v)),
+            DomainError::InvalidPayload(v) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-payload",
+                "The command payload is invalid",
+                detail,
+            )
+            .with("violations", violations_json(&v)),
+            DomainError::ExpressionFailed { .. } => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expression-failed",
+                "An artifact expression failed for this command",
+                detail,
+            ),
             DomainError::InvalidDocument(v) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-document", "The document is invalid", detail)
                     .with("violations", violations_json(&v))

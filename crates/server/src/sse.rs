@@ -3,13 +3,18 @@
 //! reconnecting client resumes with `Last-Event-ID`, `event: event` for events and
 //! `event: caught-up` once the backlog is delivered.
 //!
-//! Memory stays bounded without a timeout: hyper pulls the stream only as fast as the client
-//! reads, and a subscription that is not pulled falls behind the shared live buffer and reads
-//! the store again when it is pulled.
+//! Memory stays bounded: hyper pulls the stream only as fast as the client reads, and a
+//! subscription that is not pulled falls behind the shared live buffer and reads the store
+//! again when it is pulled. Resources are bounded too: at most `SSE_STREAMS_MAX` streams are
+//! open at once (503 beyond), and a client that leaves a write blocked for
+//! `SSE_SLOW_CLIENT_TIMEOUT_MS` loses its connection (`stall.rs`), which ends its stream.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -20,9 +25,35 @@ use sourced_engine::{Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
 use crate::http::{AppState, param, query_pairs, tenant};
 use crate::problem::Problem;
+use crate::stall::StallGuard;
+use crate::ws::LiveState;
+
+/// One open stream, counted in `LiveState::sse_streams` for as long as it lives.
+struct StreamSlot(Arc<LiveState>);
+
+impl StreamSlot {
+    /// A slot, unless `max` streams are open already.
+    fn take(live: &Arc<LiveState>, max: usize) -> Option<StreamSlot> {
+        live.sse_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| StreamSlot(live.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.sse_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The SSE response for `GET /events`.
-pub(crate) fn live_feed(s: &AppState, q: &Option<String>, headers: &HeaderMap) -> Result<Response, Problem> {
+pub(crate) fn live_feed(
+    s: &AppState,
+    q: &Option<String>,
+    headers: &HeaderMap,
+    guard: Option<StallGuard>,
+) -> Result<Response, Problem> {
     let pairs = query_pairs(q, &["after", "targetName", "targetId"])?;
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("").trim().to_owned());
     let start = match (last_event_id.as_deref(), param(&pairs, "after")) {
@@ -46,8 +77,32 @@ pub(crate) fn live_feed(s: &AppState, q: &Option<String>, headers: &HeaderMap) -
             })
             .transpose()?,
     };
-    let subscription = s.engine.subscribe(tenant(headers)?, filter, start);
-    let stream = futures_util::stream::unfold(Some(subscription), next_event).take_until(s.live.closed());
+    let tenant = tenant(headers)?;
+    let Some(slot) = StreamSlot::take(&s.live, s.ws.sse_streams_max) else {
+        let max = s.ws.sse_streams_max;
+        let mut r = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-streams",
+            "Too many live streams",
+            format!("the server serves at most {max} SSE streams at once (SSE_STREAMS_MAX); retry later"),
+        )
+        .with("limit", max)
+        .into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
+    };
+    // Without a guard (the router driven without `start`'s listener) there is no deadline.
+    if let Some(guard) = guard {
+        guard.arm(Duration::from_millis(s.ws.sse_slow_client_timeout_ms), s.live.clone());
+    }
+    let subscription = s.engine.subscribe(tenant, filter, start);
+    let stream = futures_util::stream::unfold(Some(subscription), next_event)
+        .take_until(s.live.closed())
+        // The slot goes with the stream: dropped when hyper drops the response body.
+        .map(move |e| {
+            let _slot = &slot;
+            e
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 

@@ -51,8 +51,10 @@ pub struct LiveState {
     pub connections: AtomicUsize,
     /// The most messages ever seen waiting in one connection's outbound queue.
     pub outbound_high_water: AtomicUsize,
-    /// Connections closed because the client stopped reading (1008).
+    /// Connections closed because the client stopped reading (WebSocket 1008, SSE, Socket.IO).
     pub slow_clients_closed: AtomicU64,
+    /// SSE streams open now.
+    pub sse_streams: AtomicUsize,
 }
 
 impl LiveState {
@@ -324,6 +326,35 @@ fn error_frame(id: Option<Value>, sub: Option<&str>, problem: &Problem) -> Value
 
 /// One command, as `POST /commands` runs it; the reply frame.
 async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> Value {
+    match execute_envelope(engine, envelope, tenant).await {
+        Ok((result, replayed)) => {
+            let mut m = Map::new();
+            m.insert("op".into(), Value::from("result"));
+            m.extend(result);
+            if replayed {
+                m.insert("replayed".into(), Value::Bool(true));
+            }
+            Value::Object(m)
+        }
+        Err(e) => {
+            let (id, problem) = *e;
+            error_frame(id, None, &problem)
+        }
+    }
+}
+
+/// A command envelope that failed: the command id, if one was found, and the problem (boxed:
+/// the error path is rare and the problem large).
+pub(crate) type EnvelopeError = Box<(Option<Value>, Problem)>;
+
+/// One command envelope through the pipeline of `POST /commands` (shared by the WebSocket and
+/// Socket.IO APIs): the command result's fields and whether it was a replay, or the problem.
+/// `tenant` is the one the connection fixes, if any.
+pub(crate) async fn execute_envelope(
+    engine: &Engine,
+    envelope: Value,
+    tenant: Option<TenantId>,
+) -> Result<(Map<String, Value>, bool), EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
     let defaults = EnvelopeDefaults {
         tenant_fixed: tenant.is_some(),
@@ -332,22 +363,16 @@ async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>)
     };
     let cmd = match Command::from_envelope_value(envelope, defaults) {
         Ok(c) => c,
-        Err(e) => return error_frame(id, None, &Problem::from(e)),
+        Err(e) => return Err(Box::new((id, Problem::from(e)))),
     };
     let cmd_id = Value::from(cmd.id.to_string());
     match engine.execute(cmd, None).await {
-        Ok(outcome) => {
-            let mut m = Map::new();
-            m.insert("op".into(), Value::from("result"));
-            if let Ok(Value::Object(r)) = serde_json::to_value(&outcome.result) {
-                m.extend(r);
-            }
-            if outcome.replayed {
-                m.insert("replayed".into(), Value::Bool(true));
-            }
-            Value::Object(m)
-        }
-        Err(e) => error_frame(Some(cmd_id), None, &from_engine(e, false)),
+        Ok(outcome) => match serde_json::to_value(&outcome.result) {
+            Ok(Value::Object(r)) => Ok((r, outcome.replayed)),
+            Ok(_) => Ok((Map::new(), outcome.replayed)),
+            Err(e) => Err(Box::new((Some(cmd_id), Problem::internal(&e)))),
+        },
+        Err(e) => Err(Box::new((Some(cmd_id), from_engine(e, false)))),
     }
 }
 
@@ -514,6 +539,8 @@ mod tests {
             subscriptions_max: 2,
             outbound_max: 16,
             slow_client_timeout_ms: 10_000,
+            sse_streams_max: 4,
+            sse_slow_client_timeout_ms: 10_000,
         }
     }
 

@@ -87,6 +87,7 @@ macro_rules! contract_tests {
             read_model_row_follows_appends,
             list_documents_pages_in_id_order,
             read_all_is_per_tenant_and_ordered,
+            read_global_spans_tenants_in_order,
             read_stream_bounds,
             reads_cap_limits,
             concurrent_appends_one_winner_per_version,
@@ -567,6 +568,39 @@ pub async fn read_all_is_per_tenant_and_ordered(store: &dyn EventStore) {
     }
     assert_eq!(store.read_all(&tenant("t4"), Position(0), 1_000).await.expect("read_all"), Vec::new());
     assert_eq!(store.read_all(&tenants[0], Position(u64::MAX), 1_000).await.expect("read_all"), Vec::new());
+}
+
+/// `read_global` returns every tenant's events in increasing positions, paged by `after` and
+/// `limit`: exactly what the appends returned, all tenants interleaved.
+pub async fn read_global_spans_tenants_in_order(store: &dyn EventStore) {
+    let mut returned: Vec<RecordedEvent> = Vec::new();
+    for step in 0..15u64 {
+        let k = key(&format!("t{}", step % 3), "order", &format!("s{}", step % 2));
+        returned.extend(
+            appended(
+                store,
+                request(&k, ExpectedVersion::Any, cmd(900 + u128::from(step)), 1 + (step % 2) as usize, step as i64),
+            )
+            .await,
+        );
+    }
+    assert_gap_free(&returned);
+    assert_eq!(store.read_global(Position(0), 1_000).await.expect("read_global"), returned);
+    let mut paged = Vec::new();
+    let mut after = Position(0);
+    for _ in 0..=returned.len() {
+        let page = store.read_global(after, 4).await.expect("read_global");
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        paged.extend(page);
+    }
+    assert_eq!(paged, returned, "pages of 4");
+    let middle = returned[returned.len() / 2].position;
+    let tail: Vec<_> = returned.iter().filter(|e| e.position > middle).cloned().collect();
+    assert_eq!(store.read_global(middle, 1_000).await.expect("read_global"), tail);
+    assert_eq!(store.read_global(Position(0), 0).await.expect("read_global"), Vec::new(), "limit 0");
+    assert_eq!(store.read_global(Position(u64::MAX), 10).await.expect("read_global"), Vec::new());
 }
 
 /// `read_stream` bounds: `after` exclusive, `to` inclusive, `limit`.

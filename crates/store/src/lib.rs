@@ -191,6 +191,11 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// Every tenant's events with position greater than `after`, ascending, at most `limit`:
+    /// the whole store in commit order (export, SPEC §3.3). Same ordering guarantee as
+    /// [`EventStore::read_all`].
+    async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
     /// The read-model row of one aggregate.
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError>;
 

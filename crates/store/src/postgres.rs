@@ -45,19 +45,36 @@
 //! in `sourced_schema_migrations` and run at start under `pg_advisory_xact_lock`, so two
 //! processes starting at once migrate once. The tables live in the connection's
 //! `current_schema()` (set `options=-csearch_path=NAME` in the URL to choose another schema).
+//!
+//! # Live notifications across processes: LISTEN/NOTIFY plus a read
+//!
+//! A commit listener (the engine's hub, SPEC §6) must hear every committed event of the whole
+//! cluster, once, in position order. Each writing transaction sends `NOTIFY` on the schema's
+//! channel (`sourced_commits_<hash of the schema>`) with its new head position; PostgreSQL
+//! delivers it only on commit. Once a listener is registered, a task per process holds one
+//! dedicated connection (outside the pool: pooled connections lose notifications) that
+//! `LISTEN`s, and on each notification, on a timer (a safety net for anything missed) and after
+//! each reconnect it reads the events after the last position it fed, across all tenants, in
+//! position order, and passes them to the listener (see [`Feed`]). The process's own writer
+//! feeds its commits too, before it acknowledges them (reading first whatever other processes
+//! committed below them), so a local client that saw its append acknowledged finds the hub at
+//! least that far, as with the embedded store. Both paths share one lock and one "fed up to"
+//! position, so nothing is fed twice; global order (above) makes every position up to a
+//! notified or read head visible, so nothing is skipped. The LISTEN connection reconnects with
+//! backoff; while it is down the timer still reads through the pool.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage};
 use uuid::Uuid;
 
 use sourced_core::timestamp::truncate;
@@ -66,8 +83,8 @@ use sourced_core::{
 };
 
 use crate::{
-    AppendOutcome, AppendRequest, CommandRecord, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX, StoreError,
-    StoreStats, validate_append,
+    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
+    StoreError, StoreStats, validate_append,
 };
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
@@ -192,6 +209,7 @@ pub struct PostgresStore {
     /// `None` once closed: later appends get [`StoreError::Closed`].
     writer: Mutex<Option<Writer>>,
     counters: Arc<Counters>,
+    feed: Arc<Feed>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -264,6 +282,8 @@ impl PostgresStore {
         options.validate()?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::InvalidRequest(format!("not a PostgreSQL URL: {e}")))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Backend("the PostgreSQL store needs a tokio runtime".into()))?;
         let connect_timeout = Duration::from_millis(options.connect_timeout_ms);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(connect_timeout);
@@ -271,6 +291,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("sourced");
         }
+        let listen_config = config.clone();
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
@@ -280,15 +301,18 @@ impl PostgresStore {
             .recycle_timeout(Some(connect_timeout))
             .build()
             .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
-        {
+        let (schema, head) = {
             let mut client = pool.get().await.map_err(pool_err)?;
-            migrate(&mut client).await?;
-        }
+            let schema = migrate(&mut client).await?;
+            (schema, select_head(&client).await.map_err(pg_err)?)
+        };
+        let feed = Arc::new(Feed::new(&schema, listen_config, head, runtime));
         let counters = Arc::new(Counters::default());
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
-        let task = tokio::spawn(write_loop(pool.clone(), receiver, options.clone(), Arc::clone(&counters)));
+        let task =
+            tokio::spawn(write_loop(pool.clone(), receiver, options.clone(), Arc::clone(&counters), Arc::clone(&feed)));
         tracing::debug!("opened the PostgreSQL store");
-        Ok(PostgresStore { pool, writer: Mutex::new(Some(Writer { sender, task })), counters })
+        Ok(PostgresStore { pool, writer: Mutex::new(Some(Writer { sender, task })), counters, feed })
     }
 
     /// Appends handed to the writer and not answered yet (queued, or in the batch being
@@ -301,6 +325,13 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Ends the LISTEN task of a store dropped without `close`.
+        self.feed.stop.send_replace(true);
     }
 }
 
@@ -449,6 +480,14 @@ impl EventStore for PostgresStore {
         Ok(events)
     }
 
+    async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        read_global(&client, after, limit).await
+    }
+
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
         let client = self.client().await?;
         let stmt = client
@@ -536,6 +575,7 @@ impl EventStore for PostgresStore {
                 tracing::error!(error = %e, "the PostgreSQL writer task failed");
             }
         }
+        self.feed.stop().await;
         self.pool.close();
     }
 
@@ -546,12 +586,24 @@ impl EventStore for PostgresStore {
             events: self.counters.events.load(Ordering::Relaxed),
         }
     }
+
+    fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
+        if self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").is_none()
+            || self.feed.listener.set(listener).is_err()
+        {
+            return false;
+        }
+        let task = self.feed.runtime.spawn(listen_loop(Arc::clone(&self.feed), self.pool.clone()));
+        *self.feed.task.lock().expect("the feed task mutex is poisoned") = Some(task);
+        true
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Schema
 
-async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+/// Brings the schema up to date; returns the name of the schema the tables are in.
+async fn migrate(client: &mut Object) -> Result<String, StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     let schema: Option<String> = tx.query_one("SELECT current_schema()", &[]).await.map_err(pg_err)?.get(0);
     let Some(schema) = schema else {
@@ -592,7 +644,14 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
             .map_err(pg_err)?;
         tracing::info!(schema = %schema, from, to, "migrated the PostgreSQL schema");
     }
-    tx.commit().await.map_err(pg_err)
+    tx.commit().await.map_err(pg_err)?;
+    Ok(schema)
+}
+
+/// The highest position committed (the counter; committed transactions only).
+async fn select_head(client: &ClientWrapper) -> Result<u64, tokio_postgres::Error> {
+    let last: i64 = client.query_one("SELECT last FROM sourced_position", &[]).await?.get(0);
+    Ok(u64::try_from(last).unwrap_or(0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,7 +659,13 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
 
 /// The writer task: waits for an append, takes every other one already queued (within the
 /// batch limits), commits them together, then answers them.
-async fn write_loop(pool: Pool, mut receiver: mpsc::Receiver<Job>, options: PostgresOptions, counters: Arc<Counters>) {
+async fn write_loop(
+    pool: Pool,
+    mut receiver: mpsc::Receiver<Job>,
+    options: PostgresOptions,
+    counters: Arc<Counters>,
+    feed: Arc<Feed>,
+) {
     let mut carried: Option<Job> = None;
     let mut batch: Vec<Job> = Vec::with_capacity(options.batch_appends_max.min(1_024));
     loop {
@@ -626,8 +691,10 @@ async fn write_loop(pool: Pool, mut receiver: mpsc::Receiver<Job>, options: Post
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&pool, &batch, options.lock_timeout_ms, &counters).await;
+        let results = commit_batch(&pool, &batch, options.lock_timeout_ms, &counters, &feed.channel).await;
         debug_assert_eq!(results.len(), batch.len());
+        // Committed: the listener hears it before any caller does (see `Feed`).
+        feed.feed_local(&pool, &batch, &results).await;
         for (job, result) in batch.drain(..).zip(results) {
             // The caller may have gone away; the write stands either way.
             let _ = job.reply.send((job.request, result));
@@ -645,16 +712,17 @@ async fn commit_batch(
     batch: &[Job],
     lock_timeout_ms: u64,
     counters: &Counters,
+    channel: &str,
 ) -> Vec<Result<Written, StoreError>> {
     let outcome = async {
         let client = pool.get().await.map_err(pool_err)?;
-        let results = match run_batch(&client, batch, lock_timeout_ms).await {
+        let results = match run_batch(&client, batch, lock_timeout_ms, channel).await {
             Ok(results) => results,
             Err(e) if e.as_db_error().is_some() && !is_unavailable(&e) => {
                 tracing::warn!(error = %e, appends = batch.len(), "a batch failed; retrying it append by append");
                 end_transaction(client, "ROLLBACK").await.map_err(pg_err)?;
                 let client = pool.get().await.map_err(pool_err)?;
-                match run_batch_with_savepoints(&client, batch, lock_timeout_ms).await {
+                match run_batch_with_savepoints(&client, batch, lock_timeout_ms, channel).await {
                     Ok(results) => results,
                     Err(e) => {
                         discard(client).await;
@@ -746,12 +814,13 @@ async fn run_batch(
     client: &ClientWrapper,
     batch: &[Job],
     lock_timeout_ms: u64,
+    channel: &str,
 ) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
     let last = begin_and_lock(client, lock_timeout_ms).await?;
     let jobs: Vec<&Job> = batch.iter().collect();
     let mut plan = plan(client, &jobs, last).await?;
     plan.write(client).await?;
-    client.batch_execute("COMMIT").await?;
+    commit_and_notify(client, channel, last, last + plan.events).await?;
     Ok(std::mem::take(&mut plan.results))
 }
 
@@ -760,8 +829,10 @@ async fn run_batch_with_savepoints(
     client: &ClientWrapper,
     batch: &[Job],
     lock_timeout_ms: u64,
+    channel: &str,
 ) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
-    let mut last = begin_and_lock(client, lock_timeout_ms).await?;
+    let first = begin_and_lock(client, lock_timeout_ms).await?;
+    let mut last = first;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         client.batch_execute("SAVEPOINT append").await?;
@@ -787,8 +858,25 @@ async fn run_batch_with_savepoints(
             Err(e) => return Err(e),
         }
     }
-    client.batch_execute("COMMIT").await?;
+    commit_and_notify(client, channel, first, last).await?;
     Ok(results)
+}
+
+/// Commits the open transaction; when it wrote events (`before < head`), it first queues a
+/// notification of the new head on `channel`, which PostgreSQL delivers only if the commit
+/// succeeds. One round trip either way.
+async fn commit_and_notify(
+    client: &ClientWrapper,
+    channel: &str,
+    before: u64,
+    head: u64,
+) -> Result<(), tokio_postgres::Error> {
+    if head > before {
+        // The channel is `sourced_commits_` and hex digits, the payload digits: nothing to quote.
+        client.batch_execute(&format!("NOTIFY {channel}, '{head}'; COMMIT")).await
+    } else {
+        client.batch_execute("COMMIT").await
+    }
 }
 
 /// What a batch will write, decided in memory under the counter lock.
@@ -1061,6 +1149,299 @@ impl Plan {
         assert_eq!(counters, 1, "the position counter has exactly one row");
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live notifications (see the module documentation)
+
+/// Events one read of the feed takes.
+const FEED_PAGE_EVENTS: usize = 1_000;
+/// How often the feed reads the store without a notification (the safety net).
+const FEED_POLL_MS: u64 = 1_000;
+/// Bounds of the wait before reconnecting the LISTEN connection (doubling from the first).
+const LISTEN_BACKOFF_MS: (u64, u64) = (100, 5_000);
+
+/// What feeds the commit listener: the position fed so far, and the LISTEN task.
+struct Feed {
+    /// The schema's notification channel: `sourced_commits_` and 16 hex digits.
+    channel: String,
+    /// Where the dedicated LISTEN connection goes (the pool's settings).
+    config: tokio_postgres::Config,
+    listener: OnceLock<Arc<dyn CommitListener>>,
+    /// The highest position passed to the listener (or known to it as its head). Held across
+    /// a read and the listener calls that follow, so feeds never interleave.
+    fed: tokio::sync::Mutex<u64>,
+    /// The highest head any notification announced.
+    notified: AtomicU64,
+    /// Wakes the LISTEN task: a notification came.
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Feed {
+    /// A feed for `schema` whose listener will hear commits after `head`.
+    fn new(schema: &str, config: tokio_postgres::Config, head: u64, runtime: tokio::runtime::Handle) -> Feed {
+        Feed {
+            channel: format!("sourced_commits_{:016x}", fnv1a(schema.as_bytes())),
+            config,
+            listener: OnceLock::new(),
+            fed: tokio::sync::Mutex::new(head),
+            notified: AtomicU64::new(0),
+            wake: Notify::new(),
+            stop: watch::channel(false).0,
+            task: Mutex::new(None),
+            runtime,
+        }
+    }
+
+    /// Ends the LISTEN task, if any.
+    async fn stop(&self) {
+        self.stop.send_replace(true);
+        let task = self.task.lock().expect("the feed task mutex is poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// After this process's writer committed `batch`: feeds what other processes committed
+    /// below it (read from the store), then the batch's own events. Called before any append of
+    /// the batch is acknowledged. When the read fails the LISTEN task is woken to retry, and the
+    /// batch is acknowledged anyway (its events reach the listener from that task's read).
+    async fn feed_local(&self, pool: &Pool, batch: &[Job], results: &[Result<Written, StoreError>]) {
+        let Some(listener) = self.listener.get() else { return };
+        // The batch's positions: contiguous, from its first appended event to its last.
+        let mut span: Option<(u64, u64)> = None;
+        for (job, result) in batch.iter().zip(results) {
+            if let Ok(Written::Appended { first_position, .. }) = result {
+                let last = first_position.0 + job.request.events.len() as u64 - 1;
+                span = Some((span.map_or(first_position.0, |(first, _)| first), last));
+            }
+        }
+        let Some((first, head)) = span else { return };
+        let mut fed = self.fed.lock().await;
+        if *fed >= head {
+            return;
+        }
+        if !listener.wants_events() {
+            listener.committed(Position(head), Vec::new());
+            *fed = head;
+            return;
+        }
+        if *fed + 1 < first
+            && let Err(e) = feed_from_store(pool, listener.as_ref(), &mut fed, Some(first - 1)).await
+        {
+            tracing::warn!(error = %e, "cannot read other processes' commits for the live feed; retrying later");
+            self.wake.notify_one();
+            return;
+        }
+        let events: Vec<RecordedEvent> =
+            committed_events(batch, results).into_iter().filter(|e| e.position.0 > *fed).collect();
+        if events.first().map(|e| e.position.0) != Some(*fed + 1) {
+            // Cannot happen (the read above stops only at `first - 1`); the store is the truth.
+            tracing::error!(fed = *fed, first, "the live feed would skip positions; reading the store instead");
+            self.wake.notify_one();
+            return;
+        }
+        listener.committed(Position(head), events);
+        *fed = head;
+    }
+
+    /// One pass of the LISTEN task: feeds everything committed after the fed position. With no
+    /// one wanting events, only the head moves: the notified one, or (`poll`) the counter's.
+    async fn feed_pass(&self, pool: &Pool, poll: bool) -> Result<(), StoreError> {
+        let Some(listener) = self.listener.get() else { return Ok(()) };
+        let mut fed = self.fed.lock().await;
+        let notified = self.notified.load(Ordering::SeqCst);
+        if !poll && notified <= *fed {
+            return Ok(());
+        }
+        if !listener.wants_events() {
+            let head = if notified > *fed {
+                notified
+            } else {
+                let client = pool.get().await.map_err(pool_err)?;
+                select_head(&client).await.map_err(pg_err)?
+            };
+            if head > *fed {
+                listener.committed(Position(head), Vec::new());
+                *fed = head;
+            }
+            return Ok(());
+        }
+        feed_from_store(pool, listener.as_ref(), &mut fed, None).await
+    }
+}
+
+/// Reads the events after `*fed` (up to `upto`, or all) in position order across tenants and
+/// passes them to `listener` page by page, moving `*fed` along. Positions must continue `*fed`
+/// exactly (they are gap-free, and a visible position implies every lower one is visible).
+async fn feed_from_store(
+    pool: &Pool,
+    listener: &dyn CommitListener,
+    fed: &mut u64,
+    upto: Option<u64>,
+) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    loop {
+        let limit = upto.map_or(FEED_PAGE_EVENTS as u64, |u| u.saturating_sub(*fed).min(FEED_PAGE_EVENTS as u64));
+        if limit == 0 {
+            return Ok(());
+        }
+        let page = read_global(&client, Position(*fed), limit as usize).await?;
+        let Some(last) = page.last().map(|e| e.position.0) else { return Ok(()) };
+        if page.first().map(|e| e.position.0) != Some(*fed + 1) || last != *fed + page.len() as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "the live feed read positions {:?}..={last} after position {fed}",
+                page.first().map(|e| e.position.0)
+            )));
+        }
+        let full = page.len() as u64 == limit;
+        listener.committed(Position(last), page);
+        *fed = last;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// The LISTEN task: one dedicated connection, reconnected with backoff; a feed pass after each
+/// (re)connect, on each notification and on a timer.
+async fn listen_loop(feed: Arc<Feed>, pool: Pool) {
+    let mut stop = feed.stop.subscribe();
+    let mut backoff_ms = LISTEN_BACKOFF_MS.0;
+    let mut ticks = tokio::time::interval(Duration::from_millis(FEED_POLL_MS));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*stop.borrow() {
+        match listen(&feed).await {
+            Ok((client, mut driver)) => {
+                tracing::debug!(channel = %feed.channel, "listening for commits of other processes");
+                backoff_ms = LISTEN_BACKOFF_MS.0;
+                let mut poll = true;
+                loop {
+                    if let Err(e) = feed.feed_pass(&pool, poll).await {
+                        tracing::warn!(error = %e, "the live feed cannot read the store; retrying");
+                    }
+                    poll = tokio::select! {
+                        _ = stop.changed() => break,
+                        ended = &mut driver => {
+                            let reason = ended.unwrap_or_else(|e| e.to_string());
+                            tracing::warn!(reason, "the LISTEN connection ended; reconnecting");
+                            break;
+                        }
+                        _ = feed.wake.notified() => false,
+                        _ = ticks.tick() => true,
+                    };
+                }
+                drop(client);
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, backoff_ms, "cannot LISTEN for commits; retrying"),
+        }
+        // Disconnected: the timer's pass still runs through the pool, then a wait.
+        if let Err(e) = feed.feed_pass(&pool, true).await {
+            tracing::debug!(error = %e, "the live feed cannot read the store");
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+        }
+        backoff_ms = (backoff_ms * 2).min(LISTEN_BACKOFF_MS.1);
+    }
+}
+
+/// Opens the dedicated connection, starts the task that drives it (recording notifications and
+/// waking the feed), and `LISTEN`s. The task's result says why the connection ended.
+async fn listen(feed: &Arc<Feed>) -> Result<(tokio_postgres::Client, JoinHandle<String>), tokio_postgres::Error> {
+    let (client, mut connection) = feed.config.connect(NoTls).await?;
+    let sink = Arc::clone(feed);
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Ok(head) = n.payload().parse::<u64>() {
+                        sink.notified.fetch_max(head, Ordering::SeqCst);
+                    }
+                    sink.wake.notify_one();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return e.to_string(),
+                None => return "closed by the server".to_owned(),
+            }
+        }
+    });
+    if let Err(e) = client.batch_execute(&format!("LISTEN {}", feed.channel)).await {
+        driver.abort();
+        return Err(e);
+    }
+    Ok((client, driver))
+}
+
+/// The events after `after`, across tenants, in position order, at most `limit`.
+async fn read_global(client: &ClientWrapper, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    let limit = limit.min(READ_LIMIT_MAX);
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let stmt = client
+        .prepare_cached(
+            "SELECT position, version, event_id, event_type, data::text, metadata::text, ts, tenant, type, agg_id
+             FROM sourced_events WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .await
+        .map_err(pg_err)?;
+    let rows = client.query(&stmt, &[&clamp_sql_int(after.0), &(limit as i64)]).await.map_err(pg_err)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let tenant = TenantId::parse(&r.try_get::<_, String>(7).map_err(pg_err)?)
+            .map_err(|v| corrupt_row("sourced_events.tenant", v.message))?;
+        let type_name = TypeName::parse(&r.try_get::<_, String>(8).map_err(pg_err)?)
+            .map_err(|v| corrupt_row("sourced_events.type", v.message))?;
+        let id = AggregateId::parse(&r.try_get::<_, String>(9).map_err(pg_err)?)
+            .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
+        events.push(decode_event(r, tenant, type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
+    }
+    let mut previous = after;
+    for event in &events {
+        if event.position <= previous || event.version == Version::ZERO {
+            return Err(StoreError::Corrupt(format!(
+                "read position {} (version {}) after position {previous}",
+                event.position, event.version
+            )));
+        }
+        previous = event.position;
+    }
+    Ok(events)
+}
+
+/// The events one commit stored, in position order, for the commit listener.
+fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> Vec<RecordedEvent> {
+    let mut out = Vec::new();
+    for (job, result) in batch.iter().zip(results) {
+        if let Ok(Written::Appended { first_position, first_version }) = result {
+            let r = &job.request;
+            let timestamp = truncate(r.timestamp);
+            out.extend(r.events.iter().enumerate().map(|(i, e)| RecordedEvent {
+                id: e.id,
+                position: Position(first_position.0 + i as u64),
+                tenant: r.key.tenant.clone(),
+                target_name: r.key.type_name.clone(),
+                target_id: r.key.id.clone(),
+                version: Version(first_version.0 + i as u64),
+                event_type: e.event_type.clone(),
+                data: e.data.clone(),
+                metadata: e.metadata.clone(),
+                timestamp,
+            }));
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bits: a stable hash (the channel name must agree across processes and builds).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 // ---------------------------------------------------------------------------------------------

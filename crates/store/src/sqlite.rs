@@ -394,6 +394,14 @@ impl EventStore for SqliteStore {
         self.read(move |conn| read_all(conn, &tenant, after, limit)).await
     }
 
+    async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| read_global(conn, after, limit)).await
+    }
+
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
         let key = key.clone();
         self.read(move |conn| {
@@ -1073,6 +1081,50 @@ fn read_all(
         if event.position <= previous || event.version == Version::ZERO {
             return Err(StoreError::Corrupt(format!(
                 "tenant {tenant}: read position {} (version {}) after position {previous}",
+                event.position, event.version
+            )));
+        }
+        previous = event.position;
+    }
+    Ok(events)
+}
+
+/// Every tenant's events after `after`, in position order.
+fn read_global(conn: &Connection, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts, tenant FROM events
+             WHERE position > ?1 ORDER BY position LIMIT ?2",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
+            let raw = RawEvent {
+                position: r.get(0)?,
+                type_name: Some(r.get(1)?),
+                agg_id: Some(r.get(2)?),
+                version: r.get(3)?,
+                event_id: r.get(4)?,
+                event_type: r.get(5)?,
+                data: r.get(6)?,
+                metadata: r.get(7)?,
+                ts: r.get(8)?,
+            };
+            Ok((raw, r.get::<_, String>(9)?))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (raw, tenant) in rows {
+        let tenant = TenantId::parse(&tenant).map_err(|v| corrupt_row("events.tenant", v.message))?;
+        events.push(raw.decode(&tenant, None)?);
+    }
+    let mut previous = after;
+    for event in &events {
+        if event.position <= previous || event.version == Version::ZERO {
+            return Err(StoreError::Corrupt(format!(
+                "read position {} (version {}) after position {previous}",
                 event.position, event.version
             )));
         }

@@ -554,6 +554,106 @@ async fn terminated_connections_are_replaced() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Live notifications across processes (LISTEN/NOTIFY)
+
+/// A commit listener that records every position it hears.
+#[derive(Default)]
+struct Recorder {
+    positions: std::sync::Mutex<Vec<u64>>,
+    heads: std::sync::Mutex<Vec<u64>>,
+}
+
+impl sourced_store::CommitListener for Recorder {
+    fn wants_events(&self) -> bool {
+        true
+    }
+
+    fn committed(&self, head: Position, events: Vec<RecordedEvent>) {
+        self.heads.lock().unwrap().push(head.0);
+        self.positions.lock().unwrap().extend(events.iter().map(|e| e.position.0));
+    }
+}
+
+impl Recorder {
+    /// Waits (bounded) until `n` positions were heard; returns them.
+    async fn wait_for(&self, n: usize) -> Vec<u64> {
+        for _ in 0..600 {
+            if self.positions.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.positions.lock().unwrap().clone()
+    }
+}
+
+/// Two stores on one schema play two processes: a listener on A hears every event appended
+/// through B (and through A), exactly once, in position order, with heads never going back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_commit_listener_hears_every_process_in_order() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let a = Arc::new(scratch.store().await);
+    let b = Arc::new(scratch.store().await);
+    let recorder = Arc::new(Recorder::default());
+    assert!(a.set_commit_listener(recorder.clone()));
+    assert!(!a.set_commit_listener(recorder.clone()), "one listener per store");
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 25;
+    let mut writers = JoinSet::new();
+    for w in 0..WRITERS {
+        let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+        writers.spawn(async move {
+            for i in 0..PER_WRITER {
+                let k = key(&format!("t{}", w % 3), &format!("w{w}-{i}"));
+                let c = cmd((w * 1_000 + i) as u128 + 1);
+                appended(store.as_ref(), request(&k, ExpectedVersion::NoStream, c, 1 + i % 2)).await;
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r.expect("writer");
+    }
+    let total: usize = (0..WRITERS).map(|_| (0..PER_WRITER).map(|i| 1 + i % 2).sum::<usize>()).sum();
+    let heard = recorder.wait_for(total).await;
+    assert_eq!(heard, (1..=total as u64).collect::<Vec<_>>(), "every position once, in order");
+    let heads = recorder.heads.lock().unwrap().clone();
+    assert!(heads.windows(2).all(|w| w[0] <= w[1]), "heads never go back: {heads:?}");
+    a.close().await;
+    b.close().await;
+}
+
+/// The LISTEN connection is ended by the server: the store reconnects it, and events appended
+/// by another process meanwhile and afterwards still reach the listener, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_commit_listener_survives_a_lost_listen_connection() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let name = format!("sourced_l_{}", Uuid::new_v4().simple());
+    let a = PostgresStore::connect(&scratch.url_named(&name), PostgresOptions::default()).await.expect("connect");
+    let b = scratch.store().await;
+    let recorder = Arc::new(Recorder::default());
+    assert!(a.set_commit_listener(recorder.clone()));
+    appended(&b, request(&key("t1", "x"), ExpectedVersion::NoStream, cmd(1), 1)).await;
+    assert_eq!(recorder.wait_for(1).await, [1]);
+    let admin = scratch.client().await;
+    let ended: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND query LIKE 'LISTEN%') t",
+            &[&name],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(ended, 1, "the store has one LISTEN connection");
+    for i in 2..=20u128 {
+        appended(&b, request(&key("t1", &format!("x{i}")), ExpectedVersion::NoStream, cmd(i), 1)).await;
+    }
+    assert_eq!(recorder.wait_for(20).await, (1..=20).collect::<Vec<u64>>());
+    a.close().await;
+    b.close().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Group commit and the slow path
 
 /// Holds the position counter's lock from another connection, so the store's writer blocks on

@@ -1,6 +1,7 @@
 //! Integration tests of the domain core: given/when/then cases for the generic commands,
 //! property tests of the fold, and the public JSON Patch suite run through the core.
 
+mod artifacts;
 mod conformance;
 mod given_when_then;
 mod properties;

@@ -1,4 +1,8 @@
-//! Test helpers: an app over a fresh embedded store, driven in process through the router.
+//! Test helpers: an app over a fresh store, driven in process through the router; the store is
+//! the embedded one, or with `SOURCED_TEST_BACKEND=postgres` a fresh PostgreSQL schema (for the
+//! modules that build their app with [`TestApp::fresh`] or their config with [`TestBackend`]),
+//! dropped at the end. `SOURCED_TEST_POSTGRES_URL` names the server (default
+//! `postgres://postgres@127.0.0.1:5432/test`).
 
 use std::sync::Arc;
 
@@ -13,13 +17,16 @@ use tower::ServiceExt;
 use sourced_server::Config;
 use sourced_store::EventStore;
 
-/// An app over a fresh store in a temporary directory.
+/// An app over a fresh store in a temporary directory (or a scratch PostgreSQL schema).
 pub(crate) struct TestApp {
     pub(crate) router: Router,
     #[allow(dead_code)]
     pub(crate) store: Arc<dyn EventStore>,
     #[allow(dead_code)]
     pub(crate) dir: TempDir,
+    /// Dropped last: the schema goes once nothing uses it.
+    #[allow(dead_code)]
+    pub(crate) scratch: Option<Scratch>,
 }
 
 /// A response, read whole.
@@ -59,10 +66,13 @@ pub(crate) fn config_in(dir: &TempDir) -> Config {
 }
 
 impl TestApp {
+    /// An app over a fresh embedded store, built synchronously.
+    #[allow(dead_code)]
     pub(crate) fn new() -> Self {
         Self::with(|_| {})
     }
 
+    #[allow(dead_code)]
     pub(crate) fn with(f: impl FnOnce(&mut Config)) -> Self {
         let dir = TempDir::new().unwrap();
         let mut config = config_in(&dir);
@@ -70,7 +80,22 @@ impl TestApp {
         let sourced_server::StoreUrl::Sqlite(path) = &config.store else { panic!("TestApp opens the embedded store") };
         let store = sourced_server::open_sqlite_store(&config, path).unwrap();
         let router = sourced_server::app(&config, store.clone());
-        TestApp { router, store, dir }
+        TestApp { router, store, dir, scratch: None }
+    }
+
+    /// An app over the backend `SOURCED_TEST_BACKEND` chooses (see [`TestBackend`]).
+    pub(crate) async fn fresh() -> Self {
+        Self::fresh_with(|_| {}).await
+    }
+
+    /// [`TestApp::fresh`] with settings changed by `f`.
+    pub(crate) async fn fresh_with(f: impl FnOnce(&mut Config)) -> Self {
+        let backend = TestBackend::new().await;
+        let mut config = backend.config();
+        f(&mut config);
+        let store = sourced_server::open_store(&config).await.expect("open the test store");
+        let router = sourced_server::app(&config, store.clone());
+        TestApp { router, store, dir: backend.dir, scratch: backend.scratch }
     }
 
     pub(crate) async fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
@@ -152,4 +177,112 @@ pub(crate) async fn spawn_sourced_with(
     // Keep draining its log so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, addr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The PostgreSQL server the tests use.
+pub(crate) fn postgres_url() -> String {
+    std::env::var("SOURCED_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
+}
+
+/// Whether `SOURCED_TEST_BACKEND=postgres` asks for the API tests to run on PostgreSQL.
+pub(crate) fn postgres_backend() -> bool {
+    std::env::var("SOURCED_TEST_BACKEND").is_ok_and(|v| v.trim() == "postgres")
+}
+
+/// A plain connection to `url`.
+pub(crate) async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config.connect_timeout(std::time::Duration::from_secs(5));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A scratch schema, dropped with everything in it when this is dropped.
+pub(crate) struct Scratch(pub(crate) String);
+
+impl Scratch {
+    /// A new schema; `None` (after printing `SKIP: …`) when the server is not reachable, unless
+    /// `SOURCED_REQUIRE_POSTGRES=1` (then it panics).
+    pub(crate) async fn new() -> Option<Scratch> {
+        let url = postgres_url();
+        let client = match pg_connect(&url).await {
+            Ok(client) => client,
+            Err(e) if std::env::var("SOURCED_REQUIRE_POSTGRES").is_ok_and(|v| v.trim() == "1") => {
+                panic!("PostgreSQL not reachable at {url} (SOURCED_REQUIRE_POSTGRES=1): {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIP: PostgreSQL not reachable at {url}: {e}");
+                return None;
+            }
+        };
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let schema = format!("sourced_test_{secs}_{}", uuid::Uuid::new_v4().simple());
+        client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.expect("create a scratch schema");
+        Some(Scratch(schema))
+    }
+
+    /// The URL of a store in this schema.
+    pub(crate) fn url(&self) -> String {
+        let url = postgres_url();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-csearch_path%3D{}", self.0)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        // Its own thread and runtime: Drop cannot await, and may run while a test unwinds.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let client = pg_connect(&postgres_url()).await.map_err(std::io::Error::other)?;
+                client
+                    .batch_execute(&format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await
+                    .map_err(std::io::Error::other)
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: the scratch schema {} was not dropped: {dropped:?}", self.0);
+        }
+    }
+}
+
+/// Where a test's store lives: the embedded store in a temporary directory, or with
+/// `SOURCED_TEST_BACKEND=postgres` a fresh PostgreSQL schema (which must be reachable then).
+pub(crate) struct TestBackend {
+    pub(crate) dir: TempDir,
+    pub(crate) scratch: Option<Scratch>,
+}
+
+impl TestBackend {
+    pub(crate) async fn new() -> TestBackend {
+        let dir = TempDir::new().unwrap();
+        if !postgres_backend() {
+            return TestBackend { dir, scratch: None };
+        }
+        match Scratch::new().await {
+            Some(scratch) => TestBackend { dir, scratch: Some(scratch) },
+            None => panic!("SOURCED_TEST_BACKEND=postgres, but PostgreSQL at {} is not reachable", postgres_url()),
+        }
+    }
+
+    /// Default settings on this backend, listening on a free loopback port.
+    pub(crate) fn config(&self) -> Config {
+        let mut config = config_in(&self.dir);
+        if let Some(scratch) = &self.scratch {
+            config.store = sourced_server::StoreUrl::Postgres(scratch.url());
+        }
+        config
+    }
 }

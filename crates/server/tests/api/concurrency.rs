@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use sourced_client::Client;
 
-use crate::common::config_in;
+use crate::common::TestBackend;
 
 const TASKS: usize = 32;
 const ATTEMPTS_PER_TASK: usize = 15;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_winner_per_version() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let server = sourced_server::start(config_in(&dir)).await.unwrap();
+    let backend = TestBackend::new().await;
+    let server = sourced_server::start(backend.config()).await.unwrap();
     let addr = server.addr();
     let mut c = Client::connect(addr).await.unwrap();
     let r = c.send_json("POST", "/race", &[], &json!({"id": "r1", "hits": []})).await.unwrap();
@@ -90,8 +90,8 @@ async fn one_winner_per_version() {
 async fn commands_without_versions_all_land() {
     // Without a client version the engine decides again after losing a race (bounded), so
     // concurrent appends to one list mostly all land; any that ran out of retries got 409.
-    let dir = tempfile::TempDir::new().unwrap();
-    let server = sourced_server::start(config_in(&dir)).await.unwrap();
+    let backend = TestBackend::new().await;
+    let server = sourced_server::start(backend.config()).await.unwrap();
     let addr = server.addr();
     let mut c = Client::connect(addr).await.unwrap();
     c.send_json("POST", "/race", &[], &json!({"id": "r2", "hits": []})).await.unwrap();

@@ -36,7 +36,7 @@ fn state(doc: &Value) -> Value {
 #[tokio::test]
 async fn every_enabled_object_record_through_patch() {
     let Some(records) = records() else { return };
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let (mut through_http, mut core_only) = (0, 0);
     for (i, r) in records.iter().enumerate() {
         let name = r.get("comment").and_then(Value::as_str).unwrap_or("(no comment)");

@@ -6,7 +6,7 @@ use crate::common::TestApp;
 
 #[tokio::test]
 async fn create_get_patch_delete_walkthrough() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let r = app.post("/order", &json!({"id": "o1", "total": 10, "lines": []})).await;
     let doc = r.ok(201);
     assert_eq!(r.header("location"), Some("/order/o1"));
@@ -52,7 +52,7 @@ async fn create_get_patch_delete_walkthrough() {
 
 #[tokio::test]
 async fn events_have_the_wire_shape() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.call("POST", "/order", &[("x-tenant", "acme")], Some(r#"{"id":"o1","a":1}"#)).await.ok(201);
     let h = app.call("GET", "/order/o1/events", &[("x-tenant", "acme")], None).await;
     let e = &h.ok(200)["items"][0];
@@ -71,7 +71,7 @@ async fn events_have_the_wire_shape() {
 
 #[tokio::test]
 async fn generated_ids_and_conflicts() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let r = app.post("/order", &json!({"total": 1})).await;
     let id = r.ok(201)["id"].as_str().unwrap().to_owned();
     assert_eq!(id.len(), 36, "a UUID");
@@ -81,7 +81,7 @@ async fn generated_ids_and_conflicts() {
 
 #[tokio::test]
 async fn tenants_are_isolated() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.call("POST", "/order", &[("x-tenant", "t1")], Some(r#"{"id":"o1"}"#)).await.ok(201);
     app.call("GET", "/order/o1", &[("x-tenant", "t2")], None).await.problem(404, "not-found");
     app.get("/order/o1").await.problem(404, "not-found");
@@ -93,7 +93,7 @@ async fn tenants_are_isolated() {
 
 #[tokio::test]
 async fn put_creates_replaces_and_honours_preconditions() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let put = |body: &str, h: Vec<(&'static str, &'static str)>| {
         let body = body.to_owned();
         let app = &app;
@@ -116,7 +116,7 @@ async fn put_creates_replaces_and_honours_preconditions() {
 
 #[tokio::test]
 async fn merge_patch_and_media_types() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.post("/doc", &json!({"id": "d1", "a": 1, "b": {"c": 1}})).await.ok(201);
     let r = app
         .call(
@@ -144,7 +144,7 @@ async fn merge_patch_and_media_types() {
 
 #[tokio::test]
 async fn validation_errors_list_every_violation_with_pointers() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.post("/doc", &json!({"id": "d1", "a": 1})).await.ok(201);
     let r = app
         .patch("/doc/d1", None, &json!([{"op": "add", "path": "/id", "value": 1}, {"op": "remove", "path": "/_meta"}]))
@@ -165,7 +165,7 @@ async fn validation_errors_list_every_violation_with_pointers() {
 
 #[tokio::test]
 async fn commands_endpoint_takes_raw_envelopes() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let r = app
         .post(
             "/commands",
@@ -216,7 +216,7 @@ async fn commands_endpoint_takes_raw_envelopes() {
 
 #[tokio::test]
 async fn lists_page_with_cursors() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     for i in 0..7 {
         app.post("/item", &json!({"id": format!("i{i}"), "n": i})).await.ok(201);
     }
@@ -247,7 +247,7 @@ async fn lists_page_with_cursors() {
 
 #[tokio::test]
 async fn history_pages_and_unknown_aggregates() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.post("/doc", &json!({"id": "d1", "n": 0})).await.ok(201);
     for i in 1..5 {
         app.patch("/doc/d1", None, &json!([{"op": "replace", "path": "/n", "value": i}])).await.ok(200);
@@ -268,7 +268,7 @@ async fn history_pages_and_unknown_aggregates() {
 
 #[tokio::test]
 async fn global_feed_is_ordered_and_resumable() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     for i in 0..5 {
         app.post("/a", &json!({"id": format!("x{i}")})).await.ok(201);
         app.post("/b", &json!({"id": format!("y{i}")})).await.ok(201);
@@ -297,12 +297,13 @@ async fn global_feed_is_ordered_and_resumable() {
 
 #[tokio::test]
 async fn limits_answer_with_clear_problems() {
-    let app = TestApp::with(|c| {
+    let app = TestApp::fresh_with(|c| {
         c.http.body_bytes_max = 200;
         c.limits.patch_ops_max = 3;
         c.limits.json_depth_max = 5;
         c.limits.document_bytes_max = 100;
-    });
+    })
+    .await;
     let big = format!(r#"{{"id":"d1","s":"{}"}}"#, "x".repeat(300));
     app.call("POST", "/doc", &[], Some(&big)).await.problem(413, "body-too-large");
     app.post("/doc", &json!({"id": "d1"})).await.ok(201);
@@ -320,7 +321,7 @@ async fn limits_answer_with_clear_problems() {
 
 #[tokio::test]
 async fn routes_methods_and_reserved_names() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     app.get("/healthz").await.ok(200);
     assert_eq!(app.get("/readyz").await.ok(200)["status"], "ready");
     app.get("/metrics").await.problem(404, "not-found");
@@ -333,7 +334,7 @@ async fn routes_methods_and_reserved_names() {
 
 #[tokio::test]
 async fn prefer_minimal_and_require_version() {
-    let app = TestApp::with(|c| c.require_version = true);
+    let app = TestApp::fresh_with(|c| c.require_version = true).await;
     let r = app.call("POST", "/doc", &[("prefer", "return=minimal")], Some(r#"{"id":"d1"}"#)).await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("etag"), Some("\"1\""));

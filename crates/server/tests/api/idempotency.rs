@@ -3,11 +3,11 @@
 
 use serde_json::json;
 
-use crate::common::{TestApp, config_in};
+use crate::common::{TestApp, TestBackend};
 
 #[tokio::test]
 async fn retries_return_the_same_reply() {
-    let app = TestApp::new();
+    let app = TestApp::fresh().await;
     let h = [("idempotency-key", "key-1")];
     let first = app.call("POST", "/order", &h, Some(r#"{"id":"o1","n":1}"#)).await;
     first.ok(201);
@@ -40,8 +40,8 @@ async fn retries_return_the_same_reply() {
 
 #[tokio::test]
 async fn retries_survive_a_restart() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let config = config_in(&dir);
+    let backend = TestBackend::new().await;
+    let config = backend.config();
     let env = json!({"id": "0190a0b0-0000-7000-8000-000000000002", "type": "create", "targetName": "order", "targetId": "o9", "body": {"n": 1}});
     let first = {
         let server = sourced_server::start(config.clone()).await.unwrap();

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod artifacts;
 mod cli;
 
 mod concurrency;
@@ -12,5 +13,7 @@ mod crash;
 mod http_api;
 mod idempotency;
 mod postgres;
+mod socketio;
 mod sse;
+mod transfer;
 mod ws;

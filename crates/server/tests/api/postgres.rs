@@ -1,6 +1,7 @@
-//! The service on PostgreSQL when the database goes away and comes back: `/readyz` and
-//! commands answer 503 meanwhile, and the same process recovers by itself. A TCP proxy in
-//! front of the shared server plays the outage; the server itself is never touched.
+//! The service on PostgreSQL: when the database goes away and comes back, `/readyz` and
+//! commands answer 503 meanwhile, and the same process recovers by itself (a TCP proxy in
+//! front of the shared server plays the outage; the server itself is never touched); and live
+//! subscriptions over one store hear the commands executed through another (two "processes").
 //!
 //! `SOURCED_TEST_POSTGRES_URL` names the server (default
 //! `postgres://postgres@127.0.0.1:5432/test`); unreachable, the test prints `SKIP: …` and
@@ -14,65 +15,10 @@ use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::common::{TestApp, config_in};
-
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::common::{Scratch, TestApp, config_in};
 
 fn server_config() -> tokio_postgres::Config {
-    let url = std::env::var("SOURCED_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-    url.parse().expect("SOURCED_TEST_POSTGRES_URL parses")
-}
-
-/// A scratch schema, dropped with everything in it when this is dropped.
-struct Scratch(String);
-
-impl Scratch {
-    async fn new() -> Option<Scratch> {
-        let client = match connect().await {
-            Ok(client) => client,
-            Err(e) if std::env::var("SOURCED_REQUIRE_POSTGRES").is_ok_and(|v| v.trim() == "1") => {
-                panic!("PostgreSQL not reachable (SOURCED_REQUIRE_POSTGRES=1): {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIP: PostgreSQL not reachable at {:?}: {e}", server_config().get_hosts());
-                return None;
-            }
-        };
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let schema = format!("sourced_test_{secs}_{}", uuid::Uuid::new_v4().simple());
-        client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.expect("create a scratch schema");
-        Some(Scratch(schema))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let schema = self.0.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let client = connect().await.map_err(std::io::Error::other)?;
-                client
-                    .batch_execute(&format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .await
-                    .map_err(std::io::Error::other)
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("warning: the scratch schema {} was not dropped: {dropped:?}", self.0);
-        }
-    }
-}
-
-async fn connect() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let mut config = server_config();
-    config.connect_timeout(Duration::from_secs(5));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    crate::common::postgres_url().parse().expect("SOURCED_TEST_POSTGRES_URL parses")
 }
 
 /// Forwards 127.0.0.1:`port` to the server until stopped; stopping cuts every connection.
@@ -133,7 +79,7 @@ async fn an_outage_answers_503_and_the_service_recovers() {
         scratch.0
     ));
     let store = sourced_server::open_store(&config).await.expect("open the PostgreSQL store");
-    let app = TestApp { router: sourced_server::app(&config, store.clone()), store, dir };
+    let app = TestApp { router: sourced_server::app(&config, store.clone()), store, dir, scratch: None };
 
     app.get("/readyz").await.ok(200);
     app.post("/order", &json!({"id": "o1", "total": 1})).await.ok(201);
@@ -153,4 +99,214 @@ async fn an_outage_answers_503_and_the_service_recovers() {
     assert_eq!(positions, [1, 2], "the refused command left no trace");
     app.store.close().await;
     proxy.stop().await;
+}
+
+/// Two engines over two stores on one schema play two processes: a subscription through the
+/// engine over store A receives every event executed through the engine over store B (and A),
+/// exactly once, in position order, across its catch-up and live phases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_hears_commands_of_another_process() {
+    use sourced_engine::{Engine, EngineConfig, Start, SubscriptionFilter, SubscriptionItem, SystemClock};
+    use std::sync::Arc;
+
+    let Some(scratch) = Scratch::new().await else { return };
+    let server = server_config();
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{}?options=-csearch_path%3D{}",
+        server.get_user().unwrap_or("postgres"),
+        server.get_ports().first().copied().unwrap_or(5432),
+        server.get_dbname().unwrap_or("test"),
+        scratch.0
+    );
+    let open = || async {
+        let store = sourced_store::postgres::PostgresStore::connect(&url, Default::default()).await.expect("connect");
+        let store: Arc<dyn sourced_store::EventStore> = Arc::new(store);
+        Engine::new(store, EngineConfig { live_buffer_events: 64, ..EngineConfig::default() }, Arc::new(SystemClock))
+    };
+    let (a, b) = (open().await, open().await);
+    assert!(a.hub().is_fed() && b.hub().is_fed(), "PostgreSQL feeds the hub");
+    let tenant = sourced_core::TenantId::default_tenant();
+    let create = |engine: Engine, id: String| async move {
+        let env = json!({"type": "create", "targetName": "order", "targetId": id, "body": {"n": 1}});
+        let defaults = sourced_core::EnvelopeDefaults {
+            tenant: sourced_core::TenantId::default_tenant(),
+            tenant_fixed: false,
+            generated_id: sourced_core::AggregateId::generate(),
+        };
+        let command = sourced_core::Command::from_envelope_value(env, defaults).expect("a valid command");
+        engine.execute(command, None).await.expect("executed");
+    };
+    // Some history before the subscription (caught up from the store), the rest live.
+    for i in 0..10 {
+        create(b.clone(), format!("early{i}")).await;
+    }
+    let mut sub = a.subscribe(tenant, SubscriptionFilter::default(), Start::Beginning);
+    const WRITERS: usize = 4;
+    const PER_WRITER: usize = 50;
+    let mut writers = JoinSet::new();
+    for w in 0..WRITERS {
+        let engine = if w == 0 { a.clone() } else { b.clone() };
+        writers.spawn(async move {
+            for i in 0..PER_WRITER {
+                create(engine.clone(), format!("w{w}-{i}")).await;
+            }
+        });
+    }
+    let total = 10 + WRITERS * PER_WRITER;
+    let mut positions = Vec::new();
+    while positions.len() < total {
+        let item = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("an event within 30 s");
+        match item.expect("no store error") {
+            SubscriptionItem::Event(e) => positions.push(e.position.0),
+            SubscriptionItem::CaughtUp(_) => {}
+        }
+    }
+    while let Some(r) = writers.join_next().await {
+        r.expect("writer");
+    }
+    assert_eq!(positions, (1..=total as u64).collect::<Vec<_>>(), "every event once, in order");
+    // Nothing more arrives.
+    assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err());
+    a.store().close().await;
+    b.store().close().await;
+}
+
+/// Issue 4's multi-process test: three `sourced serve` processes on one fresh schema; clients
+/// spread over them race with `If-Match` on the same aggregates (exactly one winner per version,
+/// versions contiguous); a WebSocket subscriber on the first process receives every event
+/// written through all three, exactly once, in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_share_one_database() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::collections::BTreeMap;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const AGGREGATES: usize = 4;
+    const CLIENTS_PER_PROCESS: usize = 4;
+    const ATTEMPTS: usize = 10;
+
+    let Some(scratch) = Scratch::new().await else { return };
+    let server = server_config();
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{}?options=-csearch_path%3D{}",
+        server.get_user().unwrap_or("postgres"),
+        server.get_ports().first().copied().unwrap_or(5432),
+        server.get_dbname().unwrap_or("test"),
+        scratch.0
+    );
+    let env = [("EVENT_STORE_URL".to_owned(), url)];
+    let mut processes = Vec::new();
+    for _ in 0..3 {
+        processes.push(crate::common::spawn_sourced_with(&env, None).await);
+    }
+    let addrs: Vec<SocketAddr> = processes.iter().map(|(_, addr)| *addr).collect();
+
+    // The subscriber, on the first process, caught up before anything is written.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", addrs[0])).await.expect("ws");
+    let subscribe = json!({"op": "subscribe", "sub": "s1", "filter": {"targetName": "race"}});
+    ws.send(Message::text(subscribe.to_string())).await.expect("subscribe");
+    async fn recv(
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    ) -> serde_json::Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("a frame within 30 s")
+                .expect("the socket is open")
+                .expect("a frame");
+            if let Message::Text(t) = m {
+                return serde_json::from_str(t.as_str()).expect("JSON");
+            }
+        }
+    }
+    assert_eq!(recv(&mut ws).await["op"], "caught-up");
+
+    // The aggregates, created through the second process.
+    let mut c = sourced_client::Client::connect(addrs[1]).await.expect("connect");
+    for a in 0..AGGREGATES {
+        let r = c.send_json("POST", "/race", &[], &json!({"id": format!("m{a}"), "hits": []})).await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+
+    // Racers on every process; each reads the version from its own process and patches with it.
+    let mut racers = JoinSet::new();
+    for (p, addr) in addrs.iter().copied().enumerate() {
+        for k in 0..CLIENTS_PER_PROCESS {
+            racers.spawn(async move {
+                let mut c = sourced_client::Client::connect(addr).await.expect("connect");
+                let mut wins = Vec::new();
+                for i in 0..ATTEMPTS {
+                    let agg = format!("m{}", (k + i) % AGGREGATES);
+                    let path = format!("/race/{agg}");
+                    let etag = c.get(&path).await.unwrap().header("etag").expect("etag").to_owned();
+                    let body = json!([{"op": "add", "path": "/hits/-", "value": format!("p{p}c{k}i{i}")}]).to_string();
+                    let headers = [("content-type", "application/json-patch+json"), ("if-match", etag.as_str())];
+                    let r = c.request("PATCH", &path, &headers, Some(body.as_bytes())).await.unwrap();
+                    match r.status {
+                        200 => {
+                            let won: u64 = r.header("etag").unwrap().trim_matches('"').parse().unwrap();
+                            let seen: u64 = etag.trim_matches('"').parse().unwrap();
+                            assert_eq!(won, seen + 1, "a win moves the version by one");
+                            wins.push((agg, won, p));
+                        }
+                        409 | 412 => {}
+                        other => panic!("unexpected status {other}: {}", r.text()),
+                    }
+                }
+                wins
+            });
+        }
+    }
+    let mut winner_of: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    while let Some(wins) = racers.join_next().await {
+        for (agg, version, p) in wins.expect("racer") {
+            assert!(winner_of.insert((agg.clone(), version), p).is_none(), "{agg} version {version} won twice");
+        }
+    }
+    let mut total = 0;
+    for a in 0..AGGREGATES {
+        let agg = format!("m{a}");
+        let doc = c.get(&format!("/race/{agg}")).await.unwrap().json();
+        let version = doc["_meta"]["version"].as_u64().unwrap();
+        let won: Vec<u64> = winner_of.keys().filter(|(g, _)| *g == agg).map(|(_, v)| *v).collect();
+        assert_eq!(won, (2..=version).collect::<Vec<_>>(), "{agg}: one winner per version, contiguous");
+        assert_eq!(doc["hits"].as_array().unwrap().len() as u64, version - 1);
+        total += version;
+    }
+    assert!(winner_of.values().any(|p| *p != 0), "some wins went through the other processes");
+
+    // The subscriber saw every event, once, in order: the same as the store's feed.
+    let feed = c.get("/events?limit=1000").await.unwrap().json();
+    let expected: Vec<(u64, String, u64)> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["position"].as_u64().unwrap(),
+                e["targetId"].as_str().unwrap().to_owned(),
+                e["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(expected.len() as u64, total);
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < total {
+        let frame = recv(&mut ws).await;
+        assert_eq!(frame["op"], "event", "{frame}");
+        let e = &frame["event"];
+        seen.push((
+            e["position"].as_u64().unwrap(),
+            e["targetId"].as_str().unwrap().to_owned(),
+            e["version"].as_u64().unwrap(),
+        ));
+    }
+    assert_eq!(seen, expected, "every event once, in position order");
+    assert_eq!(seen.iter().map(|e| e.0).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+    ws.send(Message::text(json!({"op": "ping"}).to_string())).await.expect("ping");
+    assert_eq!(recv(&mut ws).await["op"], "pong", "no event after the last one");
+
+    for (mut child, _) in processes {
+        let _ = child.kill().await;
+    }
 }

@@ -150,3 +150,94 @@ async fn sse_resumes_after_last_event_id() {
     assert_eq!(other.next().await.event, "caught-up");
     server.shutdown().await;
 }
+
+/// Reads an HTTP/1.0 response whole (the body ends with the connection).
+async fn whole_response(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut out)).await.expect("the response within the step").unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
+async fn sse_streams_beyond_the_cap_get_503_and_a_closed_stream_frees_its_slot() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut config = config_in(&dir);
+    config.ws.sse_streams_max = 2;
+    let server = sourced_server::start(config).await.unwrap();
+    let addr = server.addr();
+    let live = || server.live().sse_streams.load(std::sync::atomic::Ordering::Relaxed);
+    let mut a = SseStream::open(addr, "/events", &[]).await;
+    let mut b = SseStream::open(addr, "/events", &[]).await;
+    assert_eq!(a.next().await.event, "caught-up");
+    assert_eq!(b.next().await.event, "caught-up");
+    assert_eq!(live(), 2);
+    let refused = whole_response(addr, "/events").await;
+    assert!(refused.starts_with("HTTP/1.0 503"), "{refused}");
+    assert!(refused.to_ascii_lowercase().contains("retry-after: 1"), "{refused}");
+    assert!(refused.contains("urn:sourced:problem:too-many-streams"), "{refused}");
+    // Plain feed reads are not streams and are not refused.
+    let mut c = sourced_client::Client::connect(addr).await.unwrap();
+    assert_eq!(c.request("GET", "/events", &[], None).await.unwrap().status, 200);
+    // A client that goes away frees its slot once the server writes to it again.
+    drop(a);
+    let mut i = 0;
+    while live() == 2 {
+        assert!(i < 200, "the closed stream kept its slot");
+        write(&mut c, "order", &format!("free{i}")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        i += 1;
+    }
+    let mut d = SseStream::open(addr, "/events?after=now", &[]).await;
+    assert_eq!(d.next().await.event, "caught-up");
+    assert_eq!(b.next().await.event, "event", "the other stream is unaffected");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_sse_client_that_stops_reading_is_disconnected() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut config = config_in(&dir);
+    config.ws.sse_slow_client_timeout_ms = 300;
+    config.live_buffer_events = 64;
+    let server = sourced_server::start(config).await.unwrap();
+    let addr = server.addr();
+    let streams = || server.live().sse_streams.load(std::sync::atomic::Ordering::Relaxed);
+    let slow_closed = || server.live().slow_clients_closed.load(std::sync::atomic::Ordering::Relaxed);
+    // A client with a tiny receive buffer that opens the stream, then reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4_096).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    slow.write_all(format!("GET /events HTTP/1.0\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reader = SseStream::open(addr, "/events?after=now", &[]).await;
+    assert_eq!(reader.next().await.event, "caught-up");
+    // Events flow until the server gives up on the slow client (bounded).
+    let mut c = sourced_client::Client::connect(addr).await.unwrap();
+    let pad = "x".repeat(8_000);
+    let mut i = 0u64;
+    while slow_closed() == 0 {
+        assert!(i < 20_000, "the slow SSE client was never disconnected");
+        let r = c.send_json("POST", "/order", &[], &json!({"id": format!("s{i}"), "pad": pad})).await.unwrap();
+        assert_eq!(r.status, 201);
+        i += 1;
+    }
+    // Its stream is gone (its slot freed); the reading client still gets every event.
+    let mut waited = 0;
+    while streams() > 1 {
+        assert!(waited < 500, "the slow client's stream was not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    for p in 1..=i {
+        assert_eq!(reader.next().await.data["position"], p);
+    }
+    // The slow client, reading at last, finds its connection ended.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(STEP, slow.read_to_end(&mut rest)).await.expect("the end within the step");
+    assert!(ended.is_err() || !rest.is_empty(), "{ended:?}");
+    server.shutdown().await;
+}

@@ -1,0 +1,410 @@
+//! Artifacts (SPEC §4): per aggregate type a JSON Schema, business rules, custom commands and
+//! a lifecycle state machine. [`ArtifactSet::load`] parses and checks a whole set from its
+//! files' contents (no I/O here: the caller reads the directory) and reports every problem
+//! with its file, location and message; a set is used whole or not at all.
+
+pub mod decide;
+pub mod expr;
+pub mod lifecycle;
+pub mod rules;
+pub mod schema;
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::ids::TypeName;
+use expr::Expr;
+use lifecycle::Lifecycle;
+use rules::Rule;
+use schema::Schema;
+
+/// Most files one artifact set may hold.
+pub const FILES_MAX: usize = 10_000;
+/// Largest artifact file, in bytes.
+pub const FILE_BYTES_MAX: usize = 1024 * 1024;
+
+/// One problem in an artifact set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file, relative to the set's root (`types/order/rules.yaml`).
+    pub file: String,
+    /// Where in the file: `line L column C` for syntax errors, else a JSON Pointer into the
+    /// parsed file (`/rules/0/require`); empty for the whole file.
+    pub location: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    /// One line: `file at location: message`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let message = self.message.split_whitespace().collect::<Vec<_>>().join(" ");
+        if self.location.is_empty() {
+            write!(f, "{}: {message}", self.file)
+        } else {
+            write!(f, "{} at {}: {message}", self.file, self.location)
+        }
+    }
+}
+
+/// A loaded, checked artifact set.
+#[derive(Clone, Debug, Default)]
+pub struct ArtifactSet {
+    types: BTreeMap<TypeName, TypeArtifacts>,
+}
+
+/// Everything defined for one aggregate type.
+#[derive(Clone, Debug, Default)]
+pub struct TypeArtifacts {
+    /// The document schema.
+    pub schema: Option<Schema>,
+    /// Business rules, in file order.
+    pub rules: Vec<Rule>,
+    /// Custom commands by name.
+    pub commands: BTreeMap<String, CustomCommand>,
+    /// The lifecycle state machine.
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// A custom command (SPEC §4.2, `type: logic`).
+#[derive(Clone, Debug)]
+pub struct CustomCommand {
+    /// Its name (the file name without extension).
+    pub name: String,
+    /// Schema of its payload (the command body).
+    pub payload: Option<Schema>,
+    /// Whether it may run on an aggregate that does not exist yet.
+    pub creates: bool,
+    /// Preconditions, each with the message given when it is false.
+    pub require: Vec<(Expr, String)>,
+    /// The events it emits.
+    pub emit: Vec<EmitSpec>,
+}
+
+/// One event a custom command emits.
+#[derive(Clone, Debug)]
+pub struct EmitSpec {
+    /// The domain event type (past tense, e.g. `OrderShipped`).
+    pub event: String,
+    /// The patch, whose values are literals or expressions.
+    pub patch: Vec<PatchOpSpec>,
+}
+
+/// One operation of an emitted patch.
+#[derive(Clone, Debug)]
+pub struct PatchOpSpec {
+    /// `add`, `remove`, `replace`, `move`, `copy` or `test`.
+    pub op: String,
+    /// Target pointer.
+    pub path: String,
+    /// Source pointer of `move`/`copy`.
+    pub from: Option<String>,
+    /// The value: a literal, or an expression computed per command.
+    pub value: Option<OpValue>,
+}
+
+/// A patch operation's value.
+#[derive(Clone, Debug)]
+pub enum OpValue {
+    /// Used as written.
+    Literal(Value),
+    /// Computed by CEL over the command's bindings.
+    Expr(Expr),
+}
+
+impl ArtifactSet {
+    /// An empty set: every type is free JSON.
+    pub fn empty() -> ArtifactSet {
+        ArtifactSet::default()
+    }
+
+    /// The artifacts of one type, if any are defined.
+    pub fn for_type(&self, t: &TypeName) -> Option<&TypeArtifacts> {
+        self.types.get(t)
+    }
+
+    /// The types that have artifacts.
+    pub fn types(&self) -> impl Iterator<Item = (&TypeName, &TypeArtifacts)> {
+        self.types.iter()
+    }
+
+    /// Parses and checks a set from `(relative path, content)` pairs. Files outside the
+    /// layout of SPEC §4 are problems too, so a typo never goes unnoticed. Process managers
+    /// (`processes/`) are accepted but not yet interpreted.
+    pub fn load(files: &BTreeMap<String, String>) -> Result<ArtifactSet, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut set = ArtifactSet::default();
+        if files.len() > FILES_MAX {
+            problems.push(Problem {
+                file: String::new(),
+                location: String::new(),
+                message: format!("the set has {} files, over the limit of {FILES_MAX}", files.len()),
+            });
+            return Err(problems);
+        }
+        for (path, text) in files {
+            let mut p = |location: String, message: String| {
+                problems.push(Problem { file: path.clone(), location, message });
+            };
+            if text.len() > FILE_BYTES_MAX {
+                p(String::new(), format!("the file is {} bytes, over the limit of {FILE_BYTES_MAX}", text.len()));
+                continue;
+            }
+            let parts: Vec<&str> = path.split('/').collect();
+            let (type_name, kind) = match parts.as_slice() {
+                ["types", t, "schema.json"] => (*t, Kind::Schema),
+                ["types", t, "rules.yaml" | "rules.yml" | "rules.json"] => (*t, Kind::Rules),
+                ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
+                ["types", t, "commands", file] => match command_name(file) {
+                    Some(name) => (*t, Kind::Command(name)),
+                    None => {
+                        p(String::new(), "a command file is <name>.yaml, <name>.yml or <name>.json".into());
+                        continue;
+                    }
+                },
+                ["processes", _] => continue,
+                ["README.md" | "readme.md" | ".gitignore"] => continue,
+                _ if parts.iter().any(|s| s.starts_with('.')) => continue,
+                _ => {
+                    p(String::new(), "not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, commands/<name>.yaml, or processes/<name>.yaml".into());
+                    continue;
+                }
+            };
+            let t = match TypeName::parse(type_name) {
+                Ok(t) => t,
+                Err(e) => {
+                    p(String::new(), format!("'{type_name}' is not a valid aggregate type: {}", e.message));
+                    continue;
+                }
+            };
+            let doc = match parse_document(path, text) {
+                Ok(v) => v,
+                Err((location, message)) => {
+                    p(location, message);
+                    continue;
+                }
+            };
+            let entry = set.types.entry(t).or_default();
+            let mut local = Vec::new();
+            match kind {
+                Kind::Schema => match Schema::compile(&doc) {
+                    Ok(s) => entry.schema = Some(s),
+                    Err(m) => local.push((String::new(), m)),
+                },
+                Kind::Rules => match rules::parse(&doc) {
+                    Ok(r) => entry.rules = r,
+                    Err(e) => local.extend(e),
+                },
+                Kind::Lifecycle => match Lifecycle::parse(&doc) {
+                    Ok(l) => entry.lifecycle = Some(l),
+                    Err(e) => local.extend(e),
+                },
+                Kind::Command(name) => match entry.commands.entry(name) {
+                    std::collections::btree_map::Entry::Occupied(o) => {
+                        local.push((String::new(), format!("command '{}' is defined twice", o.key())));
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc) {
+                        Ok(c) => {
+                            v.insert(c);
+                        }
+                        Err(e) => local.extend(e),
+                    },
+                },
+            }
+            for (location, message) in local {
+                p(location, message);
+            }
+        }
+        // Cross-file checks: lifecycles name commands that exist.
+        for (t, a) in &set.types {
+            if let Some(l) = &a.lifecycle {
+                for (i, tr) in l.transitions.iter().enumerate() {
+                    for name in &tr.on {
+                        let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
+                        if !generic && !a.commands.contains_key(name) {
+                            problems.push(Problem {
+                                file: format!("types/{t}/lifecycle.yaml"),
+                                location: format!("/transitions/{i}/on"),
+                                message: format!("no command '{name}' is defined for type '{t}'"),
+                            });
+                        }
+                    }
+                }
+            }
+            for r in &a.rules {
+                for name in r.on.iter().flatten() {
+                    let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
+                    if !generic && !a.commands.contains_key(name) {
+                        problems.push(Problem {
+                            file: format!("types/{t}/rules.yaml"),
+                            location: format!("/rules/{}/on", r.index),
+                            message: format!(
+                                "rule '{}' names command '{name}', which type '{t}' does not define",
+                                r.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        if problems.is_empty() { Ok(set) } else { Err(problems) }
+    }
+}
+
+enum Kind {
+    Schema,
+    Rules,
+    Lifecycle,
+    Command(String),
+}
+
+fn command_name(file: &str) -> Option<String> {
+    let stem =
+        file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")).or_else(|| file.strip_suffix(".json"))?;
+    let ok = !stem.is_empty()
+        && stem.len() <= 64
+        && stem.as_bytes()[0].is_ascii_lowercase()
+        && stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b))
+        && stem != "events";
+    ok.then(|| stem.to_owned())
+}
+
+/// Parses YAML or JSON (by extension) into JSON; the error carries `line L column C`.
+fn parse_document(path: &str, text: &str) -> Result<Value, (String, String)> {
+    if path.ends_with(".json") {
+        serde_json::from_str(text)
+            .map_err(|e| (format!("line {} column {}", e.line(), e.column()), format!("invalid JSON: {e}")))
+    } else {
+        let v: Value = yaml_serde::from_str(text).map_err(|e| {
+            let location = e.location().map(|l| format!("line {} column {}", l.line(), l.column())).unwrap_or_default();
+            (location, format!("invalid YAML: {e}"))
+        })?;
+        Ok(v)
+    }
+}
+
+/// Deserializes part of an artifact file, with the serde message as the problem.
+pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(v: &Value, pointer: &str) -> Result<T, Vec<(String, String)>> {
+    serde_json::from_value(v.clone()).map_err(|e| vec![(pointer.to_owned(), e.to_string())])
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    payload: Option<Value>,
+    #[serde(default)]
+    creates: bool,
+    #[serde(default)]
+    require: Vec<RawRequire>,
+    emit: Vec<RawEmit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequire {
+    expr: String,
+    message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmit {
+    event: String,
+    #[serde(default)]
+    patch: Vec<RawOp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOp {
+    op: String,
+    path: String,
+    from: Option<String>,
+    value: Option<Value>,
+    expr: Option<String>,
+}
+
+fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, String)>> {
+    let raw: RawCommand = from_json(doc, "")?;
+    let mut problems = Vec::new();
+    let payload = match raw.payload.as_ref().map(Schema::compile) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(m)) => {
+            problems.push(("/payload".to_owned(), m));
+            None
+        }
+        None => None,
+    };
+    let mut require = Vec::new();
+    for (i, r) in raw.require.iter().enumerate() {
+        match Expr::compile(&r.expr) {
+            Ok(e) => require.push((e, r.message.clone())),
+            Err(m) => problems.push((format!("/require/{i}/expr"), m)),
+        }
+    }
+    if raw.emit.is_empty() {
+        problems.push(("/emit".to_owned(), "a command must emit at least one event".to_owned()));
+    }
+    let mut emit = Vec::new();
+    for (i, e) in raw.emit.iter().enumerate() {
+        let valid_event = !e.event.is_empty()
+            && e.event.len() <= crate::event::EVENT_TYPE_LEN_MAX
+            && !matches!(e.event.as_str(), crate::event::CREATED | crate::event::PATCHED | crate::event::DELETED)
+            && e.event.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !valid_event {
+            problems.push((
+                format!("/emit/{i}/event"),
+                format!(
+                    "'{}' is not a valid domain event type (letters, digits, . _ -; not created/patched/deleted)",
+                    e.event
+                ),
+            ));
+        }
+        let mut ops = Vec::new();
+        for (j, op) in e.patch.iter().enumerate() {
+            let at = format!("/emit/{i}/patch/{j}");
+            if !matches!(op.op.as_str(), "add" | "remove" | "replace" | "move" | "copy" | "test") {
+                problems.push((format!("{at}/op"), format!("unknown patch op '{}'", op.op)));
+            }
+            if !(op.path.is_empty() || op.path.starts_with('/')) {
+                problems.push((format!("{at}/path"), "a path is a JSON Pointer: empty or starting with /".to_owned()));
+            }
+            if crate::patch::is_server_owned(&op.path) {
+                problems.push((format!("{at}/path"), format!("'{}' is owned by the server", op.path)));
+            }
+            let needs_value = matches!(op.op.as_str(), "add" | "replace" | "test");
+            let value = match (&op.value, &op.expr) {
+                (Some(_), Some(_)) => {
+                    problems.push((at.clone(), "give value or expr, not both".to_owned()));
+                    None
+                }
+                (Some(v), None) => Some(OpValue::Literal(v.clone())),
+                (None, Some(src)) => match Expr::compile(src) {
+                    Ok(e) => Some(OpValue::Expr(e)),
+                    Err(m) => {
+                        problems.push((format!("{at}/expr"), m));
+                        None
+                    }
+                },
+                (None, None) => {
+                    if needs_value {
+                        problems.push((at.clone(), format!("'{}' needs a value or an expr", op.op)));
+                    }
+                    None
+                }
+            };
+            if matches!(op.op.as_str(), "move" | "copy") && op.from.is_none() {
+                problems.push((at.clone(), format!("'{}' needs from", op.op)));
+            }
+            ops.push(PatchOpSpec { op: op.op.clone(), path: op.path.clone(), from: op.from.clone(), value });
+        }
+        emit.push(EmitSpec { event: e.event.clone(), patch: ops });
+    }
+    if problems.is_empty() {
+        Ok(CustomCommand { name: name.to_owned(), payload, creates: raw.creates, require, emit })
+    } else {
+        Err(problems)
+    }
+}

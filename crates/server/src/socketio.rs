@@ -1,0 +1,165 @@
+//! Socket.IO compatibility (SPEC §3.2: the original service used Socket.IO): at `/socket.io/`,
+//! a client emits `commands` with a command envelope (SPEC §2.1) and receives the outcome on
+//! `events`: the command result as `POST /commands` answers it (plus `"replayed": true` on a
+//! retry), or `{"id": commandId-or-null, "error": problem}`. Commands go through the same
+//! pipeline as the WebSocket API (`ws::execute_envelope`), so validation, errors and
+//! idempotency are the same as over HTTP and WebSocket. Subscriptions are not offered here
+//! (use `/ws` or SSE).
+//!
+//! The protocol (Engine.IO v4 / Socket.IO v5, long-polling and WebSocket transports) is the
+//! `socketioxide` crate's, mounted as a tower layer in front of the router (`lib.rs`). Its
+//! handlers run as spawned tasks, one per received event, so the limits are ours:
+//! - commands in flight per connection: `WS_INFLIGHT_MAX`; beyond it a command is answered at
+//!   once with a 429 problem (the crate reads on regardless, so refusing is the only bound);
+//! - packets queued for the client: `WS_OUTBOUND_MAX` (the crate's buffer); a client whose
+//!   buffer is full has stopped reading, and is disconnected (counted as a slow client);
+//! - message size: `WS_MESSAGE_BYTES_MAX` for polling payloads and WebSocket messages;
+//! - dead clients: Engine.IO's own ping/pong (25 s interval, 20 s timeout).
+//!
+//! The tenant is the handshake's `X-Tenant` header (which then fixes it), else the envelope's,
+//! else `default`, as on `/ws`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::http::StatusCode;
+use serde_json::{Map, Value};
+use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::Semaphore;
+
+use sourced_core::TenantId;
+use sourced_engine::Engine;
+
+use crate::config::WsLimits;
+use crate::http::tenant_header;
+use crate::problem::Problem;
+use crate::ws::{LiveState, execute_envelope};
+
+/// The event a client emits a command envelope on.
+pub const COMMANDS_EVENT: &str = "commands";
+/// The event outcomes are emitted on.
+pub const EVENTS_EVENT: &str = "events";
+
+/// The Socket.IO layer (path `/socket.io/`, namespace `/`); every other request passes through
+/// to the inner service. Its connections are disconnected when `live` closes (shutdown).
+pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> SocketIoLayer {
+    let (layer, io) = SocketIo::builder()
+        .max_buffer_size(limits.outbound_max)
+        .max_payload(limits.message_bytes_max as u64)
+        .ws_max_message_size(limits.message_bytes_max)
+        .ws_max_frame_size(limits.message_bytes_max)
+        .build_layer();
+    let inflight_max = limits.inflight_max;
+    let stats = live.clone();
+    io.ns("/", move |s: SocketRef| on_connect(s, engine, inflight_max, stats));
+    // Long-polling requests and upgraded sockets would otherwise hold the graceful shutdown.
+    // Without a runtime (an app built outside one) there is nothing to close yet.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let closed = live.closed();
+        runtime.spawn(async move {
+            closed.await;
+            io.close().await;
+        });
+    }
+    layer
+}
+
+/// A client joined the namespace: registers its `commands` handler with its own in-flight
+/// limit and fixed tenant.
+async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Arc<LiveState>) {
+    let tenant = match tenant_header(&s.req_parts().headers) {
+        Ok(t) => t,
+        Err(p) => {
+            let _ = s.emit(EVENTS_EVENT, &error_reply(None, &p));
+            let _ = s.disconnect();
+            return;
+        }
+    };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let on_gone = stats.clone();
+    s.on_disconnect(move || async move {
+        on_gone.connections.fetch_sub(1, Ordering::Relaxed);
+    });
+    let inflight = Arc::new(Semaphore::new(inflight_max));
+    s.on(COMMANDS_EVENT, move |s: SocketRef, TryData::<Value>(data)| {
+        run_command(s, data, engine, tenant, inflight, inflight_max, stats)
+    });
+}
+
+/// One received `commands` event: runs it and emits the outcome on `events`.
+async fn run_command(
+    s: SocketRef,
+    data: Result<Value, socketioxide::ParserError>,
+    engine: Engine,
+    tenant: Option<TenantId>,
+    inflight: Arc<Semaphore>,
+    inflight_max: usize,
+    stats: Arc<LiveState>,
+) {
+    let reply = match inflight.try_acquire_owned() {
+        Err(_) => {
+            let p = Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-commands",
+                "Too many commands in flight",
+                format!("a Socket.IO connection may have {inflight_max} commands in flight; wait for replies"),
+            )
+            .with("limit", inflight_max);
+            error_reply(envelope_id(data.as_ref().ok()), &p)
+        }
+        Ok(_permit) => match envelope(data) {
+            Err(p) => error_reply(None, &p),
+            Ok(envelope) => match execute_envelope(&engine, envelope, tenant).await {
+                Ok((mut result, replayed)) => {
+                    if replayed {
+                        result.insert("replayed".into(), Value::Bool(true));
+                    }
+                    Value::Object(result)
+                }
+                Err(e) => {
+                    let (id, problem) = *e;
+                    error_reply(id, &problem)
+                }
+            },
+        },
+    };
+    match s.emit(EVENTS_EVENT, &reply) {
+        Ok(()) => {}
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+            stats.slow_clients_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(sid = %s.id, "disconnecting a Socket.IO client that stopped reading");
+            let _ = s.disconnect();
+        }
+        Err(e) => tracing::debug!(error = %e, sid = %s.id, "a Socket.IO reply could not be sent"),
+    }
+}
+
+/// The envelope from the event's data: an object, or a string holding one (as some clients
+/// of the original service sent it).
+fn envelope(data: Result<Value, socketioxide::ParserError>) -> Result<Value, Problem> {
+    let bad = |detail: String| Problem::bad_request(detail, vec![]);
+    match data {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            Ok(_) => Err(bad("the 'commands' string must hold a JSON object (the command envelope)".into())),
+            Err(e) => Err(bad(format!("the 'commands' string is not valid JSON: {e}"))),
+        },
+        Ok(_) => Err(bad("'commands' takes one argument, the command envelope (a JSON object)".into())),
+        Err(e) => Err(bad(format!("'commands' takes one argument, the command envelope: {e}"))),
+    }
+}
+
+fn envelope_id(data: Option<&Value>) -> Option<Value> {
+    data?.get("id").filter(|v| v.is_string()).cloned()
+}
+
+/// `{"id": …, "error": {problem}}`.
+fn error_reply(id: Option<Value>, problem: &Problem) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), id.unwrap_or(Value::Null));
+    m.insert("error".into(), problem.body());
+    Value::Object(m)
+}

@@ -1,0 +1,134 @@
+//! The example order domain (examples/order) through the HTTP API: schema, custom commands,
+//! rules and the lifecycle (SPEC §4), `sourced check`, and start-up refusing a broken set.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::common::TestApp;
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order")
+}
+
+fn order_app() -> TestApp {
+    let set = sourced_server::artifacts::load_dir(&example()).expect("the example set is valid");
+    TestApp::with(|c| c.artifact_set = Arc::new(set))
+}
+
+#[tokio::test]
+async fn the_order_domain_end_to_end() {
+    let app = order_app();
+    // The schema holds on create; a new order starts as a draft.
+    app.post("/order", &json!({"id": "o1", "customer": ""})).await.problem(422, "invalid-document");
+    let r = app.post("/order", &json!({"id": "o1", "customer": "ada", "lines": [], "total": 0})).await;
+    assert_eq!(r.ok(201)["status"], "draft");
+    // Submitting an empty order fails its precondition.
+    let r = app.call("POST", "/order/o1/submit", &[], Some("{}")).await;
+    assert_eq!(
+        r.problem(422, "command-precondition-failed")["violations"][0]["message"],
+        "an order needs at least one line to be submitted"
+    );
+    // Rules see the next state: a total without lines is refused, naming the rule.
+    let r = app.patch("/order/o1", None, &json!([{"op": "replace", "path": "/total", "value": 5}])).await;
+    assert_eq!(r.problem(422, "rule-violation")["violations"][0]["rule"], "total-needs-lines");
+    app.patch(
+        "/order/o1",
+        None,
+        &json!([{"op": "add", "path": "/lines/-", "value": {"sku": "tea", "qty": 2, "price": 4.25}}, {"op": "replace", "path": "/total", "value": 8.5}]),
+    )
+    .await
+    .ok(200);
+    // A patch may not move the status: the lifecycle lists what submit would allow.
+    let r = app.patch("/order/o1", None, &json!([{"op": "replace", "path": "/status", "value": "paid"}])).await;
+    assert_eq!(r.problem(422, "illegal-transition")["allowed"], json!([]));
+    let r = app.call("POST", "/order/o1/submit", &[("if-match", "\"2\"")], Some("{}")).await;
+    let doc = r.ok(200);
+    assert_eq!(doc["status"], "submitted");
+    assert!(doc["submittedAt"].as_str().unwrap().ends_with('Z'));
+    // Paying: payload schema, then the amount rule, then success.
+    app.call("POST", "/order/o1/pay", &[], Some(r#"{"amount": "lots"}"#)).await.problem(422, "invalid-payload");
+    let r = app.call("POST", "/order/o1/pay", &[], Some(r#"{"amount": 3}"#)).await;
+    assert_eq!(r.problem(422, "rule-violation")["violations"][0]["rule"], "pay-the-full-total");
+    app.call("POST", "/order/o1/pay", &[], Some(r#"{"amount": 8.5}"#)).await.ok(200);
+    // Cancel is not a transition from paid; ship is.
+    let r = app.call("POST", "/order/o1/cancel", &[], Some("{}")).await;
+    assert_eq!(r.problem(422, "illegal-transition")["from"], "paid");
+    let r = app.call("POST", "/order/o1/ship", &[], Some(r#"{"trackingNumber": "Z1"}"#)).await;
+    assert_eq!(r.ok(200)["status"], "shipped");
+    // The history holds the domain events with their patches.
+    let h = app.get("/order/o1/events").await;
+    let types: Vec<_> =
+        h.body["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(types, ["created", "patched", "OrderSubmitted", "OrderPaid", "OrderShipped"]);
+    assert!(h.body["items"][2]["data"].is_array());
+    // Unknown commands are refused.
+    app.call("POST", "/order/o1/teleport", &[], Some("{}")).await.problem(422, "unknown-command");
+}
+
+#[tokio::test]
+async fn warnings_are_replied_and_replayed() {
+    let app = order_app();
+    let env = json!({
+        "id": "0190a0b0-0000-7000-8000-00000000000a",
+        "type": "create", "targetName": "order", "targetId": "big",
+        "body": {"customer": "bo", "lines": [{"sku": "gold", "qty": 1, "price": 20000}], "total": 20000}
+    });
+    let first = app.post("/commands", &env).await;
+    assert_eq!(
+        first.ok(200)["warnings"],
+        json!([{"rule": "large-orders-are-reviewed", "message": "orders above 10000 are reviewed by hand"}])
+    );
+    let again = app.post("/commands", &env).await;
+    assert_eq!(again.ok(200), &first.body);
+}
+
+#[tokio::test]
+async fn schemas_are_served() {
+    let app = order_app();
+    let r = app.get("/schemas/order.json").await;
+    assert_eq!(r.ok(200)["title"], "order");
+    assert_eq!(r.header("content-type"), Some("application/schema+json"));
+    assert_eq!(app.get("/schemas/command.json").await.ok(200)["required"], json!(["type", "targetName"]));
+    app.get("/schemas/nothing.json").await.problem(404, "not-found");
+}
+
+#[test]
+fn check_prints_every_problem() {
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_sourced")).arg("check").arg(example()).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let dir = tempfile::TempDir::new().unwrap();
+    let t = dir.path().join("types/order");
+    std::fs::create_dir_all(t.join("commands")).unwrap();
+    std::fs::write(t.join("schema.json"), r#"{"type": "nonsense"}"#).unwrap();
+    std::fs::write(
+        t.join("lifecycle.yaml"),
+        "field: /s\ninitial: a\nstates: [a]\ntransitions:\n  - {from: a, to: b}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("commands/go.yaml"),
+        "emit:\n  - event: Went\n    patch: [{op: add, path: /x, expr: 'state.'}]\n",
+    )
+    .unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sourced")).arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8(bad.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("types/order/commands/go.yaml at /emit/0/patch/0/expr: CEL syntax error"), "{out}");
+    assert!(lines[1].starts_with("types/order/lifecycle.yaml at /transitions/0/to: state 'b' is not defined"), "{out}");
+    assert!(lines[2].starts_with("types/order/schema.json: invalid JSON Schema"), "{out}");
+    // The server refuses to start on the same set, listing the problems.
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
+        .env_clear()
+        .env("ARTIFACTS", dir.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("EVENT_STORE_URL", format!("sqlite://{}", dir.path().join("x.db").display()))
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    let err = String::from_utf8(serve.stderr).unwrap();
+    assert!(err.contains("3 problem(s)") && err.contains("ARTIFACTS"), "{err}");
+}
