@@ -119,7 +119,10 @@ pub(crate) fn run(
 }
 
 async fn connect(addr: SocketAddr) -> anyhow::Result<Ws> {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.context("WebSocket connect")?;
+    // Nagle off on the client too: pipelined command frames are small.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true)
+        .await
+        .context("WebSocket connect")?;
     Ok(ws)
 }
 

@@ -59,6 +59,11 @@ impl axum::serve::Listener for GuardedListener {
 
     async fn accept(&mut self) -> (GuardedIo, SocketAddr) {
         let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        // Small frames (WebSocket replies and events, SSE events) must not wait for Nagle's
+        // algorithm: with it, a stream of events to a subscriber stalls for tens of ms.
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         (GuardedIo { inner: io, guard: StallGuard::default(), blocked: None, tripped: false }, addr)
     }
 
