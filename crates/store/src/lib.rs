@@ -239,6 +239,34 @@ pub trait CommitListener: Send + Sync + 'static {
     fn committed(&self, head: Position, events: Vec<RecordedEvent>);
 }
 
+/// The events of an accepted append as stored: numbered from `first_version`, positioned from
+/// `first_position`, with the request's timestamp at the stored precision. Backends build
+/// them from the request itself, so the writer copies no JSON.
+pub(crate) fn recorded_events(
+    request: AppendRequest,
+    first_position: Position,
+    first_version: Version,
+) -> Vec<RecordedEvent> {
+    let AppendRequest { key, events, timestamp, .. } = request;
+    let timestamp = sourced_core::timestamp::truncate(timestamp);
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| RecordedEvent {
+            id: e.id,
+            position: Position(first_position.0 + i as u64),
+            tenant: key.tenant.clone(),
+            target_name: key.type_name.clone(),
+            target_id: key.id.clone(),
+            version: Version(first_version.0 + i as u64),
+            event_type: e.event_type,
+            data: e.data,
+            metadata: e.metadata,
+            timestamp,
+        })
+        .collect()
+}
+
 /// Checks the shape of an append before a backend runs it.
 pub fn validate_append(request: &AppendRequest) -> Result<(), StoreError> {
     if request.events.is_empty() {

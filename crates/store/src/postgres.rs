@@ -360,25 +360,7 @@ impl EventStore for PostgresStore {
         match written? {
             Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
             Written::Appended { first_position, first_version } => {
-                let AppendRequest { key, events, timestamp, .. } = request;
-                let timestamp = truncate(timestamp);
-                let recorded = events
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, e)| RecordedEvent {
-                        id: e.id,
-                        position: Position(first_position.0 + i as u64),
-                        tenant: key.tenant.clone(),
-                        target_name: key.type_name.clone(),
-                        target_id: key.id.clone(),
-                        version: Version(first_version.0 + i as u64),
-                        event_type: e.event_type,
-                        data: e.data,
-                        metadata: e.metadata,
-                        timestamp,
-                    })
-                    .collect();
-                Ok(AppendOutcome::Appended(recorded))
+                Ok(AppendOutcome::Appended(crate::recorded_events(request, first_position, first_version)))
             }
         }
     }
