@@ -267,6 +267,41 @@ pub(crate) fn recorded_events(
         .collect()
 }
 
+/// The invariant of a stream read, checked where data is read (as where it is written):
+/// versions continue contiguously from `after`, positions strictly increase.
+pub(crate) fn check_stream_read(key: &StreamKey, after: Version, events: &[RecordedEvent]) -> Result<(), StoreError> {
+    let mut expected_version = after;
+    let mut previous_position = Position(0);
+    for event in events {
+        expected_version = expected_version.next();
+        if event.version != expected_version || event.position <= previous_position {
+            return Err(StoreError::Corrupt(format!(
+                "{key}: read version {} at position {} where version {expected_version} after position \
+                 {previous_position} was due",
+                event.version, event.position
+            )));
+        }
+        previous_position = event.position;
+    }
+    Ok(())
+}
+
+/// The invariant of a feed read (SPEC §7.3): positions strictly increase after `after`, and
+/// every event has a version.
+pub(crate) fn check_feed_read(after: Position, events: &[RecordedEvent]) -> Result<(), StoreError> {
+    let mut previous = after;
+    for event in events {
+        if event.position <= previous || event.version == Version::ZERO {
+            return Err(StoreError::Corrupt(format!(
+                "read position {} (version {}) of {} after position {previous}",
+                event.position, event.version, event.tenant
+            )));
+        }
+        previous = event.position;
+    }
+    Ok(())
+}
+
 /// Checks the shape of an append before a backend runs it.
 pub fn validate_append(request: &AppendRequest) -> Result<(), StoreError> {
     if request.events.is_empty() {

@@ -404,20 +404,7 @@ impl EventStore for PostgresStore {
             .iter()
             .map(|r| decode_event(r, key.tenant.clone(), key.type_name.clone(), key.id.clone(), [0, 1, 2, 3, 4, 5, 6]))
             .collect::<Result<Vec<_>, _>>()?;
-        // Versions are contiguous from 1, so a read after `after` starts at `after + 1`.
-        let mut expected_version = after;
-        let mut previous_position = Position(0);
-        for event in &events {
-            expected_version = expected_version.next();
-            if event.version != expected_version || event.position <= previous_position {
-                return Err(StoreError::Corrupt(format!(
-                    "{key}: read version {} at position {} where version {expected_version} after position \
-                     {previous_position} was due",
-                    event.version, event.position
-                )));
-            }
-            previous_position = event.position;
-        }
+        crate::check_stream_read(key, after, &events)?;
         Ok(events)
     }
 
@@ -449,16 +436,7 @@ impl EventStore for PostgresStore {
                 .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
             events.push(decode_event(r, tenant.clone(), type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
         }
-        let mut previous = after;
-        for event in &events {
-            if event.position <= previous || event.version == Version::ZERO {
-                return Err(StoreError::Corrupt(format!(
-                    "tenant {tenant}: read position {} (version {}) after position {previous}",
-                    event.position, event.version
-                )));
-            }
-            previous = event.position;
-        }
+        crate::check_feed_read(after, &events)?;
         Ok(events)
     }
 
@@ -1384,16 +1362,7 @@ async fn read_global(client: &ClientWrapper, after: Position, limit: usize) -> R
             .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
         events.push(decode_event(r, tenant, type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
     }
-    let mut previous = after;
-    for event in &events {
-        if event.position <= previous || event.version == Version::ZERO {
-            return Err(StoreError::Corrupt(format!(
-                "read position {} (version {}) after position {previous}",
-                event.position, event.version
-            )));
-        }
-        previous = event.position;
-    }
+    crate::check_feed_read(after, &events)?;
     Ok(events)
 }
 

@@ -1011,20 +1011,7 @@ fn read_stream(
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql_err)?;
     let events = raws.into_iter().map(|raw| raw.decode(&key.tenant, Some(key))).collect::<Result<Vec<_>, _>>()?;
-    // Versions are contiguous from 1, so a read after `after` starts at `after + 1`.
-    let mut expected_version = after;
-    let mut previous_position = Position(0);
-    for event in &events {
-        expected_version = expected_version.next();
-        if event.version != expected_version || event.position <= previous_position {
-            return Err(StoreError::Corrupt(format!(
-                "{key}: read version {} at position {} where version {expected_version} after position \
-                 {previous_position} was due",
-                event.version, event.position
-            )));
-        }
-        previous_position = event.position;
-    }
+    crate::check_stream_read(key, after, &events)?;
     Ok(events)
 }
 
@@ -1058,16 +1045,7 @@ fn read_all(
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql_err)?;
     let events = raws.into_iter().map(|raw| raw.decode(tenant, None)).collect::<Result<Vec<_>, _>>()?;
-    let mut previous = after;
-    for event in &events {
-        if event.position <= previous || event.version == Version::ZERO {
-            return Err(StoreError::Corrupt(format!(
-                "tenant {tenant}: read position {} (version {}) after position {previous}",
-                event.position, event.version
-            )));
-        }
-        previous = event.position;
-    }
+    crate::check_feed_read(after, &events)?;
     Ok(events)
 }
 
@@ -1102,16 +1080,7 @@ fn read_global(conn: &Connection, after: Position, limit: usize) -> Result<Vec<R
         let tenant = TenantId::parse(&tenant).map_err(|v| corrupt_row("events.tenant", v.message))?;
         events.push(raw.decode(&tenant, None)?);
     }
-    let mut previous = after;
-    for event in &events {
-        if event.position <= previous || event.version == Version::ZERO {
-            return Err(StoreError::Corrupt(format!(
-                "read position {} (version {}) after position {previous}",
-                event.position, event.version
-            )));
-        }
-        previous = event.position;
-    }
+    crate::check_feed_read(after, &events)?;
     Ok(events)
 }
 
