@@ -11,6 +11,7 @@ pub mod event;
 pub mod ids;
 pub mod limits;
 pub mod patch;
+pub mod query;
 pub mod timestamp;
 pub mod version;
 

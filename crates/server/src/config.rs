@@ -66,6 +66,10 @@ pub struct RawArgs {
     /// Directory of the artifact set (schemas, rules, commands, lifecycles) [default: none].
     #[arg(long, env = "ARTIFACTS")]
     pub artifacts: Option<String>,
+    /// Document fields to index for filtered lists, comma-separated paths (e.g.
+    /// `status,customer.id`); each index serves every type [default: none].
+    #[arg(long, env = "INDEXES")]
+    pub indexes: Option<String>,
     /// trace, debug, info, warn or error [default: info].
     #[arg(long, env = "LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -195,6 +199,8 @@ pub struct Config {
     pub artifacts: Option<PathBuf>,
     /// The loaded artifact set ([`crate::start`] loads it from `artifacts`; empty until then).
     pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
+    /// Document fields indexed for filtered lists (created at start where missing).
+    pub indexes: Vec<sourced_core::query::FieldPath>,
     /// Log filter directive (a level).
     pub log_level: String,
     /// Log format.
@@ -226,6 +232,9 @@ pub struct ConfigError {
     /// What is expected.
     pub reason: String,
 }
+
+/// Most fields `INDEXES` may name: each index costs every write.
+pub const INDEXES_MAX: usize = 32;
 
 fn bad(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError { setting, value: value.to_owned(), reason: reason.into() }
@@ -266,6 +275,19 @@ impl Config {
             }
             Some(a) if !std::path::Path::new(a).is_dir() => return Err(bad("ARTIFACTS", a, "not a directory")),
             Some(a) => Some(PathBuf::from(a)),
+        };
+        let indexes = match raw.indexes.as_deref().map(str::trim) {
+            None | Some("") => Vec::new(),
+            Some(list) => {
+                let fields = list
+                    .split(',')
+                    .map(|f| sourced_core::query::FieldPath::parse(f.trim()).map_err(|m| bad("INDEXES", list, m)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if fields.len() > INDEXES_MAX {
+                    return Err(bad("INDEXES", list, format!("at most {INDEXES_MAX} indexed fields")));
+                }
+                fields
+            }
         };
         let log_level = match raw.log_level.as_deref().map(str::trim) {
             None => "info".to_owned(),
@@ -330,6 +352,7 @@ impl Config {
             store,
             artifacts,
             artifact_set: Default::default(),
+            indexes,
             log_level,
             log_format,
             require_version,
@@ -424,6 +447,7 @@ mod tests {
     fn bad_values_name_the_setting() {
         let cases: Vec<(RawArgs, &str)> = vec![
             (RawArgs { listen: Some("nowhere".into()), ..Default::default() }, "LISTEN"),
+            (RawArgs { indexes: Some("status,a..b".into()), ..Default::default() }, "INDEXES"),
             (RawArgs { event_store_url: Some("mysql://x".into()), ..Default::default() }, "EVENT_STORE_URL"),
             (RawArgs { log_level: Some("loud".into()), ..Default::default() }, "LOG_LEVEL"),
             (RawArgs { log_format: Some("xml".into()), ..Default::default() }, "LOG_FORMAT"),

@@ -14,12 +14,13 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 
 use sourced_core::aggregate::document;
+use sourced_core::query;
 use sourced_core::{
     AggregateId, Command, CommandId, EnvelopeDefaults, ExpectedVersion, Position, StreamKey, TenantId, TypeName,
     Version, Violation, ids::RESERVED_TYPE_NAMES,
 };
 use sourced_engine::{CommandOutcome, Engine};
-use sourced_store::{DocumentRow, ListQuery};
+use sourced_store::{DocumentRow, ListCursor, ListQuery};
 
 use crate::config::{HttpLimits, WsLimits};
 use crate::problem::{Problem, from_engine};
@@ -595,33 +596,123 @@ async fn history(
     Ok(axum::Json(json!({"items": items, "next": next})).into_response())
 }
 
+/// Query parameters of a list that are not filters.
+const LIST_PARAMS: &[&str] = &["limit", "cursor", "includeDeleted", "sort", "count", "fields"];
+
+/// `GET /{type}` (SPEC §5): every parameter that is not one of [`LIST_PARAMS`] is a filter
+/// (`field=value`, `field[op]=value`); `sort`, `fields`, `count`, `includeDeleted`, `limit`
+/// and `cursor` shape the page. Semantics: `sourced_core::query`.
 async fn list(
     State(s): State<AppState>,
     Path(ty): Path<String>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let pairs = query_pairs(&q, &["limit", "cursor", "includeDeleted"])?;
-    let query = ListQuery {
-        tenant: tenant(&headers)?,
-        type_name: type_name(&ty)?,
-        after: match param(&pairs, "cursor") {
-            None => None,
-            Some(c) => Some(
-                decode_cursor("list", c)?
-                    .as_str()
-                    .and_then(|s| AggregateId::parse(s).ok())
-                    .ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?,
-            ),
-        },
-        limit: page_limit(&pairs, &s.http)?,
-        include_deleted: flag(&pairs, "includeDeleted")?,
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
+    let mut violations = Vec::new();
+    let mut filters = Vec::new();
+    for (k, v) in pairs.iter().filter(|(k, _)| !LIST_PARAMS.contains(&k.as_str())) {
+        match query::Filter::parse(k, v) {
+            Ok(f) => filters.push(f),
+            Err(e) => violations.push(Violation::new("", e.to_string())),
+        }
+    }
+    if filters.len() > query::FILTERS_MAX {
+        violations.push(Violation::new("", format!("at most {} filters", query::FILTERS_MAX)));
+    }
+    let sort = match param(&pairs, "sort").filter(|s| !s.is_empty()) {
+        None => Vec::new(),
+        Some(raw) => query::parse_sort(raw).unwrap_or_else(|e| {
+            violations.push(Violation::new("", e.to_string()));
+            Vec::new()
+        }),
     };
-    let rows = s.engine.store().list_documents(&query).await?;
-    let next =
-        (rows.len() == query.limit).then(|| encode_cursor("list", json!(rows.last().map(|r| r.key.id.as_str()))));
-    let items: Vec<Value> = rows.iter().map(row_document).collect();
-    Ok(axum::Json(json!({"items": items, "next": next})).into_response())
+    let fields = match param(&pairs, "fields") {
+        None => None,
+        Some(raw) => query::parse_fields(raw).map(Some).unwrap_or_else(|e| {
+            violations.push(Violation::new("", e.to_string()));
+            None
+        }),
+    };
+    if !violations.is_empty() {
+        return Err(Problem::bad_request(
+            format!(
+                "invalid list query; filters are field=value or field[op]=value with op one of {}; \
+                 other parameters: {}",
+                query::OPERATORS.join(", "),
+                LIST_PARAMS.join(", ")
+            ),
+            violations,
+        ));
+    }
+    let order = sort_text(&sort);
+    let after = match param(&pairs, "cursor") {
+        None => None,
+        Some(c) => Some(list_cursor(&decode_cursor("list", c)?, &order)?),
+    };
+    let mut list = ListQuery {
+        filters,
+        sort,
+        after,
+        include_deleted: flag(&pairs, "includeDeleted")?,
+        ..ListQuery::new(tenant(&headers)?, type_name(&ty)?, page_limit(&pairs, &s.http)?)
+    };
+    let store = s.engine.store();
+    let count = if flag(&pairs, "count")? { Some(store.count_documents(&list).await?) } else { None };
+    let rows = store.list_documents(&list).await?;
+    let next = if rows.len() == list.limit {
+        rows.last().map(|last| {
+            list.after = Some(list.cursor_after(last));
+            encode_cursor("list", cursor_json(list.after.as_ref().expect("just set"), &order))
+        })
+    } else {
+        None
+    };
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| match &fields {
+            None => row_document(row),
+            Some(fields) => row_document(&DocumentRow { state: query::project(&row.state, fields), ..row.clone() }),
+        })
+        .collect();
+    let mut body = json!({"items": items, "next": next});
+    if let Some(n) = count {
+        body["count"] = json!(n);
+    }
+    Ok(axum::Json(body).into_response())
+}
+
+/// The sort as text (`-a,b`), which a cursor carries so it is only used with the same order.
+fn sort_text(sort: &[query::SortKey]) -> String {
+    sort.iter().map(|k| format!("{}{}", if k.descending { "-" } else { "" }, k.field)).collect::<Vec<_>>().join(",")
+}
+
+fn cursor_json(cursor: &ListCursor, order: &str) -> Value {
+    let slots: Vec<Value> = cursor.slots.iter().map(|s| json!([s.rank, s.num, s.text])).collect();
+    json!({"o": order, "s": slots, "id": cursor.id.as_str()})
+}
+
+fn list_cursor(v: &Value, order: &str) -> Result<ListCursor> {
+    let invalid =
+        || Problem::bad_request("invalid cursor: pass back the 'next' value of a page of this listing", vec![]);
+    if v.get("o").and_then(Value::as_str) != Some(order) {
+        return Err(Problem::bad_request("this cursor belongs to a listing in another order (sort)", vec![]));
+    }
+    let id = v.get("id").and_then(Value::as_str).and_then(|s| AggregateId::parse(s).ok()).ok_or_else(invalid)?;
+    let slots = v
+        .get("s")
+        .and_then(Value::as_array)
+        .ok_or_else(invalid)?
+        .iter()
+        .map(|slot| match slot.as_array().map(Vec::as_slice) {
+            Some([Value::Number(r), Value::Number(n), Value::String(t)]) => {
+                Ok(query::SortSlot { rank: r.as_i64().ok_or_else(invalid)?, num: n.clone(), text: t.clone() })
+            }
+            _ => Err(invalid()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ListCursor { slots, id })
 }
 
 /// The tenant's global feed. It never ends: `next` is always where to continue from. With

@@ -100,6 +100,10 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         })?);
     }
     let store = open_store(&config).await?;
+    if !config.indexes.is_empty() {
+        let names = store.ensure_indexes(&config.indexes).await.context("cannot create the indexes of INDEXES")?;
+        tracing::info!(indexes = ?names, "read-model indexes in place");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (LISTEN)", config.listen))?;

@@ -50,6 +50,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use sourced_core::query::FieldPath;
 use sourced_core::timestamp::{from_micros, truncate};
 use sourced_core::{
     AggregateId, CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamHead, StreamKey, TenantId,
@@ -58,7 +59,7 @@ use sourced_core::{
 
 use crate::{
     APPEND_EVENTS_MAX, AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentRow, DocumentWrite,
-    EventStore, ListQuery, READ_LIMIT_MAX, StoreError,
+    EventStore, ListCursor, ListQuery, READ_LIMIT_MAX, StoreError,
 };
 
 /// Expands to one `#[tokio::test]` per contract function, each on a fresh store.
@@ -96,6 +97,8 @@ macro_rules! contract_tests {
             json_round_trips,
             json_key_order_is_kept,
             model_based_random_appends,
+            list_queries_agree_with_the_reference,
+            list_pages_survive_concurrent_inserts,
         );
     };
     (@each $fresh:expr; $($name:ident),+ $(,)?) => {
@@ -524,6 +527,216 @@ pub async fn list_documents_pages_in_id_order(store: &dyn EventStore) {
     assert_eq!(ids_of(&list(store, "t1", "invoice", None, 100, true).await), ["a"]);
     assert_eq!(ids_of(&list(store, "t2", "order", None, 100, true).await), ["b"]);
     assert_eq!(list(store, "t3", "order", None, 100, true).await, Vec::new());
+}
+
+/// A value of every JSON kind for field `v`, chosen by `i`.
+fn mixed_value(i: u64) -> Option<Value> {
+    Some(match i % 17 {
+        0 => return None,
+        1 => Value::Null,
+        2 => json!(false),
+        3 => json!(true),
+        4 => json!(i as i64 - 40),
+        5 => json!(i as f64 / 4.0 - 3.0),
+        6 => json!(7),
+        7 => json!(7.0),
+        8 => json!("7"),
+        9 => json!(format!("s{}", i % 5)),
+        10 => json!("Zebra"),
+        11 => json!("apple"),
+        12 => json!("äpfel ✓"),
+        13 => json!(""),
+        14 => json!([i, "x"]),
+        15 => json!({"k": i}),
+        _ => json!(i64::MIN + 1),
+    })
+}
+
+/// The list queries of SPEC §5 (filters of every operator on every JSON kind, multi-key sorts
+/// in both directions, cursor pages, counts, deleted rows, indexes) give exactly the answers of
+/// the reference semantics in `sourced_core::query`.
+pub async fn list_queries_agree_with_the_reference(store: &dyn EventStore) {
+    use sourced_core::query::{Filter, compare_rows, parse_sort};
+    let mut rng = Rng::new(7);
+    let mut docs: Vec<(String, Value, bool)> = Vec::new();
+    for i in 0..70u64 {
+        let id = format!("d{:02}{}", rng.below(100), ["", "a", "B", "~"][(i % 4) as usize]);
+        if docs.iter().any(|(d, ..)| *d == id) {
+            continue;
+        }
+        let mut doc = serde_json::Map::new();
+        if let Some(v) = mixed_value(rng.below(1_000)) {
+            doc.insert("v".into(), v);
+        }
+        doc.insert("n".into(), if i % 3 == 0 { json!(rng.below(10) as f64 / 2.0) } else { json!(rng.below(10)) });
+        doc.insert("s".into(), json!(["paid", "draft", "shipped", "Paid", "paid-late"][rng.below(5) as usize]));
+        if i % 4 != 0 {
+            doc.insert("c".into(), json!({"id": format!("c{}", rng.below(6)), "vip": i % 8 == 1}));
+        }
+        let deleted = i % 11 == 5;
+        let k = key("tq", "item", &id);
+        let mut req = request(&k, ExpectedVersion::NoStream, cmd(5_000 + u128::from(i)), 1, i as i64);
+        req.document = DocumentWrite { state: Value::Object(doc.clone()), deleted };
+        appended(store, req).await;
+        docs.push((id, Value::Object(doc), deleted));
+    }
+    // Neighbours that no query of tq/item may return.
+    for (t, ty) in [("tq", "other"), ("tz", "item")] {
+        let mut req = request(&key(t, ty, "d50"), ExpectedVersion::NoStream, cmd(5_900), 1, 1);
+        req.document.state = json!({"v": 7, "n": 1, "s": "paid"});
+        req.command.id = CommandId(Uuid::new_v4());
+        appended(store, req).await;
+    }
+
+    let queries: &[(&[(&str, &str)], &str)] = &[
+        (&[], ""),
+        (&[("v", "7")], ""),
+        (&[("v", "\"7\"")], ""),
+        (&[("v", "true")], ""),
+        (&[("v", "false")], "-n"),
+        (&[("v", "null")], ""),
+        (&[("v[exists]", "false")], ""),
+        (&[("v[exists]", "true")], "v"),
+        (&[("v[gt]", "0")], "v"),
+        (&[("v[lte]", "-3")], "-v"),
+        (&[("v[gte]", "s2")], "v"),
+        (&[("v[lt]", "apple")], "-v,n"),
+        (&[("v[in]", "7,apple,null,true")], "v"),
+        (&[("v[prefix]", "s")], ""),
+        (&[("v[prefix]", "äp")], ""),
+        (&[("s", "paid")], "-n"),
+        (&[("s[prefix]", "paid")], "n,-id"),
+        (&[("s[in]", "Paid,shipped")], "s,n"),
+        (&[("n[gte]", "2"), ("n[lt]", "4.5")], "-n,s"),
+        (&[("n", "2")], ""),
+        (&[("n", "2.0")], ""),
+        (&[("c.id", "c3")], ""),
+        (&[("c.id[in]", "c1,c2"), ("s[in]", "paid,draft")], "c.id,-n"),
+        (&[("c.vip", "true")], "c.id"),
+        (&[("c[exists]", "false")], "-s"),
+        (&[("c.id[gt]", "c4")], "-c.id"),
+        (&[("id[prefix]", "d1")], "-id"),
+        (&[("id[gte]", "d50")], "n"),
+        (&[("id", "d07a")], ""),
+        (&[("missing.deep.path", "1")], ""),
+        (&[("n[gt]", "text")], ""),
+        (&[], "v"),
+        (&[], "-v"),
+        (&[], "c,n"),
+        (&[], "-c.vip,s,-v,n"),
+        (&[], "id"),
+    ];
+    let all = store
+        .list_documents(&ListQuery { include_deleted: true, ..ListQuery::new(tenant("tq"), type_name("item"), 1_000) })
+        .await
+        .expect("list");
+    assert_eq!(all.len(), docs.len(), "every row listed once");
+
+    // Indexes change speed, never answers: run every query before and after creating some.
+    let mut selective = 0;
+    for round in 0..2 {
+        if round == 1 {
+            let fields: Vec<FieldPath> =
+                ["v", "n", "s", "c.id"].iter().map(|f| FieldPath::parse(f).expect("a field path")).collect();
+            let names = store.ensure_indexes(&fields).await.expect("ensure_indexes");
+            assert_eq!(names.len(), 4, "one index per field: {names:?}");
+            assert_eq!(store.ensure_indexes(&fields).await.expect("ensure_indexes again"), names, "idempotent");
+        }
+        for (filters, sort) in queries {
+            for include_deleted in [false, true] {
+                let context = format!("filters {filters:?}, sort {sort:?}, include_deleted={include_deleted}");
+                let filters: Vec<Filter> =
+                    filters.iter().map(|(k, v)| Filter::parse(k, v).expect("a valid filter")).collect();
+                let sort = if sort.is_empty() { Vec::new() } else { parse_sort(sort).expect("a valid sort") };
+                let mut want: Vec<&(String, Value, bool)> = docs
+                    .iter()
+                    .filter(|(id, doc, deleted)| {
+                        (include_deleted || !deleted) && filters.iter().all(|f| f.matches(id, doc))
+                    })
+                    .collect();
+                want.sort_by(|a, b| compare_rows(&sort, (&a.0, &a.1), (&b.0, &b.1)));
+                let want_ids: Vec<&str> = want.iter().map(|(id, ..)| id.as_str()).collect();
+                selective += usize::from(!want_ids.is_empty() && want_ids.len() < docs.len());
+
+                let query = ListQuery {
+                    filters,
+                    sort,
+                    include_deleted,
+                    ..ListQuery::new(tenant("tq"), type_name("item"), 1_000)
+                };
+                let got = store.list_documents(&query).await.expect("list_documents");
+                assert_eq!(ids_of(&got), want_ids, "{context}");
+                for (row, (_, doc, deleted)) in got.iter().zip(&want) {
+                    assert_eq!((&row.state, row.deleted), (doc, *deleted), "{context}: row {}", row.key);
+                }
+                let count = store.count_documents(&query).await.expect("count_documents");
+                assert_eq!(count, want_ids.len() as u64, "{context}: count");
+                for page_size in [1, 4] {
+                    let mut paged = Vec::new();
+                    let mut q = ListQuery { limit: page_size, ..query.clone() };
+                    for _ in 0..=docs.len() {
+                        let page = store.list_documents(&q).await.expect("a page");
+                        let Some(last) = page.last() else { break };
+                        q.after = Some(q.cursor_after(last));
+                        paged.extend(page);
+                    }
+                    assert_eq!(ids_of(&paged), want_ids, "{context}: pages of {page_size}");
+                }
+            }
+        }
+    }
+
+    assert!(selective > 100, "most queries select some rows but not all ({selective})");
+    // A cursor that does not fit the sort is refused, not misread.
+    let bad = ListQuery {
+        sort: parse_sort("n").expect("a sort"),
+        after: Some(ListCursor { slots: Vec::new(), id: aggregate_id("d00") }),
+        ..ListQuery::new(tenant("tq"), type_name("item"), 10)
+    };
+    assert!(matches!(store.list_documents(&bad).await, Err(StoreError::InvalidRequest(_))));
+}
+
+/// Cursor pages under concurrent inserts (SPEC §5): every row that existed before the scan
+/// began is returned exactly once, whatever is inserted between pages, for several orders.
+pub async fn list_pages_survive_concurrent_inserts(store: &dyn EventStore) {
+    use sourced_core::query::parse_sort;
+    let mut rng = Rng::new(11);
+    let mut next_cmd = 6_000u128;
+    let mut insert = async |rng: &mut Rng, ty: &str, n: usize| {
+        for _ in 0..n {
+            next_cmd += 1;
+            let id = format!("r{:016x}", rng.next());
+            let mut req = request(&key("tp", ty, &id), ExpectedVersion::NoStream, cmd(next_cmd), 1, 1);
+            req.document.state = json!({"n": rng.below(20), "s": format!("s{}", rng.below(7))});
+            appended(store, req).await;
+        }
+    };
+    for (round, sort) in ["", "n", "-n,s", "s,-id"].into_iter().enumerate() {
+        let ty = format!("page{round}");
+        insert(&mut rng, &ty, 40).await;
+        let before: Vec<String> =
+            ids_of(&store.list_documents(&ListQuery::new(tenant("tp"), type_name(&ty), 1_000)).await.expect("list"))
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        let sort = if sort.is_empty() { Vec::new() } else { parse_sort(sort).expect("a sort") };
+        let mut q = ListQuery { sort, ..ListQuery::new(tenant("tp"), type_name(&ty), 3) };
+        let mut seen: Vec<String> = Vec::new();
+        for _ in 0..200 {
+            let page = store.list_documents(&q).await.expect("a page");
+            let Some(last) = page.last() else { break };
+            q.after = Some(q.cursor_after(last));
+            seen.extend(page.iter().map(|r| r.key.id.as_str().to_owned()));
+            insert(&mut rng, &ty, 2).await;
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "sort {:?}: no row twice", q.sort);
+        for id in &before {
+            assert!(seen.contains(id), "sort {:?}: row {id}, there before the scan, was skipped", q.sort);
+        }
+    }
 }
 
 /// `read_all` returns one tenant's events only, in increasing positions, pages by `after`
@@ -1128,8 +1341,7 @@ impl Model {
         }
         for ((t, ty), rows) in lists {
             for include_deleted in [false, true] {
-                let query =
-                    ListQuery { tenant: t.clone(), type_name: ty.clone(), after: None, limit: 100, include_deleted };
+                let query = ListQuery { include_deleted, ..ListQuery::new(t.clone(), ty.clone(), 100) };
                 let got = store.list_documents(&query).await.expect("list_documents");
                 let want: Vec<DocumentRow> = rows.iter().filter(|r| include_deleted || !r.deleted).cloned().collect();
                 assert_eq!(got, want, "{context}: list of {t}/{ty}, include_deleted={include_deleted}");
@@ -1283,7 +1495,8 @@ async fn list(
     limit: usize,
     include_deleted: bool,
 ) -> Vec<DocumentRow> {
-    let query = ListQuery { tenant: tenant(t), type_name: type_name(ty), after, limit, include_deleted };
+    let after = after.map(|id| ListCursor { slots: Vec::new(), id });
+    let query = ListQuery { after, include_deleted, ..ListQuery::new(tenant(t), type_name(ty), limit) };
     store.list_documents(&query).await.expect("list_documents")
 }
 

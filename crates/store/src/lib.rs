@@ -13,12 +13,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use sourced_core::query::{FieldPath, Filter, SortKey, SortSlot};
 use sourced_core::{
     AggregateId, CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamHead, StreamKey, TenantId,
     TypeName, Version,
 };
 
 pub mod contract;
+mod listing;
 pub mod postgres;
 pub mod sqlite;
 
@@ -109,19 +111,53 @@ pub struct DocumentRow {
     pub updated_at: DateTime<Utc>,
 }
 
-/// A page request over one type's read model, in id order.
+/// A page request over one type's read model (SPEC §5): filters, an order, and where the
+/// previous page ended. The semantics are those of [`sourced_core::query`], on every backend.
 #[derive(Clone, Debug)]
 pub struct ListQuery {
     /// The tenant.
     pub tenant: TenantId,
     /// The aggregate type.
     pub type_name: TypeName,
-    /// Return ids strictly after this one.
-    pub after: Option<AggregateId>,
+    /// Conditions every returned row meets (at most [`sourced_core::query::FILTERS_MAX`]).
+    pub filters: Vec<Filter>,
+    /// The order; ties (and an empty list) are ordered by id ascending.
+    pub sort: Vec<SortKey>,
+    /// Return rows strictly after this position in the order.
+    pub after: Option<ListCursor>,
     /// Most rows to return (capped at [`READ_LIMIT_MAX`]).
     pub limit: usize,
     /// Whether deleted aggregates are included.
     pub include_deleted: bool,
+}
+
+impl ListQuery {
+    /// All live aggregates of a type, in id order, `limit` at a time.
+    pub fn new(tenant: TenantId, type_name: TypeName, limit: usize) -> ListQuery {
+        ListQuery {
+            tenant,
+            type_name,
+            filters: Vec::new(),
+            sort: Vec::new(),
+            after: None,
+            limit,
+            include_deleted: false,
+        }
+    }
+
+    /// The cursor that continues after `row` in this query's order.
+    pub fn cursor_after(&self, row: &DocumentRow) -> ListCursor {
+        listing::cursor_after(&self.sort, &row.key.id, &row.state)
+    }
+}
+
+/// Where a page ended: the last row's slot for each sort key, and its id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListCursor {
+    /// One slot per sort key of the query.
+    pub slots: Vec<SortSlot>,
+    /// The last row's id.
+    pub id: AggregateId,
 }
 
 /// Counters a backend keeps, for benchmarks and metrics.
@@ -199,8 +235,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// The read-model row of one aggregate.
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError>;
 
-    /// A page of one type's read model, in aggregate id order.
+    /// A page of one type's read model: the rows matching the filters, after the cursor, in
+    /// the query's order, at most `limit`.
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError>;
+
+    /// How many rows match the query's filters (its cursor and limit aside).
+    async fn count_documents(&self, query: &ListQuery) -> Result<u64, StoreError>;
+
+    /// Creates, where missing, an index serving filters on each field path (for every type);
+    /// returns the names of the indexes. Safe to call from several processes at once.
+    async fn ensure_indexes(&self, fields: &[FieldPath]) -> Result<Vec<String>, StoreError>;
 
     /// The record of a processed command, if the tenant has one.
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;
@@ -298,6 +342,46 @@ pub(crate) fn check_feed_read(after: Position, events: &[RecordedEvent]) -> Resu
             )));
         }
         previous = event.position;
+    }
+    Ok(())
+}
+
+/// FNV-1a, 64 bits: a stable hash for names that must agree across processes and builds.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Checks a list query's shape and that its rows come back in its order.
+pub(crate) fn check_list(query: &ListQuery) -> Result<(), StoreError> {
+    if query.filters.len() > sourced_core::query::FILTERS_MAX {
+        return Err(StoreError::InvalidRequest(format!(
+            "a list query has at most {} filters",
+            sourced_core::query::FILTERS_MAX
+        )));
+    }
+    if query.sort.len() > sourced_core::query::SORT_KEYS_MAX {
+        return Err(StoreError::InvalidRequest(format!(
+            "a list query has at most {} sort keys",
+            sourced_core::query::SORT_KEYS_MAX
+        )));
+    }
+    if query.after.as_ref().is_some_and(|c| c.slots.len() != query.sort.len()) {
+        return Err(StoreError::InvalidRequest("the cursor does not fit the query's sort keys".into()));
+    }
+    Ok(())
+}
+
+/// The invariant of a list read: rows strictly in the query's order.
+pub(crate) fn check_list_read(query: &ListQuery, rows: &[DocumentRow]) -> Result<(), StoreError> {
+    for pair in rows.windows(2) {
+        let a = (pair[0].key.id.as_str(), &pair[0].state);
+        let b = (pair[1].key.id.as_str(), &pair[1].state);
+        if sourced_core::query::compare_rows(&query.sort, a, b) != std::cmp::Ordering::Less {
+            return Err(StoreError::Corrupt(format!(
+                "documents out of the list's order: {} then {}",
+                pair[0].key, pair[1].key
+            )));
+        }
     }
     Ok(())
 }

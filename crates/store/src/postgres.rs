@@ -82,10 +82,12 @@ use sourced_core::{
     AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
 };
 
+use crate::listing::{self, Dialect, Param};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
     StoreError, StoreStats, validate_append,
 };
+use sourced_core::query::FieldPath;
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[(&str, &str)] = &[(
@@ -465,39 +467,44 @@ impl EventStore for PostgresStore {
     }
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
+        crate::check_list(query)?;
         let limit = query.limit.min(READ_LIMIT_MAX);
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let sql = listing::select(Dialect::Postgres, query, limit);
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT agg_id, version, state::text, deleted, created_at, updated_at FROM sourced_documents
-                 WHERE tenant = $1 AND type = $2 AND agg_id > $3 AND ($4 OR NOT deleted)
-                 ORDER BY agg_id LIMIT $5",
-            )
-            .await
-            .map_err(pg_err)?;
-        // Ids are never empty, so '' is below every id.
-        let after = query.after.as_ref().map_or("", AggregateId::as_str);
-        let rows = client
-            .query(
-                &stmt,
-                &[&query.tenant.as_str(), &query.type_name.as_str(), &after, &query.include_deleted, &(limit as i64)],
-            )
-            .await
-            .map_err(pg_err)?;
+        // Not cached: the statement's text varies with the query's shape, without bound.
+        let params = pg_params(&sql.params);
+        let rows = client.query(sql.text.as_str(), &pg_param_refs(&params)).await.map_err(pg_err)?;
         let rows =
             rows.iter().map(|r| decode_document(r, &query.tenant, &query.type_name)).collect::<Result<Vec<_>, _>>()?;
-        for pair in rows.windows(2) {
-            if pair[0].key.id >= pair[1].key.id {
-                return Err(StoreError::Corrupt(format!(
-                    "documents out of id order: {} then {}",
-                    pair[0].key, pair[1].key
-                )));
-            }
-        }
+        crate::check_list_read(query, &rows)?;
         Ok(rows)
+    }
+
+    async fn count_documents(&self, query: &ListQuery) -> Result<u64, StoreError> {
+        crate::check_list(query)?;
+        let sql = listing::count(Dialect::Postgres, query);
+        let client = self.client().await?;
+        let params = pg_params(&sql.params);
+        let n: i64 = client.query_one(sql.text.as_str(), &pg_param_refs(&params)).await.map_err(pg_err)?.get(0);
+        from_sql_int(n, "count")
+    }
+
+    async fn ensure_indexes(&self, fields: &[FieldPath]) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // Two processes starting at once: the second waits here, then finds the indexes made.
+        tx.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&MIGRATION_LOCK_KEY]).await.map_err(pg_err)?;
+        let mut names = Vec::new();
+        for field in fields {
+            let (name, ddl) = Dialect::Postgres.index_ddl(field);
+            tx.batch_execute(&ddl).await.map_err(pg_err)?;
+            names.push(name);
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(names)
     }
 
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
@@ -1144,7 +1151,7 @@ impl Feed {
     /// A feed for `schema` whose listener will hear commits after `head`.
     fn new(schema: &str, config: tokio_postgres::Config, head: u64, runtime: tokio::runtime::Handle) -> Feed {
         Feed {
-            channel: format!("sourced_commits_{:016x}", fnv1a(schema.as_bytes())),
+            channel: format!("sourced_commits_{:016x}", crate::fnv1a(schema.as_bytes())),
             config,
             listener: OnceLock::new(),
             fed: tokio::sync::Mutex::new(head),
@@ -1390,11 +1397,6 @@ fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> V
     out
 }
 
-/// FNV-1a, 64 bits: a stable hash (the channel name must agree across processes and builds).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Decoding
 
@@ -1475,6 +1477,26 @@ fn decode_command(r: &Row) -> Result<CommandRecord, StoreError> {
 
 // ---------------------------------------------------------------------------------------------
 // Conversions and errors
+
+type PgParam = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+
+fn pg_params(params: &[Param]) -> Vec<PgParam> {
+    params
+        .iter()
+        .map(|p| -> PgParam {
+            match p {
+                Param::Text(s) | Param::Json(s) => Box::new(s.clone()),
+                Param::Int(i) => Box::new(*i),
+                Param::Float(f) => Box::new(*f),
+                Param::Numeric(n) => Box::new(n.to_string()),
+            }
+        })
+        .collect()
+}
+
+fn pg_param_refs(params: &[PgParam]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+}
 
 fn to_json(value: &serde_json::Value) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))

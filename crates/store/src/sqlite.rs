@@ -30,10 +30,12 @@ use sourced_core::{
     AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
 };
 
+use crate::listing::{self, Dialect, Param};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
     StoreError, StoreStats, validate_append,
 };
+use sourced_core::query::FieldPath;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
@@ -134,6 +136,8 @@ pub struct SqliteStore {
     counters: Arc<Counters>,
     /// Hears every commit, from the writer thread (see [`CommitListener`]).
     listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
+    /// Names of the read model's field indexes (see [`EventStore::ensure_indexes`]).
+    indexes: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -227,6 +231,10 @@ impl SqliteStore {
         tune(&conn)?;
         migrate(&mut conn)?;
         let next_position = load_next_position(&conn)?;
+        let indexes = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'documents'")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>())
+            .map_err(sql_err)?;
 
         let readers = Arc::new(ReaderPool::open(path, options.readers)?);
         let counters = Arc::new(Counters::default());
@@ -260,6 +268,7 @@ impl SqliteStore {
             readers,
             counters,
             listener,
+            indexes: Arc::new(std::sync::RwLock::new(indexes)),
         })
     }
 
@@ -403,32 +412,20 @@ impl EventStore for SqliteStore {
     }
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
+        crate::check_list(query)?;
         let limit = query.limit.min(READ_LIMIT_MAX);
         if limit == 0 {
             return Ok(Vec::new());
         }
         let query = query.clone();
+        let indexes = Arc::clone(&self.indexes);
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT agg_id, version, state, deleted, created_at, updated_at FROM documents
-                     WHERE tenant = ?1 AND type = ?2 AND agg_id > ?3 AND (?4 OR deleted = 0)
-                     ORDER BY agg_id LIMIT ?5",
-                )
-                .map_err(sql_err)?;
-            // Ids are never empty, so '' is below every id.
-            let after = query.after.as_ref().map_or("", AggregateId::as_str);
+            let indexes = indexes.read().expect("the index set lock is poisoned");
+            let sql = listing::select_hinted(Dialect::Sqlite, &query, limit, &|name| indexes.contains(name));
+            // Statements are cached by text; the cache is bounded (LRU).
+            let mut stmt = conn.prepare_cached(&sql.text).map_err(sql_err)?;
             let raws = stmt
-                .query_map(
-                    params![
-                        query.tenant.as_str(),
-                        query.type_name.as_str(),
-                        after,
-                        query.include_deleted,
-                        to_sql_int(limit as u64)?
-                    ],
-                    RawDocument::from_row,
-                )
+                .query_map(rusqlite::params_from_iter(sql.params.iter().map(to_sql_param)), RawDocument::from_row)
                 .map_err(sql_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(sql_err)?;
@@ -436,17 +433,46 @@ impl EventStore for SqliteStore {
                 .into_iter()
                 .map(|raw| raw.decode(&query.tenant, &query.type_name))
                 .collect::<Result<Vec<_>, _>>()?;
-            for pair in rows.windows(2) {
-                if pair[0].key.id >= pair[1].key.id {
-                    return Err(StoreError::Corrupt(format!(
-                        "documents out of id order: {} then {}",
-                        pair[0].key, pair[1].key
-                    )));
-                }
-            }
+            crate::check_list_read(&query, &rows)?;
             Ok(rows)
         })
         .await
+    }
+
+    async fn count_documents(&self, query: &ListQuery) -> Result<u64, StoreError> {
+        crate::check_list(query)?;
+        let query = query.clone();
+        self.read(move |conn| {
+            let sql = listing::count(Dialect::Sqlite, &query);
+            let mut stmt = conn.prepare_cached(&sql.text).map_err(sql_err)?;
+            let n: i64 = stmt
+                .query_row(rusqlite::params_from_iter(sql.params.iter().map(to_sql_param)), |r| r.get(0))
+                .map_err(sql_err)?;
+            from_sql_int(n, "count")
+        })
+        .await
+    }
+
+    async fn ensure_indexes(&self, fields: &[FieldPath]) -> Result<Vec<String>, StoreError> {
+        let fields = fields.to_vec();
+        let path = self.path.clone();
+        let indexes = Arc::clone(&self.indexes);
+        tokio::task::spawn_blocking(move || {
+            // Its own connection: DDL takes the write lock, which the writer thread shares with
+            // nobody else for long (busy timeout), and must not hold a reader.
+            let conn = Connection::open(&path).map_err(sql_err)?;
+            conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(sql_err)?;
+            let mut names = Vec::new();
+            for field in &fields {
+                let (name, ddl) = Dialect::Sqlite.index_ddl(field);
+                conn.execute_batch(&ddl).map_err(sql_err)?;
+                indexes.write().expect("the index set lock is poisoned").insert(name.clone());
+                names.push(name);
+            }
+            Ok(names)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("the index task failed: {e}")))?
     }
 
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
@@ -1178,6 +1204,19 @@ fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
 }
 
+fn to_sql_param(p: &Param) -> rusqlite::types::Value {
+    use rusqlite::types::Value as V;
+    match p {
+        Param::Text(s) | Param::Json(s) => V::Text(s.clone()),
+        Param::Int(i) => V::Integer(*i),
+        Param::Float(f) => V::Real(*f),
+        Param::Numeric(n) => match n.as_i64() {
+            Some(i) => V::Integer(i),
+            None => V::Real(n.as_f64().unwrap_or(0.0)),
+        },
+    }
+}
+
 fn to_sql_int(n: u64) -> Result<i64, StoreError> {
     i64::try_from(n).map_err(|_| StoreError::InvalidRequest(format!("{n} is beyond what the store can hold")))
 }
@@ -1231,6 +1270,37 @@ fn write_err(e: rusqlite::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A filter on an indexed field is answered from the index (SQLite's plan names it).
+    #[tokio::test]
+    async fn declared_indexes_serve_filters() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("sourced.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+        let field = FieldPath::parse("customer.id").expect("a path");
+        let names = store.ensure_indexes(std::slice::from_ref(&field)).await.expect("ensure_indexes");
+        let tenant = TenantId::parse("t").expect("a tenant");
+        let ty = TypeName::parse("order").expect("a type");
+        let plan = |filter: &str, value: &str| {
+            let query = ListQuery {
+                filters: vec![sourced_core::query::Filter::parse(filter, value).expect("a filter")],
+                ..ListQuery::new(tenant.clone(), ty.clone(), 10)
+            };
+            let sql = listing::select_hinted(Dialect::Sqlite, &query, 10, &|n| names.contains(&n.to_owned()));
+            let conn = Connection::open(&path).expect("a connection");
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {}", sql.text)).expect("explain");
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(sql.params.iter().map(to_sql_param)), |r| r.get::<_, String>(3))
+                .expect("the plan");
+            rows.collect::<Result<Vec<_>, _>>().expect("plan rows").join("; ")
+        };
+        for (filter, value) in [("customer.id", "c1"), ("customer.id[in]", "c1,c2")] {
+            let plan = plan(filter, value);
+            assert!(plan.contains(&names[0]), "{filter}={value}: {plan}");
+        }
+        assert!(!plan("status", "paid").contains(&names[0]), "an unindexed field scans");
+        store.close().await;
+    }
 
     #[test]
     fn options_are_checked() {

@@ -238,7 +238,7 @@ async fn lists_page_with_cursors() {
     assert_eq!(all.ok(200)["items"].as_array().unwrap().len(), 7);
     app.get("/item?limit=0").await.problem(400, "invalid-request");
     app.get("/item?limit=100000").await.problem(400, "invalid-request");
-    app.get("/item?color=red").await.problem(400, "invalid-request");
+    app.get("/item?color[near]=red").await.problem(400, "invalid-request");
     app.get("/item?cursor=garbage").await.problem(400, "invalid-request");
     // A cursor from another listing is refused.
     let feed_cursor = app.get("/events?limit=1").await.body["next"].as_str().unwrap().to_owned();

@@ -13,6 +13,7 @@ mod crash;
 mod http_api;
 mod idempotency;
 mod postgres;
+mod queries;
 mod socketio;
 mod sse;
 mod transfer;

@@ -74,11 +74,8 @@ async fn documents(store: &dyn EventStore, export: &[u8]) -> Vec<DocumentRow> {
     let mut rows = Vec::new();
     for (tenant, type_name) in kinds {
         let query = ListQuery {
-            tenant: TenantId::parse(&tenant).unwrap(),
-            type_name: TypeName::parse(&type_name).unwrap(),
-            after: None,
-            limit: 1_000,
             include_deleted: true,
+            ..ListQuery::new(TenantId::parse(&tenant).unwrap(), TypeName::parse(&type_name).unwrap(), 1_000)
         };
         rows.extend(store.list_documents(&query).await.unwrap());
     }
