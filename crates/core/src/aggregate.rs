@@ -13,6 +13,11 @@ use crate::patch;
 use crate::timestamp;
 use crate::version::StreamHead;
 
+/// The version of the fold ([`evolve`]): snapshots carry it, and one made by another version
+/// is ignored (and replaced by `sourced rebuild`). Raise it whenever the fold's result for
+/// the same events changes.
+pub const FOLD_VERSION: u32 = 1;
+
 /// The state of one aggregate at some version.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Aggregate {

@@ -14,13 +14,15 @@ use serde::Serialize;
 use serde_json::Value;
 
 use cache::AggregateCache;
+use sourced_core::aggregate::FOLD_VERSION;
 use sourced_core::artifacts::{self, ArtifactSet};
 use sourced_core::{
     Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits,
     RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version, new_events, timestamp,
 };
 use sourced_store::{
-    AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX, StoreError,
+    AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX,
+    SnapshotWrite, StoreError,
 };
 pub use subscriptions::{Hub, Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
@@ -57,6 +59,9 @@ pub struct EngineConfig {
     /// Events the live buffer of subscriptions keeps (SPEC §6); a subscriber further behind
     /// reads the store instead.
     pub live_buffer_events: usize,
+    /// A snapshot of an aggregate's state is stored each time its version crosses a multiple
+    /// of this (SPEC §5); 0 stores none.
+    pub snapshot_every: u64,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +73,7 @@ impl Default for EngineConfig {
             cache_aggregates_max: 10_000,
             cache_bytes_max: 64 * 1024 * 1024,
             live_buffer_events: 4_096,
+            snapshot_every: 100,
         }
     }
 }
@@ -262,6 +268,11 @@ impl Engine {
                     deleted: decision.next.deleted,
                 },
                 command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra },
+                snapshot: snapshot_due(agg.version, decision.next.version, self.config.snapshot_every)
+                    .then(|| {
+                        decision.next.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at })
+                    })
+                    .flatten(),
             };
             match self.store.append(request).await {
                 Ok(AppendOutcome::Appended(events)) => {
@@ -365,9 +376,14 @@ impl Engine {
         })
     }
 
-    /// Folds an aggregate from its events, up to version `to` (all when `None`).
+    /// Folds an aggregate up to version `to` (all when `None`): from its latest snapshot at
+    /// or below `to` when there is one (SPEC §5), then the events after it.
     pub async fn load(&self, key: &StreamKey, to: Option<Version>) -> Result<Aggregate, EngineError> {
-        let mut agg = Aggregate::default();
+        let mut agg = match self.config.snapshot_every {
+            0 => None,
+            _ => self.store.load_snapshot(key, FOLD_VERSION, to).await?,
+        }
+        .unwrap_or_default();
         loop {
             let page = self.store.read_stream(key, agg.version, to, READ_LIMIT_MAX).await?;
             let full = page.len() == READ_LIMIT_MAX;
@@ -379,4 +395,28 @@ impl Engine {
             }
         }
     }
+
+    /// Folds an aggregate from its events up to the last one at or before `at` (time travel).
+    pub async fn load_at(&self, key: &StreamKey, at: DateTime<Utc>) -> Result<Aggregate, EngineError> {
+        let mut agg = Aggregate::default();
+        loop {
+            let page = self.store.read_stream(key, agg.version, None, READ_LIMIT_MAX).await?;
+            let full = page.len() == READ_LIMIT_MAX;
+            for e in &page {
+                if e.timestamp > at {
+                    return Ok(agg);
+                }
+                agg.apply(e)?;
+            }
+            if !full {
+                return Ok(agg);
+            }
+        }
+    }
+}
+
+/// Whether an append taking an aggregate from version `before` to `after` stores a snapshot:
+/// when it crosses (or reaches) a multiple of `every` (never when `every` is 0).
+pub fn snapshot_due(before: Version, after: Version, every: u64) -> bool {
+    every > 0 && before.0 / every < after.0 / every
 }

@@ -66,6 +66,9 @@ pub struct RawArgs {
     /// Directory of the artifact set (schemas, rules, commands, lifecycles) [default: none].
     #[arg(long, env = "ARTIFACTS")]
     pub artifacts: Option<String>,
+    /// Store a snapshot of an aggregate every this many events; 0 stores none [default: 100].
+    #[arg(long, env = "SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<String>,
     /// Document fields to index for filtered lists, comma-separated paths (e.g.
     /// `status,customer.id`); each index serves every type [default: none].
     #[arg(long, env = "INDEXES")]
@@ -199,6 +202,8 @@ pub struct Config {
     pub artifacts: Option<PathBuf>,
     /// The loaded artifact set ([`crate::start`] loads it from `artifacts`; empty until then).
     pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
+    /// Events between snapshots of an aggregate (0: none).
+    pub snapshot_every: u64,
     /// Document fields indexed for filtered lists (created at start where missing).
     pub indexes: Vec<sourced_core::query::FieldPath>,
     /// Log filter directive (a level).
@@ -353,6 +358,7 @@ impl Config {
             artifacts,
             artifact_set: Default::default(),
             indexes,
+            snapshot_every: number("SNAPSHOT_EVERY", &raw.snapshot_every, 100, 0, 1_000_000)? as u64,
             log_level,
             log_format,
             require_version,
@@ -448,6 +454,7 @@ mod tests {
         let cases: Vec<(RawArgs, &str)> = vec![
             (RawArgs { listen: Some("nowhere".into()), ..Default::default() }, "LISTEN"),
             (RawArgs { indexes: Some("status,a..b".into()), ..Default::default() }, "INDEXES"),
+            (RawArgs { snapshot_every: Some("-1".into()), ..Default::default() }, "SNAPSHOT_EVERY"),
             (RawArgs { event_store_url: Some("mysql://x".into()), ..Default::default() }, "EVENT_STORE_URL"),
             (RawArgs { log_level: Some("loud".into()), ..Default::default() }, "LOG_LEVEL"),
             (RawArgs { log_format: Some("xml".into()), ..Default::default() }, "LOG_FORMAT"),

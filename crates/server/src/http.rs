@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/{type}", post(create).get(list))
         .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
         .route("/{type}/{id}/events", get(history))
+        .route("/{type}/{id}/diff", get(diff))
         .route("/{type}/{id}/{command}", post(custom_command))
         .fallback(|| async { Problem::not_found("no route matches this path") })
         .method_not_allowed_fallback(|method: Method| async move {
@@ -551,8 +552,11 @@ async fn get_document(
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
-    query_pairs(&q, &[])?;
+    let pairs = query_pairs(&q, &["version", "at"])?;
     let key = key(&headers, &ty, &id)?;
+    if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
+        return time_travel(&s, &key, &pairs).await;
+    }
     let row = s.engine.store().get_document(&key).await?;
     let Some(row) = row else {
         return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
@@ -573,23 +577,125 @@ async fn get_document(
     Ok(r)
 }
 
+/// A version number from a query parameter (1 or more).
+fn version_param(pairs: &[(String, String)], name: &str) -> Result<Option<Version>> {
+    match param(pairs, name) {
+        None => Ok(None),
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(v) if v >= 1 => Ok(Some(Version(v))),
+            _ => Err(Problem::bad_request(
+                format!("{name} must be a version: a whole number from 1, not {raw:?}"),
+                vec![],
+            )),
+        },
+    }
+}
+
+/// The aggregate at a version (`version=N`) or a time (`at=RFC 3339`), folded from its events
+/// (SPEC §3.1, time travel).
+async fn time_travel(s: &AppState, key: &StreamKey, pairs: &[(String, String)]) -> Result<Response> {
+    let agg = match (version_param(pairs, "version")?, param(pairs, "at")) {
+        (Some(_), Some(_)) => return Err(Problem::bad_request("give version or at, not both", vec![])),
+        (Some(v), None) => {
+            let agg = s.engine.load(key, Some(v)).await.map_err(|e| from_engine(e, false))?;
+            if agg.version > Version::ZERO && agg.version < v {
+                return Err(Problem::not_found(format!(
+                    "{} '{}' has no version {v}: it is at version {}",
+                    key.type_name, key.id, agg.version
+                )));
+            }
+            agg
+        }
+        (None, Some(raw)) => {
+            let at = sourced_core::timestamp::parse(raw).ok_or_else(|| {
+                Problem::bad_request(
+                    format!("at must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z, not {raw:?}"),
+                    vec![],
+                )
+            })?;
+            let agg = s.engine.load_at(key, at).await.map_err(|e| from_engine(e, false))?;
+            if agg.version == Version::ZERO
+                && s.engine.store().read_stream(key, Version::ZERO, None, 1).await?.len() == 1
+            {
+                return Err(Problem::not_found(format!("{} '{}' did not exist yet at {raw}", key.type_name, key.id)));
+            }
+            agg
+        }
+        (None, None) => unreachable!("time travel needs version or at"),
+    };
+    if agg.version == Version::ZERO {
+        return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
+    }
+    if agg.deleted {
+        return Err(sourced_core::DomainError::Deleted { version: agg.version }.into());
+    }
+    let doc = agg.document(&key.id).unwrap_or(Value::Null);
+    let mut r = axum::Json(doc).into_response();
+    r.headers_mut().insert(header::ETAG, etag(agg.version));
+    Ok(r)
+}
+
+/// `GET /{type}/{id}/diff?from=A&to=B`: what changed between two versions, as an RFC 6902
+/// patch from the document at `from` to the document at `to` (default: the latest).
+async fn diff(
+    State(s): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let pairs = query_pairs(&q, &["from", "to"])?;
+    let key = key(&headers, &ty, &id)?;
+    let from =
+        version_param(&pairs, "from")?.ok_or_else(|| Problem::bad_request("from (a version) is required", vec![]))?;
+    let to_asked = version_param(&pairs, "to")?;
+    if let Some(to) = to_asked.filter(|to| from > *to) {
+        return Err(Problem::bad_request(format!("from ({from}) must not be after to ({to})"), vec![]));
+    }
+    let latest = s.engine.load(&key, to_asked).await.map_err(|e| from_engine(e, false))?;
+    if latest.version == Version::ZERO {
+        return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
+    }
+    let to = to_asked.unwrap_or(latest.version);
+    for v in [from, to] {
+        if v > latest.version {
+            return Err(Problem::not_found(format!(
+                "{} '{}' has no version {v}: it is at version {}",
+                key.type_name, key.id, latest.version
+            )));
+        }
+    }
+    let earlier = s.engine.load(&key, Some(from)).await.map_err(|e| from_engine(e, false))?;
+    let empty = Value::Object(serde_json::Map::new());
+    let patch =
+        sourced_core::patch::diff(earlier.state.as_ref().unwrap_or(&empty), latest.state.as_ref().unwrap_or(&empty));
+    Ok(axum::Json(json!({
+        "from": from,
+        "to": to,
+        "deleted": {"from": earlier.deleted, "to": latest.deleted},
+        "patch": sourced_core::patch::to_value(&patch),
+    }))
+    .into_response())
+}
+
 async fn history(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let pairs = query_pairs(&q, &["limit", "cursor"])?;
+    let pairs = query_pairs(&q, &["limit", "cursor", "from", "to"])?;
     let key = key(&headers, &ty, &id)?;
     let limit = page_limit(&pairs, &s.http)?;
+    let from = version_param(&pairs, "from")?;
+    let to = version_param(&pairs, "to")?;
     let after = match param(&pairs, "cursor") {
-        None => Version::ZERO,
+        None => Version(from.map_or(0, |v| v.0 - 1)),
         Some(c) => Version(
             decode_cursor("history", c)?.as_u64().ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?,
         ),
     };
-    let items = s.engine.store().read_stream(&key, after, None, limit).await?;
-    if items.is_empty() && after == Version::ZERO {
+    let items = s.engine.store().read_stream(&key, after, to, limit).await?;
+    if items.is_empty() && s.engine.store().read_stream(&key, Version::ZERO, None, 1).await?.is_empty() {
         return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
     }
     let next = (items.len() == limit).then(|| encode_cursor("history", json!(items.last().map(|e| e.version.0))));

@@ -65,6 +65,7 @@ pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws:
             limits: config.limits.clone(),
             require_version: config.require_version,
             live_buffer_events: config.live_buffer_events,
+            snapshot_every: config.snapshot_every,
             ..EngineConfig::default()
         },
         Arc::new(SystemClock),

@@ -196,6 +196,8 @@ async fn append_group(
         timestamp,
         document: DocumentWrite { state: aggregate.state.clone().unwrap_or(Value::Null), deleted: aggregate.deleted },
         command: CommandWrite { id: command, fingerprint: IMPORTED_FINGERPRINT.to_owned(), extra: Value::Null },
+        // `sourced rebuild` makes snapshots of imported streams.
+        snapshot: None,
     };
     let stored = match store.append(request).await {
         Ok(AppendOutcome::Appended(stored)) => stored,

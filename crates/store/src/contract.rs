@@ -59,7 +59,7 @@ use sourced_core::{
 
 use crate::{
     APPEND_EVENTS_MAX, AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentRow, DocumentWrite,
-    EventStore, ListCursor, ListQuery, READ_LIMIT_MAX, StoreError,
+    EventStore, ListCursor, ListQuery, READ_LIMIT_MAX, SnapshotWrite, StoreError,
 };
 
 /// Expands to one `#[tokio::test]` per contract function, each on a fresh store.
@@ -99,6 +99,7 @@ macro_rules! contract_tests {
             model_based_random_appends,
             list_queries_agree_with_the_reference,
             list_pages_survive_concurrent_inserts,
+            snapshots_load_the_latest_at_or_below,
         );
     };
     (@each $fresh:expr; $($name:ident),+ $(,)?) => {
@@ -737,6 +738,43 @@ pub async fn list_pages_survive_concurrent_inserts(store: &dyn EventStore) {
             assert!(seen.contains(id), "sort {:?}: row {id}, there before the scan, was skipped", q.sort);
         }
     }
+}
+
+/// Snapshots (SPEC §5) are written with their append and load as the aggregate at their
+/// version: the latest at or below the version asked, of the fold version asked only.
+pub async fn snapshots_load_the_latest_at_or_below(store: &dyn EventStore) {
+    use sourced_core::Aggregate;
+    let k = key("ts", "order", "s1");
+    let created = at(1);
+    let mut expected = ExpectedVersion::NoStream;
+    for step in 1..=7i64 {
+        let mut req = request(&k, expected, cmd(7_000 + step as u128), 2, step);
+        req.document = DocumentWrite { state: json!({"step": step, "z": [step]}), deleted: step == 7 };
+        if step % 3 == 0 || step == 7 {
+            req.snapshot = Some(SnapshotWrite { fold: 1, created_at: created });
+        }
+        let events = appended(store, req).await;
+        expected = ExpectedVersion::Exact(last_version_of(&events));
+    }
+    let snapshot = |step: i64| Aggregate {
+        version: Version(step as u64 * 2),
+        state: Some(json!({"step": step, "z": [step]})),
+        deleted: step == 7,
+        created_at: Some(truncate(created)),
+        updated_at: Some(truncate(at(step))),
+    };
+    let load = |at_most: Option<u64>, fold: u32| store.load_snapshot(&k, fold, at_most.map(Version));
+    assert_eq!(load(None, 1).await.expect("load"), Some(snapshot(7)), "the latest");
+    assert_eq!(load(Some(13), 1).await.expect("load"), Some(snapshot(6)), "at or below 13");
+    assert_eq!(load(Some(12), 1).await.expect("load"), Some(snapshot(6)), "at 12");
+    assert_eq!(load(Some(11), 1).await.expect("load"), Some(snapshot(3)), "below 11");
+    assert_eq!(load(Some(5), 1).await.expect("load"), None, "none so early");
+    assert_eq!(load(None, 2).await.expect("load"), None, "another fold's snapshots are never loaded");
+    assert_eq!(store.load_snapshot(&key("ts", "order", "s2"), 1, None).await.expect("load"), None);
+    assert_eq!(store.load_snapshot(&key("tt", "order", "s1"), 1, None).await.expect("load"), None);
+    // The snapshot's state is the read model's at that version.
+    let row = store.get_document(&k).await.expect("get_document").expect("a row");
+    assert_eq!((row.version, row.state, row.deleted), (Version(14), json!({"step": 7, "z": [7]}), true));
 }
 
 /// `read_all` returns one tenant's events only, in increasing positions, pages by `after`
@@ -1450,6 +1488,7 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         timestamp: at(step),
         document: DocumentWrite { state: json!({"step": step}), deleted: false },
         command: CommandWrite { id: command, fingerprint: format!("fp-{command}"), extra: json!({"warnings": []}) },
+        snapshot: None,
     }
 }
 

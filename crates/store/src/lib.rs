@@ -45,6 +45,19 @@ pub struct AppendRequest {
     pub document: DocumentWrite,
     /// The command record, for idempotency.
     pub command: CommandWrite,
+    /// Store the aggregate's state after the events as a snapshot too (SPEC §5).
+    pub snapshot: Option<SnapshotWrite>,
+}
+
+/// A snapshot written with an append: the read-model row's state and deletion at the last
+/// event's version, with what else the aggregate needs to be loaded from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotWrite {
+    /// The version of the fold that made the state ([`sourced_core::aggregate::FOLD_VERSION`]);
+    /// a snapshot of another fold version is never loaded.
+    pub fold: u32,
+    /// Time of the aggregate's first event.
+    pub created_at: DateTime<Utc>,
 }
 
 /// The read-model row written with an append. The store sets its version (the last event's),
@@ -245,6 +258,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// Creates, where missing, an index serving filters on each field path (for every type);
     /// returns the names of the indexes. Safe to call from several processes at once.
     async fn ensure_indexes(&self, fields: &[FieldPath]) -> Result<Vec<String>, StoreError>;
+
+    /// The latest snapshot of the aggregate made by fold version `fold`, at a version no
+    /// higher than `at_most` (any when `None`), as the aggregate at that version.
+    async fn load_snapshot(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at_most: Option<Version>,
+    ) -> Result<Option<sourced_core::Aggregate>, StoreError>;
 
     /// The record of a processed command, if the tenant has one.
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;

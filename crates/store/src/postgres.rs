@@ -79,7 +79,8 @@ use uuid::Uuid;
 
 use sourced_core::timestamp::truncate;
 use sourced_core::{
-    AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
+    Aggregate, AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName,
+    Version,
 };
 
 use crate::listing::{self, Dialect, Param};
@@ -90,9 +91,10 @@ use crate::{
 use sourced_core::query::FieldPath;
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "events, read model, command records, position counter",
-    r#"
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "events, read model, command records, position counter",
+        r#"
     CREATE TABLE sourced_position (
         id   boolean PRIMARY KEY DEFAULT true CHECK (id),
         last bigint  NOT NULL CHECK (last >= 0)
@@ -135,7 +137,25 @@ const MIGRATIONS: &[(&str, &str)] = &[(
         PRIMARY KEY (tenant, command_id)
     );
     "#,
-)];
+    ),
+    (
+        "snapshots",
+        r#"
+    CREATE TABLE sourced_snapshots (
+        tenant     text COLLATE "C" NOT NULL,
+        type       text COLLATE "C" NOT NULL,
+        agg_id     text COLLATE "C" NOT NULL,
+        version    bigint           NOT NULL CHECK (version >= 1),
+        fold       integer          NOT NULL,
+        state      json             NOT NULL,
+        deleted    boolean          NOT NULL,
+        created_at timestamptz      NOT NULL,
+        updated_at timestamptz      NOT NULL,
+        PRIMARY KEY (tenant, type, agg_id, version)
+    );
+    "#,
+    ),
+];
 
 /// First key of the advisory lock taken around migrations (the second is the schema's hash).
 const MIGRATION_LOCK_KEY: i32 = 0x536f_7572; // "Sour"
@@ -507,6 +527,41 @@ impl EventStore for PostgresStore {
         Ok(names)
     }
 
+    async fn load_snapshot(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at_most: Option<Version>,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT version, state::text, deleted, created_at, updated_at FROM sourced_snapshots
+                 WHERE tenant = $1 AND type = $2 AND agg_id = $3 AND version <= $4 AND fold = $5
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let at_most = at_most.map_or(i64::MAX, |v| clamp_sql_int(v.0));
+        let fold = i32::try_from(fold).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt(&stmt, &[&key.tenant.as_str(), &key.type_name.as_str(), &key.id.as_str(), &at_most, &fold])
+            .await
+            .map_err(pg_err)?;
+        let Some(r) = row else { return Ok(None) };
+        let state: String = r.try_get(1).map_err(pg_err)?;
+        let state = from_json(&state, "sourced_snapshots.state")?;
+        let created: DateTime<Utc> = r.try_get(3).map_err(pg_err)?;
+        let updated: DateTime<Utc> = r.try_get(4).map_err(pg_err)?;
+        Ok(Some(Aggregate {
+            version: Version(from_sql_int(r.try_get(0).map_err(pg_err)?, "sourced_snapshots.version")?),
+            state: (!state.is_null()).then_some(state),
+            deleted: r.try_get(2).map_err(pg_err)?,
+            created_at: Some(created),
+            updated_at: Some(updated),
+        }))
+    }
+
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
         let client = self.client().await?;
         let stmt = client
@@ -874,6 +929,20 @@ struct Plan {
     cmd_first: Vec<i64>,
     cmd_last: Vec<i64>,
     cmd_extra: Vec<String>,
+    /// Snapshots, one per append that asks for one.
+    snaps: Vec<SnapWrite>,
+}
+
+struct SnapWrite {
+    tenant: String,
+    type_name: String,
+    agg_id: String,
+    version: i64,
+    fold: i32,
+    state: String,
+    deleted: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
 }
 
 struct DocWrite {
@@ -1012,6 +1081,19 @@ async fn plan(client: &ClientWrapper, jobs: &[&Job], last_position: u64) -> Resu
                 });
             }
         }
+        if let Some(snapshot) = &request.snapshot {
+            plan.snaps.push(SnapWrite {
+                tenant: hk.0.clone(),
+                type_name: hk.1.clone(),
+                agg_id: hk.2.clone(),
+                version: last_sql,
+                fold: i32::try_from(snapshot.fold).unwrap_or(i32::MAX),
+                state: job.encoded.state.clone(),
+                deleted: request.document.deleted,
+                created_at: truncate(snapshot.created_at),
+                updated_at: ts,
+            });
+        }
         plan.cmd_tenant.push(hk.0.clone());
         plan.cmd_id.push(request.command.id.0);
         plan.cmd_fingerprint.push(request.command.fingerprint.clone());
@@ -1111,6 +1193,32 @@ impl Plan {
             client.execute(&commands_stmt, &command_params),
             client.execute(&counter_stmt, &counter_params),
         )?;
+        if !self.snaps.is_empty() {
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO sourced_snapshots
+                     (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+                     SELECT t, ty, a, v, f, s::json, d, c, u
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::text[], $7::bool[],
+                                 $8::timestamptz[], $9::timestamptz[]) AS x(t, ty, a, v, f, s, d, c, u)
+                     ON CONFLICT (tenant, type, agg_id, version) DO UPDATE SET
+                         fold = excluded.fold, state = excluded.state, deleted = excluded.deleted,
+                         created_at = excluded.created_at, updated_at = excluded.updated_at",
+                )
+                .await?;
+            let tenant: Vec<&str> = self.snaps.iter().map(|x| x.tenant.as_str()).collect();
+            let ty: Vec<&str> = self.snaps.iter().map(|x| x.type_name.as_str()).collect();
+            let agg: Vec<&str> = self.snaps.iter().map(|x| x.agg_id.as_str()).collect();
+            let version: Vec<i64> = self.snaps.iter().map(|x| x.version).collect();
+            let fold: Vec<i32> = self.snaps.iter().map(|x| x.fold).collect();
+            let state: Vec<&str> = self.snaps.iter().map(|x| x.state.as_str()).collect();
+            let deleted: Vec<bool> = self.snaps.iter().map(|x| x.deleted).collect();
+            let created: Vec<DateTime<Utc>> = self.snaps.iter().map(|x| x.created_at).collect();
+            let updated: Vec<DateTime<Utc>> = self.snaps.iter().map(|x| x.updated_at).collect();
+            let params: [&(dyn ToSql + Sync); 9] =
+                [&tenant, &ty, &agg, &version, &fold, &state, &deleted, &created, &updated];
+            client.execute(&stmt, &params).await?;
+        }
         assert_eq!(inserted_events, self.events, "every planned event is inserted");
         assert_eq!(inserted_commands as usize, self.cmd_id.len(), "every planned command record is inserted");
         assert_eq!(counters, 1, "the position counter has exactly one row");

@@ -27,7 +27,8 @@ use uuid::Uuid;
 
 use sourced_core::timestamp::{from_micros, to_micros, truncate};
 use sourced_core::{
-    AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version,
+    Aggregate, AggregateId, CommandId, EventId, Position, RecordedEvent, StreamHead, StreamKey, TenantId, TypeName,
+    Version,
 };
 
 use crate::listing::{self, Dialect, Param};
@@ -38,7 +39,7 @@ use crate::{
 use sourced_core::query::FieldPath;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -79,6 +80,21 @@ const MIGRATIONS: &[&str] = &[
         last_version  INTEGER NOT NULL,
         extra         TEXT    NOT NULL,
         PRIMARY KEY (tenant, command_id)
+    ) WITHOUT ROWID;
+    ",
+    // 1 → 2: snapshots (SPEC §5).
+    "
+    CREATE TABLE snapshots (
+        tenant     TEXT    NOT NULL,
+        type       TEXT    NOT NULL,
+        agg_id     TEXT    NOT NULL,
+        version    INTEGER NOT NULL,
+        fold       INTEGER NOT NULL,
+        state      TEXT    NOT NULL,
+        deleted    INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, type, agg_id, version)
     ) WITHOUT ROWID;
     ",
 ];
@@ -475,6 +491,47 @@ impl EventStore for SqliteStore {
         .map_err(|e| StoreError::Backend(format!("the index task failed: {e}")))?
     }
 
+    async fn load_snapshot(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at_most: Option<Version>,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        let key = key.clone();
+        let at_most = at_most.map_or(i64::MAX, |v| clamp_sql_int(v.0));
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT version, state, deleted, created_at, updated_at FROM snapshots
+                     WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version <= ?4 AND fold = ?5
+                     ORDER BY version DESC LIMIT 1",
+                )
+                .map_err(sql_err)?;
+            let row = stmt
+                .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str(), at_most, fold], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .optional()
+                .map_err(sql_err)?;
+            let Some((version, state, deleted, created, updated)) = row else { return Ok(None) };
+            let state = from_json(&state, "snapshots.state")?;
+            Ok(Some(Aggregate {
+                version: Version(from_sql_int(version, "snapshots.version")?),
+                state: (!state.is_null()).then_some(state),
+                deleted,
+                created_at: Some(from_micros(created)),
+                updated_at: Some(from_micros(updated)),
+            }))
+        })
+        .await
+    }
+
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
         let tenant = tenant.clone();
         self.read(move |conn| select_command(conn, &tenant, id)).await
@@ -867,6 +924,27 @@ fn apply(
         encoded.extra,
     ])
     .map_err(write_err)?;
+
+    if let Some(snapshot) = &request.snapshot {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO snapshots
+             (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(sql_err)?
+        .execute(params![
+            key.tenant.as_str(),
+            key.type_name.as_str(),
+            key.id.as_str(),
+            to_sql_int(version.0)?,
+            snapshot.fold,
+            encoded.state,
+            request.document.deleted,
+            to_micros(&truncate(snapshot.created_at)),
+            ts_us,
+        ])
+        .map_err(write_err)?;
+    }
 
     Ok(Written::Appended { first_position, first_version })
 }

@@ -267,7 +267,8 @@ fn command_name(file: &str) -> Option<String> {
         && stem.len() <= 64
         && stem.as_bytes()[0].is_ascii_lowercase()
         && stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b))
-        && stem != "events";
+        && stem != "events"
+        && stem != "diff";
     ok.then(|| stem.to_owned())
 }
 

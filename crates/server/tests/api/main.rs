@@ -16,5 +16,6 @@ mod postgres;
 mod queries;
 mod socketio;
 mod sse;
+mod time_travel;
 mod transfer;
 mod ws;
