@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+pub mod rebuild;
 pub mod subscriptions;
 
 use std::sync::{Arc, RwLock};

@@ -50,6 +50,13 @@ pub enum CliCommand {
         #[command(flatten)]
         settings: RawArgs,
     },
+    /// Rebuild the read model and the snapshots (`SNAPSHOT_EVERY`) of the configured store
+    /// from its events. Run it while no `sourced serve` uses the store.
+    Rebuild {
+        /// The store (`EVENT_STORE_URL`) and the other settings.
+        #[command(flatten)]
+        settings: RawArgs,
+    },
 }
 
 /// Settings as given, unvalidated. Each is a flag and an environment variable of the same

@@ -18,6 +18,7 @@ fn main() -> std::process::ExitCode {
         Some(CliCommand::Check { dir }) => return check(&dir),
         Some(CliCommand::Export { output, settings }) => (settings, Task::Export(output)),
         Some(CliCommand::Import { input, settings }) => (settings, Task::Import(input)),
+        Some(CliCommand::Rebuild { settings }) => (settings, Task::Rebuild),
         None => (cli.serve, Task::Serve),
     };
     let config = match Config::resolve(&raw) {
@@ -40,6 +41,7 @@ fn main() -> std::process::ExitCode {
             Task::Serve => serve(config).await,
             Task::Export(output) => sourced_server::transfer::run_export(&config, output.as_deref()).await,
             Task::Import(input) => sourced_server::transfer::run_import(&config, input.as_deref()).await,
+            Task::Rebuild => sourced_server::transfer::run_rebuild(&config).await,
         }
     });
     match outcome {
@@ -56,6 +58,7 @@ enum Task {
     Serve,
     Export(Option<std::path::PathBuf>),
     Import(Option<std::path::PathBuf>),
+    Rebuild,
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

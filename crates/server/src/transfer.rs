@@ -245,6 +245,36 @@ pub async fn run_export(config: &Config, output: Option<&Path>) -> anyhow::Resul
     result
 }
 
+/// `sourced rebuild`: the read model and snapshots of the configured store, made again from
+/// its events; progress on stderr every few seconds, and a summary at the end.
+pub async fn run_rebuild(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let mut last_report = std::time::Instant::now();
+    let result = sourced_engine::rebuild::rebuild(store.as_ref(), config.snapshot_every, |p| {
+        if last_report.elapsed() >= std::time::Duration::from_secs(2) {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "sourced rebuild: {} streams, {} events ({:.0} events/s)",
+                p.streams,
+                p.events,
+                p.events_per_second()
+            );
+        }
+    })
+    .await;
+    store.close().await;
+    let done = result.context("the rebuild failed; run it again to finish")?;
+    eprintln!(
+        "sourced rebuild: done: {} streams, {} events, {} snapshots in {:.1} s ({:.0} events/s)",
+        done.streams,
+        done.events,
+        done.snapshots,
+        done.elapsed.as_secs_f64(),
+        done.events_per_second()
+    );
+    Ok(())
+}
+
 /// `sourced import`: `input` (a file) or stdin into the configured store, which must be empty.
 pub async fn run_import(config: &Config, input: Option<&Path>) -> anyhow::Result<()> {
     // The input first: a mistyped file name must not create an empty store.

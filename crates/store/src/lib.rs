@@ -173,6 +173,17 @@ pub struct ListCursor {
     pub id: AggregateId,
 }
 
+/// One stream's read model as `sourced rebuild` made it from the stream's events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebuiltStream {
+    /// The read-model row.
+    pub row: DocumentRow,
+    /// The snapshots to keep (each an aggregate at its version); any others are removed.
+    pub snapshots: Vec<sourced_core::Aggregate>,
+    /// The fold version the snapshots were made by.
+    pub fold: u32,
+}
+
 /// Counters a backend keeps, for benchmarks and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -267,6 +278,18 @@ pub trait EventStore: Send + Sync + 'static {
         fold: u32,
         at_most: Option<Version>,
     ) -> Result<Option<sourced_core::Aggregate>, StoreError>;
+
+    /// Every stream's key, in (tenant, type, id) byte order, after `after`, at most `limit`
+    /// (capped at [`READ_LIMIT_MAX`]).
+    async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError>;
+
+    /// Removes every read-model row and snapshot (the first step of `sourced rebuild`, which
+    /// runs while no process serves the store).
+    async fn clear_read_model(&self) -> Result<(), StoreError>;
+
+    /// Writes rebuilt read-model rows and their snapshots in one transaction, replacing the
+    /// streams' rows and snapshots.
+    async fn put_read_model(&self, streams: Vec<RebuiltStream>) -> Result<(), StoreError>;
 
     /// The record of a processed command, if the tenant has one.
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;

@@ -86,7 +86,7 @@ use sourced_core::{
 use crate::listing::{self, Dialect, Param};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
-    StoreError, StoreStats, validate_append,
+    RebuiltStream, StoreError, StoreStats, validate_append,
 };
 use sourced_core::query::FieldPath;
 
@@ -560,6 +560,107 @@ impl EventStore for PostgresStore {
             created_at: Some(created),
             updated_at: Some(updated),
         }))
+    }
+
+    async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX) as i64;
+        let (t, ty, id) = after.map_or(("", "", ""), |k| (k.tenant.as_str(), k.type_name.as_str(), k.id.as_str()));
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT tenant, type, agg_id FROM sourced_events
+                 WHERE version = 1 AND (tenant, type, agg_id) > ($1::text, $2::text, $3::text)
+                 ORDER BY tenant, type, agg_id LIMIT $4",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[&t, &ty, &id, &limit]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let (t, ty, id): (String, String, String) =
+                    (r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?, r.try_get(2).map_err(pg_err)?);
+                Ok(StreamKey {
+                    tenant: TenantId::parse(&t).map_err(|v| corrupt_row("sourced_events.tenant", v.message))?,
+                    type_name: TypeName::parse(&ty).map_err(|v| corrupt_row("sourced_events.type", v.message))?,
+                    id: AggregateId::parse(&id).map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn clear_read_model(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.batch_execute("TRUNCATE sourced_documents, sourced_snapshots").await.map_err(pg_err)
+    }
+
+    async fn put_read_model(&self, streams: Vec<RebuiltStream>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let delete = tx
+            .prepare_cached("DELETE FROM sourced_snapshots WHERE tenant = $1 AND type = $2 AND agg_id = $3")
+            .await
+            .map_err(pg_err)?;
+        let row = tx
+            .prepare_cached(
+                "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8)
+                 ON CONFLICT (tenant, type, agg_id) DO UPDATE SET version = excluded.version,
+                     state = excluded.state, deleted = excluded.deleted, created_at = excluded.created_at,
+                     updated_at = excluded.updated_at",
+            )
+            .await
+            .map_err(pg_err)?;
+        let snapshot = tx
+            .prepare_cached(
+                "INSERT INTO sourced_snapshots
+                 (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6::text::json, $7, $8, $9)",
+            )
+            .await
+            .map_err(pg_err)?;
+        let fold_of = |f: u32| i32::try_from(f).unwrap_or(i32::MAX);
+        for s in &streams {
+            let k = &s.row.key;
+            let (t, ty, id) = (k.tenant.as_str(), k.type_name.as_str(), k.id.as_str());
+            tx.execute(&delete, &[&t, &ty, &id]).await.map_err(pg_err)?;
+            let state = to_json(&s.row.state)?;
+            tx.execute(
+                &row,
+                &[
+                    &t,
+                    &ty,
+                    &id,
+                    &clamp_sql_int(s.row.version.0),
+                    &state,
+                    &s.row.deleted,
+                    &s.row.created_at,
+                    &s.row.updated_at,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+            for a in &s.snapshots {
+                let state = to_json(a.state.as_ref().unwrap_or(&serde_json::Value::Null))?;
+                let (created, updated) = (a.created_at.unwrap_or_default(), a.updated_at.unwrap_or_default());
+                tx.execute(
+                    &snapshot,
+                    &[
+                        &t,
+                        &ty,
+                        &id,
+                        &clamp_sql_int(a.version.0),
+                        &fold_of(s.fold),
+                        &state,
+                        &a.deleted,
+                        &created,
+                        &updated,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+        }
+        tx.commit().await.map_err(pg_err)
     }
 
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {

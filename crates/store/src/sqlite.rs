@@ -34,7 +34,7 @@ use sourced_core::{
 use crate::listing::{self, Dialect, Param};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
-    StoreError, StoreStats, validate_append,
+    RebuiltStream, StoreError, StoreStats, validate_append,
 };
 use sourced_core::query::FieldPath;
 
@@ -307,6 +307,23 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a read connection, on tokio's blocking pool.
+    /// Runs `f` on a connection of its own, outside the writer thread (maintenance writes:
+    /// rebuild). SQLite's lock keeps it apart from the writer's transactions.
+    async fn side_write<F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open(&path).map_err(sql_err)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql_err)?;
+            conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err)?;
+            f(&conn).map_err(write_err)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("the maintenance task failed: {e}")))?
+    }
+
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -528,6 +545,92 @@ impl EventStore for SqliteStore {
                 created_at: Some(from_micros(created)),
                 updated_at: Some(from_micros(updated)),
             }))
+        })
+        .await
+    }
+
+    async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX);
+        let after =
+            after.map(|k| (k.tenant.as_str().to_owned(), k.type_name.as_str().to_owned(), k.id.as_str().to_owned()));
+        self.read(move |conn| {
+            let (t, ty, id) = after.unwrap_or_default();
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT tenant, type, agg_id FROM events
+                     WHERE version = 1 AND (tenant, type, agg_id) > (?1, ?2, ?3)
+                     ORDER BY tenant, type, agg_id LIMIT ?4",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![t, ty, id, to_sql_int(limit as u64)?], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            rows.into_iter().map(|(t, ty, id)| stream_key(&t, &ty, &id, "events")).collect()
+        })
+        .await
+    }
+
+    async fn clear_read_model(&self) -> Result<(), StoreError> {
+        self.side_write(|conn| conn.execute_batch("DELETE FROM documents; DELETE FROM snapshots;")).await
+    }
+
+    async fn put_read_model(&self, streams: Vec<RebuiltStream>) -> Result<(), StoreError> {
+        // The JSON texts: the row's state, then each snapshot's.
+        let mut encoded: Vec<(String, Vec<String>)> = Vec::with_capacity(streams.len());
+        for s in &streams {
+            let snapshots = s
+                .snapshots
+                .iter()
+                .map(|a| to_json(a.state.as_ref().unwrap_or(&Value::Null)))
+                .collect::<Result<Vec<_>, _>>()?;
+            encoded.push((to_json(&s.row.state)?, snapshots));
+        }
+        self.side_write(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            for (s, (state, snapshots)) in streams.iter().zip(&encoded) {
+                let k = &s.row.key;
+                let key_params = params![k.tenant.as_str(), k.type_name.as_str(), k.id.as_str()];
+                tx.prepare_cached("DELETE FROM snapshots WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3")?
+                    .execute(key_params)?;
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO documents
+                     (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    k.tenant.as_str(),
+                    k.type_name.as_str(),
+                    k.id.as_str(),
+                    clamp_sql_int(s.row.version.0),
+                    state,
+                    s.row.deleted,
+                    to_micros(&s.row.created_at),
+                    to_micros(&s.row.updated_at),
+                ])?;
+                for (a, state) in s.snapshots.iter().zip(snapshots) {
+                    tx.prepare_cached(
+                        "INSERT INTO snapshots
+                         (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )?
+                    .execute(params![
+                        k.tenant.as_str(),
+                        k.type_name.as_str(),
+                        k.id.as_str(),
+                        clamp_sql_int(a.version.0),
+                        s.fold,
+                        state,
+                        a.deleted,
+                        a.created_at.as_ref().map_or(0, to_micros),
+                        a.updated_at.as_ref().map_or(0, to_micros),
+                    ])?;
+                }
+            }
+            tx.commit()
         })
         .await
     }
@@ -1280,6 +1383,15 @@ fn to_json(value: &Value) -> Result<String, StoreError> {
 
 fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
+}
+
+/// A stream key read from a table's columns.
+fn stream_key(tenant: &str, type_name: &str, id: &str, table: &str) -> Result<StreamKey, StoreError> {
+    Ok(StreamKey {
+        tenant: TenantId::parse(tenant).map_err(|v| corrupt_row(&format!("{table}.tenant"), v.message))?,
+        type_name: TypeName::parse(type_name).map_err(|v| corrupt_row(&format!("{table}.type"), v.message))?,
+        id: AggregateId::parse(id).map_err(|v| corrupt_row(&format!("{table}.agg_id"), v.message))?,
+    })
 }
 
 fn to_sql_param(p: &Param) -> rusqlite::types::Value {

@@ -14,6 +14,7 @@ mod http_api;
 mod idempotency;
 mod postgres;
 mod queries;
+mod rebuild;
 mod socketio;
 mod sse;
 mod time_travel;
