@@ -23,7 +23,7 @@ pub(crate) struct FloorServer {
 impl FloorServer {
     /// Binds 127.0.0.1:0 and serves.
     pub(crate) async fn start() -> anyhow::Result<FloorServer> {
-        let app = Router::new().route("/{type}", post(create)).route("/{type}/{id}", patch(update));
+        let app = Router::new().route("/{type}", post(create)).route("/{type}/{id}", patch(update).get(read));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -66,4 +66,17 @@ async fn create(Path(type_name): Path<String>, Json(mut document): Json<Value>) 
 async fn update(Path((_type_name, id)): Path<(String, String)>, Json(ops): Json<Value>) -> impl IntoResponse {
     let count = ops.as_array().map_or(0, Vec::len);
     (StatusCode::OK, [(header::ETAG, "\"2\"")], Json(json!({"id": id, "ops": count, "_meta": {"version": 2}})))
+}
+
+/// Answers a read with a fixed document the size of the benchmark's (no store behind it).
+async fn read(Path((_type_name, id)): Path<(String, String)>) -> impl IntoResponse {
+    let document = json!({
+        "id": id,
+        "customer": {"id": "c1", "name": "Ada"},
+        "status": "paid",
+        "total": 120,
+        "lines": [{"sku": "a", "qty": 1}],
+        "_meta": {"version": 1, "createdAt": "2026-01-01T00:00:00Z", "updatedAt": "2026-01-01T00:00:00Z", "deleted": false}
+    });
+    (StatusCode::OK, [(header::ETAG, "\"1\"")], Json(document))
 }

@@ -12,6 +12,7 @@ mod ceiling;
 mod floor;
 mod load;
 mod postgres;
+mod read;
 mod workload;
 mod ws;
 
@@ -23,6 +24,7 @@ use anyhow::{Context as _, ensure};
 
 pub use ceiling::CeilingMeasure;
 pub use postgres::{PgOptions, PgReport, PgRow, PlainMeasure, run_postgres};
+pub use read::{ReadOptions, run_read};
 pub use ws::{LatencyRow, WsCase, WsRow, default_cases as default_ws_cases};
 
 /// Most clients one level may run.

@@ -33,6 +33,11 @@ struct Args {
     /// ceiling and Message DB on the same server (scratch schemas, dropped afterwards).
     #[arg(long, value_name = "URL", conflicts_with = "smoke")]
     postgres: Option<String>,
+    /// Instead: the read-side benchmark (command cost by stream length with and without
+    /// snapshots, rebuild rate, GET by id against the floor, a filtered list over 1 000 000
+    /// aggregates; with --postgres the list on PostgreSQL too); --smoke makes it tiny.
+    #[arg(long, conflicts_with_all = ["duration_secs", "warmup_secs", "clients", "message_db_url"])]
+    read_side: bool,
     /// Where Message DB is installed [default: database sourced_bench_messagedb of --postgres].
     #[arg(long, value_name = "URL", requires = "postgres")]
     message_db_url: Option<String>,
@@ -49,6 +54,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.read_side {
+        let options = sourced_bench::ReadOptions {
+            postgres: args.postgres,
+            ..if args.smoke { sourced_bench::ReadOptions::smoke() } else { sourced_bench::ReadOptions::full() }
+        };
+        if cfg!(debug_assertions) && !args.smoke {
+            eprintln!(
+                "sourced-bench: warning: a debug build; use `cargo run --release -p sourced-bench` for real numbers"
+            );
+        }
+        println!("{}", sourced_bench::run_read(&options)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(url) = args.postgres {
         let options = sourced_bench::PgOptions {
             url,

@@ -419,28 +419,28 @@ impl PgReport {
 }
 
 /// A scratch schema `sourced_bench_<uuid>`.
-struct Schema(String);
+pub(crate) struct Schema(String);
 
 impl Schema {
-    async fn create(admin: &tokio_postgres::Client) -> anyhow::Result<Schema> {
+    pub(crate) async fn create(admin: &tokio_postgres::Client) -> anyhow::Result<Schema> {
         let schema = format!("sourced_bench_{}", uuid::Uuid::new_v4().simple());
         admin.batch_execute(&format!("CREATE SCHEMA {schema}")).await?;
         Ok(Schema(schema))
     }
 
-    fn url(&self, base: &str) -> String {
+    pub(crate) fn url(&self, base: &str) -> String {
         let sep = if base.contains('?') { '&' } else { '?' };
         format!("{base}{sep}options=-csearch_path%3D{}", self.0)
     }
 
-    async fn drop(self, admin: &tokio_postgres::Client) {
+    pub(crate) async fn drop(self, admin: &tokio_postgres::Client) {
         if let Err(e) = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0)).await {
             eprintln!("warning: the schema {} was not dropped: {e}", self.0);
         }
     }
 }
 
-async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = url.parse()?;
     config.connect_timeout(Duration::from_secs(5));
     let (client, connection) = config.connect(NoTls).await?;

@@ -61,3 +61,19 @@ fn smoke_run_counts_commands_without_errors() {
     }
     assert!(markdown.contains("| subscribers | target cmd/s |"), "{markdown}");
 }
+
+/// The read-side benchmark's smoke path: every part runs (the run fails on any refused
+/// command, failed GET or empty list) and prints its table.
+#[test]
+fn read_side_smoke_run_prints_every_table() {
+    let markdown = sourced_bench::run_read(&sourced_bench::ReadOptions::smoke()).unwrap();
+    for heading in [
+        "### A command on an aggregate of N events",
+        "Rebuild: 2 streams, 310 events",
+        "### GET by id",
+        "### Filtered list",
+    ] {
+        assert!(markdown.contains(heading), "{heading}: {markdown}");
+    }
+    assert!(markdown.contains("\n| 300 | ") && markdown.contains("| embedded (SQLite) | 2000 |"), "{markdown}");
+}

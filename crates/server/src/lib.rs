@@ -137,6 +137,11 @@ impl RunningServer {
         self.addr
     }
 
+    /// The store it serves.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
     /// The store's counters.
     pub fn store_stats(&self) -> StoreStats {
         self.store.stats()
