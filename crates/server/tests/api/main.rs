@@ -6,6 +6,7 @@ mod common;
 
 mod artifacts;
 mod cli;
+mod reload;
 
 mod concurrency;
 mod conformance;
