@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
     let admin = state.reloader.is_some();
     let r = Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/schemas/{file}", get(schema_file))
         .route("/readyz", get(readyz))
         .route("/commands", post(post_command))

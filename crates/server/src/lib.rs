@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod config;
 pub mod git;
 pub mod http;
+pub mod openapi;
 pub mod problem;
 pub mod reload;
 pub mod socketio;

@@ -6,6 +6,7 @@ mod common;
 
 mod artifacts;
 mod cli;
+mod openapi;
 mod reload;
 
 mod concurrency;
