@@ -74,7 +74,8 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /schemas/command.json` (the envelope of SPEC §2.1) and `GET /schemas/{type}.json` (a
 /// loaded aggregate schema).
-async fn schema_file(State(s): State<AppState>, Path(file): Path<String>) -> Result<Response> {
+async fn schema_file(State(s): State<AppState>, Path(file): Path<String>, RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
     let schema = if file == "command.json" {
         command_schema()
     } else {
@@ -150,17 +151,21 @@ async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
     }
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+// The fixed routes refuse query parameters as every other route refuses unknown ones, so a
+// typo is noticed (and `GET /healthz?limit=1`, which a client meant for `GET /{type}`, is 400).
+async fn healthz(RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
+    Ok(axum::Json(json!({"status": "ok"})).into_response())
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
-    match s.engine.store().ping().await {
+async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
+    Ok(match s.engine.store().ping().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(e) => {
             Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", e.to_string()).into_response()
         }
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

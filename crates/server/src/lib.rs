@@ -92,7 +92,11 @@ fn build_app(
         reloader: config.admin_api.then(|| reloader.clone()),
     };
     // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
-    (router(state).layer(socketio).layer(tower_http::trace::TraceLayer::new_for_http()), reloader)
+    let app = router(state)
+        .layer(socketio)
+        .layer(axum::middleware::map_response(socketio::errors_as_problems))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    (app, reloader)
 }
 
 /// A server running in the background.

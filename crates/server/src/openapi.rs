@@ -18,17 +18,25 @@ use sourced_core::ids::RESERVED_TYPE_NAMES;
 use crate::http::{AppState, command_schema};
 
 /// `GET /openapi.json`.
-pub(crate) async fn serve(State(s): State<AppState>) -> Response {
+pub(crate) async fn serve(
+    State(s): State<AppState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Response, crate::problem::Problem> {
+    crate::http::query_pairs(&q, &[])?;
     let doc = document(&s.engine.artifacts(), s.http.page_limit_max, s.reloader.is_some());
     let mut r = axum::Json(doc).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    Ok(r)
 }
 
 /// Status codes and what they mean, for the error responses of the operations.
 const ERRORS: &[(u16, &str)] = &[
     (400, "malformed request (JSON, envelope, path, query or header)"),
     (404, "unknown aggregate, unknown type path, or reserved type name"),
+    (
+        405,
+        "method not allowed: the path is a fixed route of the service (a reserved name in place of {type} or {command}) that does not serve this method",
+    ),
     (409, "version conflict, or the aggregate already exists"),
     (410, "the aggregate was deleted"),
     (412, "If-Match does not match the current version"),
@@ -39,9 +47,9 @@ const ERRORS: &[(u16, &str)] = &[
     (503, "the event store is unavailable"),
 ];
 
-const READ_ERRORS: &[u16] = &[400, 404, 410, 503];
-const WRITE_ERRORS: &[u16] = &[400, 404, 409, 410, 412, 413, 415, 422, 428, 503];
-const LIST_ERRORS: &[u16] = &[400, 404, 503];
+const READ_ERRORS: &[u16] = &[400, 404, 405, 410, 503];
+const WRITE_ERRORS: &[u16] = &[400, 404, 405, 409, 410, 412, 413, 415, 422, 428, 503];
+const LIST_ERRORS: &[u16] = &[400, 404, 405, 503];
 
 /// The whole document for `set`.
 pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value {
@@ -49,24 +57,26 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
     let mut schemas = base_schemas();
     paths.insert("/healthz".into(), json!({"get": {
         "operationId": "healthz", "summary": "Liveness", "tags": ["service"],
-        "responses": {"200": json_response("alive", json!({"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}))}
+        "responses": {"200": json_response("alive", json!({"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})), "400": problem_response("query parameters are refused")}
     }}));
     paths.insert("/readyz".into(), json!({"get": {
         "operationId": "readyz", "summary": "Readiness: the store answers and the artifact set is loaded", "tags": ["service"],
         "responses": {
             "200": json_response("ready", json!({"type": "object", "properties": {"status": {"const": "ready"}}, "required": ["status"]})),
+            "400": problem_response("query parameters are refused"),
             "503": problem_response("not ready")
         }
     }}));
     paths.insert("/openapi.json".into(), json!({"get": {
         "operationId": "openapi", "summary": "This document, generated from the routes and the loaded artifact set", "tags": ["service"],
-        "responses": {"200": json_response("the OpenAPI 3.1 document", json!({"type": "object"}))}
+        "responses": {"200": json_response("the OpenAPI 3.1 document", json!({"type": "object"})), "400": problem_response("query parameters are refused")}
     }}));
     paths.insert("/schemas/{file}".into(), json!({"get": {
         "operationId": "getSchema", "summary": "The command envelope's schema (command.json) or a loaded type's schema ({type}.json)", "tags": ["service"],
         "parameters": [{"name": "file", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}],
         "responses": {
             "200": {"description": "a JSON Schema", "content": {"application/schema+json": {"schema": {"type": "object"}}}},
+            "400": problem_response("query parameters are refused"),
             "404": problem_response("no such schema")
         }
     }}));
@@ -460,7 +470,7 @@ fn document_item(type_param: Option<&Value>, doc_schema: &Value, t: &str) -> Val
             "operationId": op_id("delete", t), "tags": ["documents"],
             "summary": "Delete; 200 with the final document (`_meta.deleted: true`)",
             "parameters": params(type_param, vec![id_param(), if_match(), idempotency_key(), tenant(), prefer()]),
-            "responses": with_errors(written_document("200"), &[400, 404, 409, 410, 412, 413, 422, 428, 503])
+            "responses": with_errors(written_document("200"), &[400, 404, 405, 409, 410, 412, 413, 422, 428, 503])
         }
     })
 }
@@ -469,7 +479,7 @@ fn history_item(type_param: Option<&Value>, page_limit_max: usize, t: &str) -> V
     json!({"get": {
         "operationId": op_id("history", t), "tags": ["events"], "summary": "The aggregate's events, in version order",
         "parameters": params(type_param, vec![id_param(), limit(page_limit_max), cursor(), tenant()]),
-        "responses": with_errors(json!({"200": json_response("a page of events", json!({"$ref": "#/components/schemas/EventPage"}))}), &[400, 404, 503])
+        "responses": with_errors(json!({"200": json_response("a page of events", json!({"$ref": "#/components/schemas/EventPage"}))}), &[400, 404, 405, 503])
     }})
 }
 
