@@ -8,6 +8,7 @@ mod artifacts;
 mod cli;
 mod openapi;
 mod reload;
+mod scenarios;
 
 mod concurrency;
 mod conformance;
