@@ -191,16 +191,18 @@ impl ArtifactSet {
             match kind {
                 Kind::Schema => match Schema::compile(&doc) {
                     Ok(s) => entry.schema = Some(s),
-                    Err(m) => local.push((String::new(), m)),
+                    Err(e) => local.push(e),
                 },
-                Kind::Rules => match rules::parse(&doc) {
-                    Ok(r) => entry.rules = r,
-                    Err(e) => local.extend(e),
-                },
-                Kind::Lifecycle => match Lifecycle::parse(&doc) {
-                    Ok(l) => entry.lifecycle = Some(l),
-                    Err(e) => local.extend(e),
-                },
+                Kind::Rules => {
+                    let (r, e) = rules::parse(&doc);
+                    entry.rules = r;
+                    local.extend(e);
+                }
+                Kind::Lifecycle => {
+                    let (l, e) = Lifecycle::parse(&doc);
+                    entry.lifecycle = l;
+                    local.extend(e);
+                }
                 Kind::Command(name) => match entry.commands.entry(name) {
                     std::collections::btree_map::Entry::Occupied(o) => {
                         local.push((String::new(), format!("command '{}' is defined twice", o.key())));
@@ -331,8 +333,8 @@ fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, 
     let mut problems = Vec::new();
     let payload = match raw.payload.as_ref().map(Schema::compile) {
         Some(Ok(s)) => Some(s),
-        Some(Err(m)) => {
-            problems.push(("/payload".to_owned(), m));
+        Some(Err((pointer, m))) => {
+            problems.push((format!("/payload{pointer}"), m));
             None
         }
         None => None,

@@ -58,9 +58,14 @@ struct RawRule {
     severity: Option<Severity>,
 }
 
-/// Parses `rules.yaml`: `{rules: [{name, on, require, message, severity}]}`.
-pub fn parse(doc: &Value) -> Result<Vec<Rule>, Vec<(String, String)>> {
-    let raw: RawRules = from_json(doc, "")?;
+/// Parses `rules.yaml`: `{rules: [{name, on, require, message, severity}]}`. Returns the rules
+/// that could be read beside every problem, so that checks across files still see them (a set
+/// with any problem is never used).
+pub fn parse(doc: &Value) -> (Vec<Rule>, Vec<(String, String)>) {
+    let raw: RawRules = match from_json(doc, "") {
+        Ok(r) => r,
+        Err(e) => return (Vec::new(), e),
+    };
     let mut problems = Vec::new();
     let mut rules = Vec::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
@@ -82,5 +87,5 @@ pub fn parse(doc: &Value) -> Result<Vec<Rule>, Vec<(String, String)>> {
             Err(m) => problems.push((format!("/rules/{i}/require"), m)),
         }
     }
-    if problems.is_empty() { Ok(rules) } else { Err(problems) }
+    (rules, problems)
 }

@@ -119,7 +119,7 @@ fn check_prints_every_problem() {
     assert_eq!(lines.len(), 3, "{out}");
     assert!(lines[0].starts_with("types/order/commands/go.yaml at /emit/0/patch/0/expr: CEL syntax error"), "{out}");
     assert!(lines[1].starts_with("types/order/lifecycle.yaml at /transitions/0/to: state 'b' is not defined"), "{out}");
-    assert!(lines[2].starts_with("types/order/schema.json: invalid JSON Schema"), "{out}");
+    assert!(lines[2].starts_with("types/order/schema.json at /type: invalid JSON Schema"), "{out}");
     // The server refuses to start on the same set, listing the problems.
     let serve = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
         .env_clear()
