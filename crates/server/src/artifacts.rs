@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sourced_core::artifacts::expr::ExprLimits;
 use sourced_core::artifacts::{ArtifactSet, FILE_BYTES_MAX, FILES_MAX, Problem};
 
 use crate::git::{GitError, GitSource};
@@ -49,17 +50,17 @@ pub enum LoadError {
     Problems(Vec<Problem>),
 }
 
-/// Reads and checks the set `source` names; a git source is cloned or fetched first
-/// (blocking: call it off the async runtime's workers).
-pub fn load(source: &ArtifactsSource) -> Result<Loaded, LoadError> {
+/// Reads and checks the set `source` names, its expressions compiled under `limits`; a git
+/// source is cloned or fetched first (blocking: call it off the async runtime's workers).
+pub fn load(source: &ArtifactsSource, limits: &ExprLimits) -> Result<Loaded, LoadError> {
     match source {
         ArtifactsSource::Dir(dir) => {
-            let set = load_dir(dir).map_err(LoadError::Problems)?;
+            let set = load_dir_with(dir, limits).map_err(LoadError::Problems)?;
             Ok(Loaded { set, origin: dir.display().to_string(), stale: None })
         }
         ArtifactsSource::Git(g) => {
             let checkout = g.checkout()?;
-            let set = load_dir(&checkout.dir).map_err(LoadError::Problems)?;
+            let set = load_dir_with(&checkout.dir, limits).map_err(LoadError::Problems)?;
             let origin = format!("{} at {}", g.display(), &checkout.commit[..checkout.commit.len().min(12)]);
             Ok(Loaded { set, origin, stale: checkout.stale })
         }
@@ -69,15 +70,20 @@ pub fn load(source: &ArtifactsSource) -> Result<Loaded, LoadError> {
 /// Deepest directory nesting read.
 const DEPTH_MAX: usize = 8;
 
-/// Reads and checks the set under `dir`.
+/// Reads and checks the set under `dir`, with the default expression limits.
 pub fn load_dir(dir: &Path) -> Result<ArtifactSet, Vec<Problem>> {
+    load_dir_with(dir, &ExprLimits::default())
+}
+
+/// Reads and checks the set under `dir`, its expressions compiled under `limits`.
+pub fn load_dir_with(dir: &Path, limits: &ExprLimits) -> Result<ArtifactSet, Vec<Problem>> {
     let mut files = BTreeMap::new();
     let mut problems = Vec::new();
     walk(dir, dir, 0, &mut files, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
-    ArtifactSet::load(&files)
+    ArtifactSet::load_with(&files, limits)
 }
 
 fn problem(file: String, message: String) -> Problem {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use sourced_core::Limits;
+use sourced_core::artifacts::expr::ExprLimits;
 
 use crate::artifacts::ArtifactsSource;
 use crate::git::{self, GitSource};
@@ -79,6 +80,18 @@ pub struct RawArgs {
     /// Longest time one git command (clone, fetch, checkout) may take, in seconds [default: 120].
     #[arg(long, env = "ARTIFACTS_GIT_TIMEOUT_SECS")]
     pub artifacts_git_timeout_secs: Option<String>,
+    /// Longest artifact expression, in bytes [default: 4096].
+    #[arg(long, env = "EXPR_BYTES_MAX")]
+    pub expr_bytes_max: Option<String>,
+    /// Most nodes in one artifact expression, macros expanded [default: 512].
+    #[arg(long, env = "EXPR_NODES_MAX")]
+    pub expr_nodes_max: Option<String>,
+    /// Largest estimated cost of one expression evaluation, in steps [default: 1000000].
+    #[arg(long, env = "EXPR_COST_MAX")]
+    pub expr_cost_max: Option<String>,
+    /// Largest value one expression evaluation may build, in bytes [default: 1048576].
+    #[arg(long, env = "EXPR_VALUE_BYTES_MAX")]
+    pub expr_value_bytes_max: Option<String>,
     /// Serve the admin endpoints (`POST /admin/reload`); unauthenticated for now [default: false].
     #[arg(long, env = "ADMIN_API")]
     pub admin_api: Option<String>,
@@ -209,6 +222,8 @@ pub struct Config {
     pub store: StoreUrl,
     /// Where the artifact set comes from, if anywhere.
     pub artifacts: Option<ArtifactsSource>,
+    /// Limits on artifact expressions (compiled into the set at load).
+    pub expr_limits: ExprLimits,
     /// The loaded artifact set ([`crate::start`] loads it from `artifacts`; empty until then).
     pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
     /// Log filter directive (a level).
@@ -287,6 +302,12 @@ impl Config {
             None | Some("") => None,
             Some(a) => Some(parse_artifacts(a, cache, std::time::Duration::from_secs(git_timeout))?),
         };
+        let expr_limits = ExprLimits {
+            source_bytes_max: number("EXPR_BYTES_MAX", &raw.expr_bytes_max, 4_096, 16, 1024 * 1024)?,
+            nodes_max: number("EXPR_NODES_MAX", &raw.expr_nodes_max, 512, 1, 100_000)?,
+            cost_max: number("EXPR_COST_MAX", &raw.expr_cost_max, 1_000_000, 100, 1_000_000_000)? as u64,
+            value_bytes_max: number("EXPR_VALUE_BYTES_MAX", &raw.expr_value_bytes_max, MIB, 64, 64 * MIB)? as u64,
+        };
         let admin_api = match raw.admin_api.as_deref().map(str::trim) {
             None | Some("false" | "0" | "no") => false,
             Some("true" | "1" | "yes") => true,
@@ -354,6 +375,7 @@ impl Config {
             listen,
             store,
             artifacts,
+            expr_limits,
             artifact_set: Default::default(),
             log_level,
             log_format,
@@ -496,6 +518,10 @@ mod tests {
                 "ARTIFACTS_GIT_TIMEOUT_SECS",
             ),
             (RawArgs { admin_api: Some("maybe".into()), ..Default::default() }, "ADMIN_API"),
+            (RawArgs { expr_bytes_max: Some("1".into()), ..Default::default() }, "EXPR_BYTES_MAX"),
+            (RawArgs { expr_nodes_max: Some("0".into()), ..Default::default() }, "EXPR_NODES_MAX"),
+            (RawArgs { expr_cost_max: Some("lots".into()), ..Default::default() }, "EXPR_COST_MAX"),
+            (RawArgs { expr_value_bytes_max: Some("-5".into()), ..Default::default() }, "EXPR_VALUE_BYTES_MAX"),
             (RawArgs { sse_streams_max: Some("many".into()), ..Default::default() }, "SSE_STREAMS_MAX"),
             (
                 RawArgs { sse_slow_client_timeout_ms: Some("0".into()), ..Default::default() },

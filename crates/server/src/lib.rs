@@ -83,7 +83,7 @@ fn build_app(
     );
     engine.set_artifacts(config.artifact_set.clone());
     let socketio = socketio::layer(engine.clone(), &config.ws, live.clone());
-    let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), engine.clone()));
+    let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone()));
     let state = AppState {
         engine,
         http: config.http.clone(),
@@ -113,7 +113,8 @@ pub struct RunningServer {
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
 pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
     if let Some(source) = config.artifacts.clone() {
-        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source)).await?;
+        let limits = config.expr_limits;
+        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits)).await?;
         config.artifact_set = Arc::new(loaded_or_startup_error(&config, loaded)?);
     }
     let store = open_store(&config).await?;

@@ -111,14 +111,21 @@ async fn shutdown_signal() {
 /// one per line; exit 1 if any, 2 if the set cannot be read at all.
 fn check(artifacts: &str, cache: Option<&str>) -> std::process::ExitCode {
     use sourced_server::artifacts::{LoadError, load};
+    // The expression limits are the server's (from the environment or .env), so that check
+    // and serve agree on a set.
+    let env = |name: &str| std::env::var(name).ok();
     let raw = sourced_server::config::RawArgs {
         artifacts: Some(artifacts.to_owned()),
         artifacts_cache: cache.map(str::to_owned),
+        expr_bytes_max: env("EXPR_BYTES_MAX"),
+        expr_nodes_max: env("EXPR_NODES_MAX"),
+        expr_cost_max: env("EXPR_COST_MAX"),
+        expr_value_bytes_max: env("EXPR_VALUE_BYTES_MAX"),
         ..Default::default()
     };
-    let source = match Config::resolve(&raw).map(|c| c.artifacts) {
-        Ok(Some(source)) => source,
-        Ok(None) => {
+    let (source, limits) = match Config::resolve(&raw).map(|c| (c.artifacts, c.expr_limits)) {
+        Ok((Some(source), limits)) => (source, limits),
+        Ok((None, _)) => {
             eprintln!("sourced check: give an artifact set (a directory or a git URL)");
             return std::process::ExitCode::from(2);
         }
@@ -127,7 +134,7 @@ fn check(artifacts: &str, cache: Option<&str>) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match load(&source) {
+    match load(&source, &limits) {
         Ok(loaded) => {
             let types = loaded.set.types().count();
             let commands: usize = loaded.set.types().map(|(_, a)| a.commands.len()).sum();

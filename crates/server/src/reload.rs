@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use sourced_core::artifacts::ArtifactSet;
+use sourced_core::artifacts::expr::ExprLimits;
 use sourced_engine::Engine;
 
 use crate::artifacts::{self, ArtifactsSource, LoadError, Loaded};
@@ -14,6 +15,7 @@ use crate::artifacts::{self, ArtifactsSource, LoadError, Loaded};
 /// The artifact source of a running server and the engine whose set it replaces.
 pub struct Reloader {
     source: Option<ArtifactsSource>,
+    limits: ExprLimits,
     engine: Engine,
     /// One reload at a time: two would race on the git working tree.
     running: tokio::sync::Mutex<()>,
@@ -40,8 +42,8 @@ pub enum ReloadError {
 
 impl Reloader {
     /// A reloader of `source` into `engine`.
-    pub fn new(source: Option<ArtifactsSource>, engine: Engine) -> Self {
-        Self { source, engine, running: tokio::sync::Mutex::new(()) }
+    pub fn new(source: Option<ArtifactsSource>, limits: ExprLimits, engine: Engine) -> Self {
+        Self { source, limits, engine, running: tokio::sync::Mutex::new(()) }
     }
 
     /// Reads the set again and swaps it in whole, or changes nothing. Every outcome is
@@ -50,7 +52,8 @@ impl Reloader {
         let _one_at_a_time = self.running.lock().await;
         let Some(source) = self.source.clone() else { return Err(ReloadError::NoSource) };
         let source_name = source.to_string();
-        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source))
+        let limits = self.limits;
+        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits))
             .await
             .map_err(|e| ReloadError::Task(e.to_string()))?;
         match loaded {

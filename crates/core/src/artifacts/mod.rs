@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ids::TypeName;
-use expr::Expr;
+use expr::{Expr, ExprLimits};
 use lifecycle::Lifecycle;
 use rules::Rule;
 use schema::Schema;
@@ -134,6 +134,12 @@ impl ArtifactSet {
     /// layout of SPEC §4 are problems too, so a typo never goes unnoticed. Process managers
     /// (`processes/`) are accepted but not yet interpreted.
     pub fn load(files: &BTreeMap<String, String>) -> Result<ArtifactSet, Vec<Problem>> {
+        ArtifactSet::load_with(files, &ExprLimits::default())
+    }
+
+    /// [`ArtifactSet::load`] with expressions compiled under `limits` (which they keep for
+    /// their evaluations).
+    pub fn load_with(files: &BTreeMap<String, String>, limits: &ExprLimits) -> Result<ArtifactSet, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut set = ArtifactSet::default();
         if files.len() > FILES_MAX {
@@ -194,12 +200,12 @@ impl ArtifactSet {
                     Err(e) => local.push(e),
                 },
                 Kind::Rules => {
-                    let (r, e) = rules::parse(&doc);
+                    let (r, e) = rules::parse(&doc, limits);
                     entry.rules = r;
                     local.extend(e);
                 }
                 Kind::Lifecycle => {
-                    let (l, e) = Lifecycle::parse(&doc);
+                    let (l, e) = Lifecycle::parse(&doc, limits);
                     entry.lifecycle = l;
                     local.extend(e);
                 }
@@ -207,7 +213,7 @@ impl ArtifactSet {
                     std::collections::btree_map::Entry::Occupied(o) => {
                         local.push((String::new(), format!("command '{}' is defined twice", o.key())));
                     }
-                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc) {
+                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc, limits) {
                         Ok(c) => {
                             v.insert(c);
                         }
@@ -328,7 +334,7 @@ struct RawOp {
     expr: Option<String>,
 }
 
-fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, String)>> {
+fn parse_command(name: &str, doc: &Value, limits: &ExprLimits) -> Result<CustomCommand, Vec<(String, String)>> {
     let raw: RawCommand = from_json(doc, "")?;
     let mut problems = Vec::new();
     let payload = match raw.payload.as_ref().map(Schema::compile) {
@@ -341,7 +347,7 @@ fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, 
     };
     let mut require = Vec::new();
     for (i, r) in raw.require.iter().enumerate() {
-        match Expr::compile(&r.expr) {
+        match Expr::compile_with(&r.expr, limits) {
             Ok(e) => require.push((e, r.message.clone())),
             Err(m) => problems.push((format!("/require/{i}/expr"), m)),
         }
@@ -383,7 +389,7 @@ fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, 
                     None
                 }
                 (Some(v), None) => Some(OpValue::Literal(v.clone())),
-                (None, Some(src)) => match Expr::compile(src) {
+                (None, Some(src)) => match Expr::compile_with(src, limits) {
                     Ok(e) => Some(OpValue::Expr(e)),
                     Err(m) => {
                         problems.push((format!("{at}/expr"), m));

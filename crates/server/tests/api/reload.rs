@@ -140,6 +140,7 @@ async fn reloading_a_branch_fetches_its_new_commits() {
             Duration::from_secs(60),
         )
         .unwrap(),
+        &Default::default(),
     )
     .unwrap();
     assert!(loaded.stale.is_some());
@@ -148,6 +149,7 @@ async fn reloading_a_branch_fetches_its_new_commits() {
     let e = sourced_server::artifacts::load(
         &sourced_server::config::parse_artifacts(&format!("{}#v9", file_url(&repo)), cache, Duration::from_secs(60))
             .unwrap(),
+        &Default::default(),
     )
     .unwrap_err();
     assert!(e.to_string().starts_with("git clone failed:"), "{e}");
