@@ -8,7 +8,7 @@
 # database in a temporary directory, runs with a bounded budget, and stops the server.
 #
 # Settings (environment): SCHEMATHESIS_VENV (default target/schemathesis-venv),
-# SCHEMATHESIS_MAX_EXAMPLES (default 25 per operation and phase), SCHEMATHESIS_SEED (default a fixed
+# SCHEMATHESIS_MAX_EXAMPLES (default 50 per operation and phase), SCHEMATHESIS_SEED (default a fixed
 # one, so CI is reproducible; "random" for a new one), SCHEMATHESIS_TIME_LIMIT_SECS (default 240:
 # the run is killed beyond it and fails).
 set -euo pipefail
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
 venv="${SCHEMATHESIS_VENV:-target/schemathesis-venv}"
-max_examples="${SCHEMATHESIS_MAX_EXAMPLES:-25}"
+max_examples="${SCHEMATHESIS_MAX_EXAMPLES:-50}"
 seed="${SCHEMATHESIS_SEED:-20261127}"
 time_limit="${SCHEMATHESIS_TIME_LIMIT_SECS:-240}"
 

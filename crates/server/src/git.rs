@@ -129,21 +129,16 @@ impl GitSource {
     /// starting with the set it ran before. A first clone that fails is an error.
     pub fn checkout(&self) -> Result<Checkout, GitError> {
         let dir = self.clone_dir();
-        let mut stale = None;
-        if dir.join(".git").is_dir() {
-            if let Err(e) = self.fetch(&dir) {
-                stale = Some(e.to_string());
-            }
+        let fetch_failed = if dir.join(".git").is_dir() {
+            self.fetch(&dir).err()
         } else {
             self.clone_into(&dir)?;
-        }
+            None
+        };
         let commit = match self.resolve(&dir) {
             Ok(c) => c,
             // The fetch's failure explains a missing ref better than the lookup does.
-            Err(GitError::UnknownRef(_)) if stale.is_some() => {
-                return Err(GitError::Failed { step: "fetch", message: stale.unwrap_or_default() });
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(fetch_failed.unwrap_or(e)),
         };
         self.git(
             &dir,
@@ -152,7 +147,7 @@ impl GitSource {
         )?;
         // Files left behind by an earlier checkout are not part of this commit's set.
         self.git(&dir, "clean", &["clean", "-ffdxq"])?;
-        Ok(Checkout { dir, commit, stale })
+        Ok(Checkout { dir, commit, stale: fetch_failed.map(|e| e.to_string()) })
     }
 
     fn clone_into(&self, dir: &Path) -> Result<(), GitError> {
@@ -223,6 +218,10 @@ impl GitSource {
         if std::env::var_os("GIT_SSH_COMMAND").is_none() {
             cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
         }
+        // Its own process group, so a timeout also ends the helpers git starts (ssh,
+        // git-remote-https), which would otherwise outlive it.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().map_err(|e| GitError::Spawn(e.to_string()))?;
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
@@ -242,6 +241,11 @@ impl GitSource {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() >= deadline => {
+                    #[cfg(unix)]
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{}", child.id())])
+                        .stderr(Stdio::null())
+                        .status();
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(GitError::Timeout { step, secs: self.timeout.as_secs() });

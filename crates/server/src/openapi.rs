@@ -165,6 +165,7 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
             );
         }
     }
+    link_creates_to_their_aggregates(&mut paths);
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -176,6 +177,38 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         "paths": paths,
         "components": {"schemas": schemas}
     })
+}
+
+/// OpenAPI links from each create (`POST /{type}` → 201) to the operations on the aggregate it
+/// made, with `id` from the reply's body (and `type` from the request, on the generic paths):
+/// clients and stateful testers can follow them.
+fn link_creates_to_their_aggregates(paths: &mut Map<String, Value>) {
+    let collections: Vec<String> =
+        paths.keys().filter(|p| p.matches('/').count() == 1 && !p.contains('.')).cloned().collect();
+    for collection in collections {
+        let prefix = format!("{collection}/{{id}}");
+        let mut links = Map::new();
+        for (path, item) in paths.iter() {
+            if !(path == &prefix || path.starts_with(&format!("{prefix}/"))) {
+                continue;
+            }
+            for op in item.as_object().into_iter().flat_map(|m| m.values()) {
+                let Some(id) = op["operationId"].as_str() else { continue };
+                let mut parameters = Map::new();
+                parameters.insert("id".into(), json!("$response.body#/id"));
+                if collection == "/{type}" {
+                    parameters.insert("type".into(), json!("$request.path.type"));
+                }
+                if path.ends_with("/{command}") {
+                    continue; // the command's name cannot come from the reply
+                }
+                links.insert(id.to_owned(), json!({"operationId": id, "parameters": parameters}));
+            }
+        }
+        if let Some(created) = paths.get_mut(&collection).and_then(|i| i.pointer_mut("/post/responses/201")) {
+            created["links"] = Value::Object(links);
+        }
+    }
 }
 
 fn camel(s: &str) -> String {

@@ -87,6 +87,12 @@ async fn the_document_describes_the_routes_and_the_artifacts() {
     let patch_types: Vec<&String> =
         doc["paths"]["/order/{id}"]["patch"]["requestBody"]["content"].as_object().unwrap().keys().collect();
     assert_eq!(patch_types, ["application/json-patch+json", "application/merge-patch+json", "application/json"]);
+    // A create links to the operations on what it made, the id taken from its reply.
+    let links = &doc["paths"]["/order"]["post"]["responses"]["201"]["links"];
+    assert_eq!(links["Order_Pay"], json!({"operationId": "Order_Pay", "parameters": {"id": "$response.body#/id"}}));
+    assert!(links["get_Order"].is_object() && links["history_Order"].is_object(), "{links}");
+    let generic = &doc["paths"]["/{type}"]["post"]["responses"]["201"]["links"]["get"];
+    assert_eq!(generic["parameters"]["type"], "$request.path.type");
     // Not served unless ADMIN_API=true, so not listed either.
     assert!(!paths.contains_key("/admin/reload"));
     // Every operation id is unique.

@@ -278,3 +278,33 @@ async fn sighup_reloads_the_set() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+#[test]
+fn a_git_command_that_hangs_is_killed_at_the_timeout() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("git");
+    std::fs::write(&fake, "#!/bin/sh\nsleep 600\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_sourced"))
+        .env_clear()
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+        .env("ARTIFACTS", "file:///nowhere#v1")
+        .env("ARTIFACTS_CACHE", dir.path().join("cache"))
+        .env("ARTIFACTS_GIT_TIMEOUT_SECS", "1")
+        .env("LISTEN", "127.0.0.1:0")
+        .env("EVENT_STORE_URL", format!("sqlite://{}", dir.path().join("x.db").display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        err.trim(),
+        "sourced: cannot load ARTIFACTS=file:///nowhere#v1: git clone did not finish within 1 s (killed)"
+    );
+    // Not a timing assertion: far below the fake git's 600 s, so the kill happened.
+    assert!(started.elapsed() < Duration::from_secs(300));
+}
