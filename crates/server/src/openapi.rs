@@ -117,8 +117,12 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         }}));
     }
     // The generic routes, for every type (free JSON where no artifacts say otherwise).
-    let type_param = json!({"name": "type", "in": "path", "required": true, "description": "aggregate type",
-        "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$", "not": {"enum": RESERVED_TYPE_NAMES}}});
+    // Reserved names are not excluded by the schema: a path that spells one of the service's own
+    // routes is that route (OpenAPI matches concrete paths first), and the type refused
+    // elsewhere (404) is said in the description.
+    let type_param = json!({"name": "type", "in": "path", "required": true,
+        "description": format!("aggregate type; these names are the service's own and refused: {}", RESERVED_TYPE_NAMES.join(", ")),
+        "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}});
     let any_object = json!({"type": "object"});
     paths.insert("/{type}".into(), collection_item(Some(&type_param), &any_object, page_limit_max, "{type}"));
     paths.insert("/{type}/{id}".into(), document_item(Some(&type_param), &any_object, "{type}"));
@@ -127,8 +131,8 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         "/{type}/{id}/{command}".into(),
         json!({"post": command_op(
         Some(&type_param),
-        &json!({"name": "command", "in": "path", "required": true, "description": "a custom command of the type",
-            "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$", "not": {"const": "events"}}}),
+        &json!({"name": "command", "in": "path", "required": true, "description": "a custom command of the type (not `events`, which is the history's path)",
+            "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}}),
         &any_object, "customCommand", "Run a custom command of the type (SPEC §4.2); the body is its payload")}),
     );
     // Per type with artifacts: its schema, and one path per custom command with its payload.
