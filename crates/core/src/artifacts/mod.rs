@@ -293,9 +293,23 @@ fn parse_document(path: &str, text: &str) -> Result<Value, (String, String)> {
     }
 }
 
-/// Deserializes part of an artifact file, with the serde message as the problem.
+/// Deserializes part of an artifact file; the problem is serde's message at the JSON Pointer of
+/// the part that does not fit (`/rules/0` for an unknown key of the first rule).
 pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(v: &Value, pointer: &str) -> Result<T, Vec<(String, String)>> {
-    serde_json::from_value(v.clone()).map_err(|e| vec![(pointer.to_owned(), e.to_string())])
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let mut at = pointer.to_owned();
+        for segment in e.path() {
+            match segment {
+                serde_path_to_error::Segment::Seq { index } => at.push_str(&format!("/{index}")),
+                serde_path_to_error::Segment::Map { key } => {
+                    at.push('/');
+                    at.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                }
+                serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+            }
+        }
+        vec![(at, e.into_inner().to_string())]
+    })
 }
 
 #[derive(Deserialize)]
