@@ -150,6 +150,9 @@ impl ArtifactSet {
             });
             return Err(problems);
         }
+        // The file that defined each type's rules and lifecycle (`rules.yaml`, `.yml` or `.json`).
+        let mut rules_files: BTreeMap<TypeName, String> = BTreeMap::new();
+        let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
         for (path, text) in files {
             let mut p = |location: String, message: String| {
                 problems.push(Problem { file: path.clone(), location, message });
@@ -192,6 +195,20 @@ impl ArtifactSet {
                     continue;
                 }
             };
+            // One rules file and one lifecycle per type: a second (rules.yaml beside rules.yml)
+            // would silently replace the first.
+            let defined_in = match kind {
+                Kind::Rules => Some(("rules", &mut rules_files)),
+                Kind::Lifecycle => Some(("lifecycle", &mut lifecycle_files)),
+                _ => None,
+            };
+            if let Some((what, defined_in)) = defined_in {
+                if let Some(first) = defined_in.get(&t) {
+                    p(String::new(), format!("type '{t}' already has its {what} in {first}; keep one file"));
+                    continue;
+                }
+                defined_in.insert(t.clone(), path.clone());
+            }
             let entry = set.types.entry(t).or_default();
             let mut local = Vec::new();
             match kind {
@@ -233,7 +250,7 @@ impl ArtifactSet {
                         let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
                         if !generic && !a.commands.contains_key(name) {
                             problems.push(Problem {
-                                file: format!("types/{t}/lifecycle.yaml"),
+                                file: lifecycle_files.get(t).cloned().unwrap_or_default(),
                                 location: format!("/transitions/{i}/on"),
                                 message: format!("no command '{name}' is defined for type '{t}'"),
                             });
@@ -246,7 +263,7 @@ impl ArtifactSet {
                     let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
                     if !generic && !a.commands.contains_key(name) {
                         problems.push(Problem {
-                            file: format!("types/{t}/rules.yaml"),
+                            file: rules_files.get(t).cloned().unwrap_or_default(),
                             location: format!("/rules/{}/on", r.index),
                             message: format!(
                                 "rule '{}' names command '{name}', which type '{t}' does not define",
