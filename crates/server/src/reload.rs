@@ -50,7 +50,10 @@ impl Reloader {
     /// logged: the new set's summary, or each problem.
     pub async fn reload(&self) -> Result<Value, ReloadError> {
         let _one_at_a_time = self.running.lock().await;
-        let Some(source) = self.source.clone() else { return Err(ReloadError::NoSource) };
+        let Some(source) = self.source.clone() else {
+            tracing::warn!("reload asked for, but ARTIFACTS is not set: nothing to reload");
+            return Err(ReloadError::NoSource);
+        };
         let source_name = source.to_string();
         let limits = self.limits;
         let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits))

@@ -248,6 +248,9 @@ async fn the_admin_endpoint_exists_only_when_enabled() {
     assert!(r.status == 404 || r.status == 405, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     server.shutdown().await;
+    // Enabled without ARTIFACTS: nothing to reload.
+    let app = crate::common::TestApp::with(|c| c.admin_api = true);
+    app.call("POST", "/admin/reload", &[], None).await.problem(409, "no-artifacts-source");
 }
 
 #[tokio::test]
