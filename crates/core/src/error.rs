@@ -36,6 +36,10 @@ pub enum LimitKind {
     DocumentSize,
     /// Number of `/-` array appends in one patch.
     ArrayAppends,
+    /// Estimated cost of evaluating an artifact expression.
+    ExpressionCost,
+    /// Size of a value an artifact expression builds.
+    ExpressionValue,
 }
 
 /// Why a command cannot be carried out. Each variant maps to one problem `type` on the wire.

@@ -1,23 +1,89 @@
-//! Reading an artifact set from a directory (SPEC §4): every file under it, bounded in count
-//! and size, handed to the core's checker, which reports every problem at once.
+//! Reading an artifact set (SPEC §4) from a directory or a git repository (`git.rs` checks
+//! it out first): every file under it, bounded in count and size, handed to the core's
+//! checker, which reports every problem at once.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use sourced_core::artifacts::expr::ExprLimits;
 use sourced_core::artifacts::{ArtifactSet, FILE_BYTES_MAX, FILES_MAX, Problem};
+
+use crate::git::{GitError, GitSource};
+
+/// Where the artifact set comes from (`ARTIFACTS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArtifactsSource {
+    /// A directory.
+    Dir(PathBuf),
+    /// A git repository and ref, checked out into a cache.
+    Git(GitSource),
+}
+
+impl std::fmt::Display for ArtifactsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArtifactsSource::Dir(d) => write!(f, "{}", d.display()),
+            ArtifactsSource::Git(g) => f.write_str(&g.display()),
+        }
+    }
+}
+
+/// A set read and checked, and where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The set.
+    pub set: ArtifactSet,
+    /// The directory, or `URL#ref at COMMIT`.
+    pub origin: String,
+    /// Set when a git fetch failed and the cached checkout was used (see [`GitSource::checkout`]).
+    pub stale: Option<String>,
+}
+
+/// Why a set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The git repository could not be checked out.
+    #[error("{0}")]
+    Git(#[from] GitError),
+    /// The set has problems; every one is listed.
+    #[error("the artifact set has {} problem(s)", .0.len())]
+    Problems(Vec<Problem>),
+}
+
+/// Reads and checks the set `source` names, its expressions compiled under `limits`; a git
+/// source is cloned or fetched first (blocking: call it off the async runtime's workers).
+pub fn load(source: &ArtifactsSource, limits: &ExprLimits) -> Result<Loaded, LoadError> {
+    match source {
+        ArtifactsSource::Dir(dir) => {
+            let set = load_dir_with(dir, limits).map_err(LoadError::Problems)?;
+            Ok(Loaded { set, origin: dir.display().to_string(), stale: None })
+        }
+        ArtifactsSource::Git(g) => {
+            let checkout = g.checkout()?;
+            let set = load_dir_with(&checkout.dir, limits).map_err(LoadError::Problems)?;
+            let origin = format!("{} at {}", g.display(), &checkout.commit[..checkout.commit.len().min(12)]);
+            Ok(Loaded { set, origin, stale: checkout.stale })
+        }
+    }
+}
 
 /// Deepest directory nesting read.
 const DEPTH_MAX: usize = 8;
 
-/// Reads and checks the set under `dir`.
+/// Reads and checks the set under `dir`, with the default expression limits.
 pub fn load_dir(dir: &Path) -> Result<ArtifactSet, Vec<Problem>> {
+    load_dir_with(dir, &ExprLimits::default())
+}
+
+/// Reads and checks the set under `dir`, its expressions compiled under `limits`.
+pub fn load_dir_with(dir: &Path, limits: &ExprLimits) -> Result<ArtifactSet, Vec<Problem>> {
     let mut files = BTreeMap::new();
     let mut problems = Vec::new();
     walk(dir, dir, 0, &mut files, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
-    ArtifactSet::load(&files)
+    ArtifactSet::load_with(&files, limits)
 }
 
 fn problem(file: String, message: String) -> Problem {

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use sourced_core::Limits;
+use sourced_core::artifacts::expr::ExprLimits;
+
+use crate::artifacts::ArtifactsSource;
+use crate::git::{self, GitSource};
 
 /// Command line of the `sourced` binary.
 #[derive(Debug, Parser)]
@@ -27,8 +31,11 @@ pub enum CliCommand {
     Serve(RawArgs),
     /// Check an artifact set: print every problem with its file and location; exit 1 if any.
     Check {
-        /// The artifact set's directory.
-        dir: PathBuf,
+        /// The artifact set: a directory, or a git URL with an optional `#ref` (as `ARTIFACTS`).
+        artifacts: String,
+        /// Where a git set is cloned [default: ./data/artifacts-cache].
+        #[arg(long, env = "ARTIFACTS_CACHE")]
+        artifacts_cache: Option<String>,
     },
     /// Write every event of the configured store, in position order, as NDJSON (one event per
     /// line, the wire shape) to stdout or `--output FILE`.
@@ -70,7 +77,8 @@ pub struct RawArgs {
     /// [default: sqlite://./data/sourced.db].
     #[arg(long, env = "EVENT_STORE_URL")]
     pub event_store_url: Option<String>,
-    /// Directory of the artifact set (schemas, rules, commands, lifecycles) [default: none].
+    /// The artifact set (schemas, rules, commands, lifecycles): a directory, or a git URL
+    /// (`file://`, `https://`, `ssh://`, `git@host:path`) with an optional `#ref` [default: none].
     #[arg(long, env = "ARTIFACTS")]
     pub artifacts: Option<String>,
     /// Store a snapshot of an aggregate every this many events; 0 stores none [default: 100].
@@ -80,6 +88,27 @@ pub struct RawArgs {
     /// `status,customer.id`); each index serves every type [default: none].
     #[arg(long, env = "INDEXES")]
     pub indexes: Option<String>,
+    /// Where git artifact sets are cloned, one subdirectory per URL [default: ./data/artifacts-cache].
+    #[arg(long, env = "ARTIFACTS_CACHE")]
+    pub artifacts_cache: Option<String>,
+    /// Longest time one git command (clone, fetch, checkout) may take, in seconds [default: 120].
+    #[arg(long, env = "ARTIFACTS_GIT_TIMEOUT_SECS")]
+    pub artifacts_git_timeout_secs: Option<String>,
+    /// Longest artifact expression, in bytes [default: 4096].
+    #[arg(long, env = "EXPR_BYTES_MAX")]
+    pub expr_bytes_max: Option<String>,
+    /// Most nodes in one artifact expression, macros expanded [default: 512].
+    #[arg(long, env = "EXPR_NODES_MAX")]
+    pub expr_nodes_max: Option<String>,
+    /// Largest estimated cost of one expression evaluation, in steps [default: 1000000].
+    #[arg(long, env = "EXPR_COST_MAX")]
+    pub expr_cost_max: Option<String>,
+    /// Largest value one expression evaluation may build, in bytes [default: 1048576].
+    #[arg(long, env = "EXPR_VALUE_BYTES_MAX")]
+    pub expr_value_bytes_max: Option<String>,
+    /// Serve the admin endpoints (`POST /admin/reload`); unauthenticated for now [default: false].
+    #[arg(long, env = "ADMIN_API")]
+    pub admin_api: Option<String>,
     /// trace, debug, info, warn or error [default: info].
     #[arg(long, env = "LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -205,8 +234,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Event store.
     pub store: StoreUrl,
-    /// The artifact set's directory, if any.
-    pub artifacts: Option<PathBuf>,
+    /// Where the artifact set comes from, if anywhere.
+    pub artifacts: Option<ArtifactsSource>,
+    /// Limits on artifact expressions (compiled into the set at load).
+    pub expr_limits: ExprLimits,
     /// The loaded artifact set ([`crate::start`] loads it from `artifacts`; empty until then).
     pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
     /// Events between snapshots of an aggregate (0: none).
@@ -231,6 +262,8 @@ pub struct Config {
     pub ws: WsLimits,
     /// Events the shared live buffer of subscriptions keeps.
     pub live_buffer_events: usize,
+    /// Whether the admin endpoints are served.
+    pub admin_api: bool,
 }
 
 /// A setting that could not be used; the message names it.
@@ -280,13 +313,26 @@ impl Config {
             None => StoreUrl::Sqlite(PathBuf::from("./data/sourced.db")),
             Some(s) => parse_store_url(s)?,
         };
+        let cache = match raw.artifacts_cache.as_deref().map(str::trim) {
+            None => PathBuf::from("./data/artifacts-cache"),
+            Some("") => return Err(bad("ARTIFACTS_CACHE", "", "give a directory")),
+            Some(c) => PathBuf::from(c),
+        };
+        let git_timeout = number("ARTIFACTS_GIT_TIMEOUT_SECS", &raw.artifacts_git_timeout_secs, 120, 1, 3_600)? as u64;
         let artifacts = match raw.artifacts.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(a) if a.contains("://") || a.ends_with(".git") => {
-                return Err(bad("ARTIFACTS", a, "git URLs are not supported in this version; give a directory"));
-            }
-            Some(a) if !std::path::Path::new(a).is_dir() => return Err(bad("ARTIFACTS", a, "not a directory")),
-            Some(a) => Some(PathBuf::from(a)),
+            Some(a) => Some(parse_artifacts(a, cache, std::time::Duration::from_secs(git_timeout))?),
+        };
+        let expr_limits = ExprLimits {
+            source_bytes_max: number("EXPR_BYTES_MAX", &raw.expr_bytes_max, 4_096, 16, 1024 * 1024)?,
+            nodes_max: number("EXPR_NODES_MAX", &raw.expr_nodes_max, 512, 1, 100_000)?,
+            cost_max: number("EXPR_COST_MAX", &raw.expr_cost_max, 1_000_000, 100, 1_000_000_000)? as u64,
+            value_bytes_max: number("EXPR_VALUE_BYTES_MAX", &raw.expr_value_bytes_max, MIB, 64, 64 * MIB)? as u64,
+        };
+        let admin_api = match raw.admin_api.as_deref().map(str::trim) {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => return Err(bad("ADMIN_API", other, "expected true or false")),
         };
         let indexes = match raw.indexes.as_deref().map(str::trim) {
             None | Some("") => Vec::new(),
@@ -363,6 +409,7 @@ impl Config {
             listen,
             store,
             artifacts,
+            expr_limits,
             artifact_set: Default::default(),
             indexes,
             snapshot_every: number("SNAPSHOT_EVERY", &raw.snapshot_every, 100, 0, 1_000_000)? as u64,
@@ -375,6 +422,7 @@ impl Config {
             shutdown_timeout_secs: number("SHUTDOWN_TIMEOUT_SECS", &raw.shutdown_timeout_secs, 30, 0, 3_600)? as u64,
             ws,
             live_buffer_events,
+            admin_api,
         })
     }
 
@@ -385,6 +433,28 @@ impl Config {
         c.store = StoreUrl::Sqlite(db_path);
         c
     }
+}
+
+/// Parses `ARTIFACTS`: an existing directory, or a git URL with an optional `#ref`, cloned
+/// into a subdirectory of `cache`.
+pub fn parse_artifacts(
+    value: &str,
+    cache: PathBuf,
+    timeout: std::time::Duration,
+) -> Result<ArtifactsSource, ConfigError> {
+    // A directory wins, so a path that happens to contain '#' still works.
+    if std::path::Path::new(value).is_dir() {
+        return Ok(ArtifactsSource::Dir(PathBuf::from(value)));
+    }
+    if !git::is_git_url(value) {
+        return Err(bad(
+            "ARTIFACTS",
+            value,
+            "not a directory, nor a git URL (file://, https://, ssh://, git@host:path, with an optional #ref)",
+        ));
+    }
+    let (url, reference) = git::parse_url(value).map_err(|reason| bad("ARTIFACTS", value, reason))?;
+    Ok(ArtifactsSource::Git(GitSource { url, reference, cache, timeout }))
 }
 
 /// Parses `EVENT_STORE_URL`.
@@ -477,6 +547,19 @@ mod tests {
                 "WS_SLOW_CLIENT_TIMEOUT_MS",
             ),
             (RawArgs { live_buffer_events: Some("0".into()), ..Default::default() }, "LIVE_BUFFER_EVENTS"),
+            (RawArgs { artifacts: Some("/no/such/dir".into()), ..Default::default() }, "ARTIFACTS"),
+            (RawArgs { artifacts: Some("file:///r#".into()), ..Default::default() }, "ARTIFACTS"),
+            (RawArgs { artifacts: Some("https://h/r#--upload-pack=x".into()), ..Default::default() }, "ARTIFACTS"),
+            (RawArgs { artifacts_cache: Some(" ".into()), ..Default::default() }, "ARTIFACTS_CACHE"),
+            (
+                RawArgs { artifacts_git_timeout_secs: Some("0".into()), ..Default::default() },
+                "ARTIFACTS_GIT_TIMEOUT_SECS",
+            ),
+            (RawArgs { admin_api: Some("maybe".into()), ..Default::default() }, "ADMIN_API"),
+            (RawArgs { expr_bytes_max: Some("1".into()), ..Default::default() }, "EXPR_BYTES_MAX"),
+            (RawArgs { expr_nodes_max: Some("0".into()), ..Default::default() }, "EXPR_NODES_MAX"),
+            (RawArgs { expr_cost_max: Some("lots".into()), ..Default::default() }, "EXPR_COST_MAX"),
+            (RawArgs { expr_value_bytes_max: Some("-5".into()), ..Default::default() }, "EXPR_VALUE_BYTES_MAX"),
             (RawArgs { sse_streams_max: Some("many".into()), ..Default::default() }, "SSE_STREAMS_MAX"),
             (
                 RawArgs { sse_slow_client_timeout_ms: Some("0".into()), ..Default::default() },
@@ -488,6 +571,23 @@ mod tests {
             assert_eq!(e.setting, setting);
             assert!(!e.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn artifacts_from_a_directory_or_git() {
+        let raw = RawArgs { artifacts: Some("https://example.org/a.git#v1".into()), ..Default::default() };
+        match Config::resolve(&raw).unwrap().artifacts {
+            Some(ArtifactsSource::Git(g)) => {
+                assert_eq!((g.url.as_str(), g.reference.as_deref()), ("https://example.org/a.git", Some("v1")));
+                assert_eq!(g.cache, PathBuf::from("./data/artifacts-cache"));
+                assert_eq!(g.timeout, std::time::Duration::from_secs(120));
+            }
+            other => panic!("{other:?}"),
+        }
+        let dir = std::env::temp_dir();
+        let raw = RawArgs { artifacts: Some(dir.display().to_string()), ..Default::default() };
+        assert_eq!(Config::resolve(&raw).unwrap().artifacts, Some(ArtifactsSource::Dir(dir)));
+        assert!(!Config::resolve(&RawArgs::default()).unwrap().admin_api);
     }
 
     #[test]

@@ -37,14 +37,19 @@ pub struct AppState {
     pub ws: WsLimits,
     /// Live connections (WebSocket, SSE): counters and the shutdown signal.
     pub live: std::sync::Arc<LiveState>,
+    /// Reloads the artifact set; `Some` only when `ADMIN_API=true` (the admin routes exist
+    /// only then).
+    pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
 }
 
 type Result<T, E = Problem> = std::result::Result<T, E>;
 
 /// The HTTP API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let admin = state.reloader.is_some();
+    let r = Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/schemas/{file}", get(schema_file))
         .route("/readyz", get(readyz))
         .route("/commands", post(post_command))
@@ -54,8 +59,10 @@ pub fn router(state: AppState) -> Router {
         .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
         .route("/{type}/{id}/events", get(history))
         .route("/{type}/{id}/diff", get(diff))
-        .route("/{type}/{id}/{command}", post(custom_command))
-        .fallback(|| async { Problem::not_found("no route matches this path") })
+        .route("/{type}/{id}/{command}", post(custom_command));
+    // Not served unless ADMIN_API=true: there is no authentication yet to protect it.
+    let r = if admin { r.route("/admin/reload", post(admin_reload)) } else { r };
+    r.fallback(|| async { Problem::not_found("no route matches this path") })
         .method_not_allowed_fallback(|method: Method| async move {
             Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -69,7 +76,8 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /schemas/command.json` (the envelope of SPEC §2.1) and `GET /schemas/{type}.json` (a
 /// loaded aggregate schema).
-async fn schema_file(State(s): State<AppState>, Path(file): Path<String>) -> Result<Response> {
+async fn schema_file(State(s): State<AppState>, Path(file): Path<String>, RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
     let schema = if file == "command.json" {
         command_schema()
     } else {
@@ -108,17 +116,58 @@ pub fn command_schema() -> Value {
     })
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+/// `POST /admin/reload`: 200 with the new set's summary, or a problem listing why the old set
+/// stays (422 with every problem of a broken set, 502 when git failed).
+async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
+    use crate::artifacts::LoadError;
+    use crate::reload::ReloadError;
+    let Some(reloader) = &s.reloader else { return Err(Problem::not_found("no route matches this path")) };
+    match reloader.reload().await {
+        Ok(summary) => Ok(axum::Json(summary).into_response()),
+        Err(e @ ReloadError::NoSource) => {
+            Err(Problem::new(StatusCode::CONFLICT, "no-artifacts-source", "Nothing to reload", e.to_string()))
+        }
+        Err(ReloadError::Load { source_name, error: LoadError::Problems(problems) }) => {
+            let list: Vec<Value> = problems
+                .iter()
+                .map(|p| json!({"file": p.file, "location": p.location, "message": p.message}))
+                .collect();
+            Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-artifacts",
+                "The artifact set has problems",
+                format!(
+                    "the artifact set in {source_name} has {} problem(s); the previous set stays loaded",
+                    list.len()
+                ),
+            )
+            .with("problems", list))
+        }
+        Err(e @ ReloadError::Load { .. }) => Err(Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "artifacts-unavailable",
+            "The artifact set could not be fetched",
+            e.to_string(),
+        )),
+        Err(e @ ReloadError::Task(_)) => Err(Problem::internal(&e)),
+    }
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
-    match s.engine.store().ping().await {
+// The fixed routes refuse query parameters as every other route refuses unknown ones, so a
+// typo is noticed (and `GET /healthz?limit=1`, which a client meant for `GET /{type}`, is 400).
+async fn healthz(RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
+    Ok(axum::Json(json!({"status": "ok"})).into_response())
+}
+
+async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response> {
+    query_pairs(&q, &[])?;
+    Ok(match s.engine.store().ping().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(e) => {
             Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", e.to_string()).into_response()
         }
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

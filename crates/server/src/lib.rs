@@ -5,8 +5,11 @@
 
 pub mod artifacts;
 pub mod config;
+pub mod git;
 pub mod http;
+pub mod openapi;
 pub mod problem;
+pub mod reload;
 pub mod socketio;
 pub mod sse;
 pub mod stall;
@@ -59,6 +62,15 @@ pub fn app(config: &Config, store: Arc<dyn EventStore>) -> axum::Router {
 
 /// [`app`], with the state of its live connections (WebSocket, SSE) in `live`.
 pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws::LiveState>) -> axum::Router {
+    build_app(config, store, live).0
+}
+
+/// The application and the reloader of its artifact set.
+fn build_app(
+    config: &Config,
+    store: Arc<dyn EventStore>,
+    live: Arc<ws::LiveState>,
+) -> (axum::Router, Arc<reload::Reloader>) {
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -72,9 +84,20 @@ pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws:
     );
     engine.set_artifacts(config.artifact_set.clone());
     let socketio = socketio::layer(engine.clone(), &config.ws, live.clone());
-    let state = AppState { engine, http: config.http.clone(), ws: config.ws.clone(), live: live.clone() };
+    let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone()));
+    let state = AppState {
+        engine,
+        http: config.http.clone(),
+        ws: config.ws.clone(),
+        live: live.clone(),
+        reloader: config.admin_api.then(|| reloader.clone()),
+    };
     // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
-    router(state).layer(socketio).layer(tower_http::trace::TraceLayer::new_for_http())
+    let app = router(state)
+        .layer(socketio)
+        .layer(axum::middleware::map_response(socketio::errors_as_problems))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    (app, reloader)
 }
 
 /// A server running in the background.
@@ -85,20 +108,15 @@ pub struct RunningServer {
     task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
     live: Arc<ws::LiveState>,
+    reloader: Arc<reload::Reloader>,
 }
 
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
 pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
-    if let Some(dir) = &config.artifacts {
-        config.artifact_set = Arc::new(artifacts::load_dir(dir).map_err(|problems| {
-            let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-            anyhow::anyhow!(
-                "the artifact set in {} (ARTIFACTS) has {} problem(s):\n{}",
-                dir.display(),
-                problems.len(),
-                list.join("\n")
-            )
-        })?);
+    if let Some(source) = config.artifacts.clone() {
+        let limits = config.expr_limits;
+        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits)).await?;
+        config.artifact_set = Arc::new(loaded_or_startup_error(&config, loaded)?);
     }
     let store = open_store(&config).await?;
     if !config.indexes.is_empty() {
@@ -111,7 +129,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let live = Arc::<ws::LiveState>::default();
-    let app = app_with_stats(&config, store.clone(), live.clone());
+    let (app, reloader) = build_app(&config, store.clone(), live.clone());
     let task = tokio::spawn(async move {
         // Sockets with a write deadline that SSE streams arm (`stall.rs`).
         let app = app.into_make_service_with_connect_info::<stall::StallGuard>();
@@ -128,7 +146,39 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         task,
         grace: Duration::from_secs(config.shutdown_timeout_secs),
         live,
+        reloader,
     })
+}
+
+/// The loaded set, or the start-up error: one line naming ARTIFACTS for a git failure, the
+/// list of every problem for a broken set.
+fn loaded_or_startup_error(
+    config: &Config,
+    loaded: Result<artifacts::Loaded, artifacts::LoadError>,
+) -> anyhow::Result<sourced_core::artifacts::ArtifactSet> {
+    let source = config.artifacts.as_ref().map(ToString::to_string).unwrap_or_default();
+    match loaded {
+        Ok(l) => {
+            if let Some(why) = &l.stale {
+                tracing::warn!(
+                    artifacts = %source,
+                    error = %why,
+                    "git fetch failed: starting from the cached checkout of the ref, which may be out of date"
+                );
+            }
+            tracing::info!(artifacts = %l.origin, "artifact set loaded");
+            Ok(l.set)
+        }
+        Err(artifacts::LoadError::Git(e)) => Err(anyhow::anyhow!("cannot load ARTIFACTS={source}: {e}")),
+        Err(artifacts::LoadError::Problems(problems)) => {
+            let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            Err(anyhow::anyhow!(
+                "the artifact set in {source} (ARTIFACTS) has {} problem(s):\n{}",
+                problems.len(),
+                list.join("\n")
+            ))
+        }
+    }
 }
 
 impl RunningServer {
@@ -150,6 +200,11 @@ impl RunningServer {
     /// The live connections' counters.
     pub fn live(&self) -> &ws::LiveState {
         &self.live
+    }
+
+    /// Reads the artifact set again and swaps it in, or keeps the running one (SIGHUP).
+    pub async fn reload_artifacts(&self) -> Result<serde_json::Value, reload::ReloadError> {
+        self.reloader.reload().await
     }
 
     /// Stops accepting connections, closes live connections (WebSocket 1001, SSE streams end),

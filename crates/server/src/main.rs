@@ -15,7 +15,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (raw, task) = match cli.command {
         Some(CliCommand::Serve(raw)) => (raw, Task::Serve),
-        Some(CliCommand::Check { dir }) => return check(&dir),
+        Some(CliCommand::Check { artifacts, artifacts_cache }) => {
+            return check(&artifacts, artifacts_cache.as_deref());
+        }
         Some(CliCommand::Export { output, settings }) => (settings, Task::Export(output)),
         Some(CliCommand::Import { input, settings }) => (settings, Task::Import(input)),
         Some(CliCommand::Rebuild { settings }) => (settings, Task::Rebuild),
@@ -64,6 +66,23 @@ enum Task {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let server = sourced_server::start(config.clone()).await?;
     tracing::info!(addr = %server.addr(), store = ?config.store, "sourced is listening");
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads the artifact set (the outcome is logged by the reloader).
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the artifact set");
+                    let _ = server.reload_artifacts().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight commands");
     server.shutdown().await;
@@ -91,21 +110,53 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// `sourced check DIR`: every problem of the artifact set, one per line; exit 1 if any.
-fn check(dir: &std::path::Path) -> std::process::ExitCode {
-    match sourced_server::artifacts::load_dir(dir) {
-        Ok(set) => {
-            let types = set.types().count();
-            let commands: usize = set.types().map(|(_, a)| a.commands.len()).sum();
-            println!("ok: {} is a valid artifact set ({types} types, {commands} custom commands)", dir.display());
+/// `sourced check ARTIFACTS` (a directory or a git URL): every problem of the artifact set,
+/// one per line; exit 1 if any, 2 if the set cannot be read at all.
+fn check(artifacts: &str, cache: Option<&str>) -> std::process::ExitCode {
+    use sourced_server::artifacts::{LoadError, load};
+    // The expression limits are the server's (from the environment or .env), so that check
+    // and serve agree on a set.
+    let env = |name: &str| std::env::var(name).ok();
+    let raw = sourced_server::config::RawArgs {
+        artifacts: Some(artifacts.to_owned()),
+        artifacts_cache: cache.map(str::to_owned),
+        expr_bytes_max: env("EXPR_BYTES_MAX"),
+        expr_nodes_max: env("EXPR_NODES_MAX"),
+        expr_cost_max: env("EXPR_COST_MAX"),
+        expr_value_bytes_max: env("EXPR_VALUE_BYTES_MAX"),
+        ..Default::default()
+    };
+    let (source, limits) = match Config::resolve(&raw).map(|c| (c.artifacts, c.expr_limits)) {
+        Ok((Some(source), limits)) => (source, limits),
+        Ok((None, _)) => {
+            eprintln!("sourced check: give an artifact set (a directory or a git URL)");
+            return std::process::ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("sourced check: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match load(&source, &limits) {
+        Ok(loaded) => {
+            let types = loaded.set.types().count();
+            let commands: usize = loaded.set.types().map(|(_, a)| a.commands.len()).sum();
+            if let Some(why) = &loaded.stale {
+                eprintln!("sourced check: warning: {why}; checked the cached checkout");
+            }
+            println!("ok: {} is a valid artifact set ({types} types, {commands} custom commands)", loaded.origin);
             std::process::ExitCode::SUCCESS
         }
-        Err(problems) => {
+        Err(LoadError::Problems(problems)) => {
             for p in &problems {
                 println!("{p}");
             }
-            eprintln!("sourced check: {} problem(s) in {}", problems.len(), dir.display());
+            eprintln!("sourced check: {} problem(s) in {source}", problems.len());
             std::process::ExitCode::FAILURE
+        }
+        Err(e @ LoadError::Git(_)) => {
+            eprintln!("sourced check: cannot load {source}: {e}");
+            std::process::ExitCode::from(2)
         }
     }
 }

@@ -178,6 +178,16 @@ impl From<DomainError> for Problem {
                     LimitKind::ArrayAppends => {
                         (StatusCode::UNPROCESSABLE_ENTITY, "too-many-appends", "The patch appends too many elements")
                     }
+                    LimitKind::ExpressionCost => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "expression-too-costly",
+                        "An artifact expression would cost too much on this input",
+                    ),
+                    LimitKind::ExpressionValue => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "expression-value-too-large",
+                        "An artifact expression would build too large a value",
+                    ),
                 };
                 Problem::new(status, slug, title, detail).with("limit", limit).with("actual", actual)
             }

@@ -42,6 +42,33 @@ pub const COMMANDS_EVENT: &str = "commands";
 /// The event outcomes are emitted on.
 pub const EVENTS_EVENT: &str = "events";
 
+/// Turns the Engine.IO errors the Socket.IO layer answers by itself (`400 {"code": 0, "message":
+/// "Transport unknown"}` and the like, `application/json`) into `application/problem+json`, so
+/// every HTTP error of the service is a problem. The Engine.IO members stay (`code`, `message`):
+/// a client that reads them still finds them. Router errors are problems already and pass as
+/// they are, as do successes.
+pub(crate) async fn errors_as_problems(res: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+    let plain_json = res.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) == Some("application/json");
+    if !(res.status().is_client_error() || res.status().is_server_error()) || !plain_json {
+        return res;
+    }
+    let status = res.status();
+    // Engine.IO's error bodies are a few dozen bytes; anything bigger is not one of them.
+    let bytes = match axum::body::to_bytes(res.into_body(), 16 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return Problem::new(status, "socketio-refused", "Socket.IO request refused", "").into_response(),
+    };
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let message = body.get("message").and_then(Value::as_str).unwrap_or("the request was refused").to_owned();
+    let mut p = Problem::new(status, "socketio-refused", "Socket.IO request refused", message.clone());
+    if let Some(code) = body.get("code") {
+        p = p.with("code", code.clone());
+    }
+    p.with("message", message).into_response()
+}
+
 /// The Socket.IO layer (path `/socket.io/`, namespace `/`); every other request passes through
 /// to the inner service. Its connections are disconnected when `live` closes (shutdown).
 pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> SocketIoLayer {

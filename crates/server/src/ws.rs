@@ -86,7 +86,27 @@ pub struct Connection {
 }
 
 /// `GET /ws`: upgrades, with the message and frame size limits set.
-pub(crate) async fn upgrade(State(s): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn upgrade(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // A plain GET (no upgrade headers) is a client error like any other: a problem, not
+    // axum's text/plain rejection.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let status = rejection.status();
+            let detail = format!("{}: /ws is a WebSocket endpoint", rejection.body_text());
+            return crate::problem::Problem::new(
+                status,
+                "websocket-required",
+                "A WebSocket upgrade is required",
+                detail,
+            )
+            .into_response();
+        }
+    };
     let tenant = match tenant_header(&headers) {
         Ok(t) => t,
         Err(p) => return p.into_response(),

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::expr::Bindings;
+use super::expr::{Bindings, ExprError};
 use super::rules::Severity;
 use super::{ArtifactSet, CustomCommand, OpValue, TypeArtifacts};
 use crate::aggregate::{Aggregate, Change, Decision, decide as decide_generic, evolve};
@@ -97,8 +97,15 @@ fn check(
 ) -> Result<Vec<Value>, DomainError> {
     let next = decision.next.state.as_ref();
     let deleting = decision.next.deleted;
-    let b =
-        Bindings { state: agg.state.as_ref(), next, command: Some(command), event: None, principal, now: Some(now) };
+    let b = Bindings {
+        state: agg.state.as_ref(),
+        next,
+        command: Some(command),
+        event: None,
+        principal,
+        now: Some(now),
+        sizes: Default::default(),
+    };
     if !deleting && let (Some(schema), Some(next)) = (&ta.schema, next) {
         let v = schema.violations(next, "");
         if !v.is_empty() {
@@ -116,6 +123,8 @@ fn check(
         let (failed_message, hard) = match rule.require.eval_bool(&b) {
             Ok(true) => continue,
             Ok(false) => (rule.message.clone(), rule.severity == Severity::Reject),
+            // An expression over its cost or size limits is that limit's error, not the rule's.
+            Err(e @ ExprError::Limit { .. }) => return Err(e.into()),
             Err(e) => (format!("{} (the rule could not be evaluated: {e})", rule.message), true),
         };
         if hard {
@@ -162,13 +171,14 @@ fn decide_custom(
         event: None,
         principal,
         now: Some(now_text),
+        sizes: Default::default(),
     };
     let mut failed = Vec::new();
     for (i, (expr, message)) in def.require.iter().enumerate() {
         match expr.eval_bool(&b) {
             Ok(true) => {}
             Ok(false) => failed.push(Violation::new(format!("/require/{i}"), message.clone())),
-            Err(message) => return Err(DomainError::ExpressionFailed { message }),
+            Err(e) => return Err(e.into()),
         }
     }
     if !failed.is_empty() {
@@ -192,7 +202,7 @@ fn decide_custom(
                     o.insert("value".into(), v.clone());
                 }
                 Some(OpValue::Expr(e)) => {
-                    let v = e.eval(&b).map_err(|message| DomainError::ExpressionFailed { message })?;
+                    let v = e.eval(&b).map_err(DomainError::from)?;
                     o.insert("value".into(), v);
                 }
                 None => {}

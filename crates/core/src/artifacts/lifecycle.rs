@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::expr::{Bindings, Expr};
+use super::expr::{Bindings, Expr, ExprLimits};
 use super::from_json;
 use crate::error::DomainError;
 
@@ -65,9 +65,14 @@ struct RawTransition {
 }
 
 impl Lifecycle {
-    /// Parses and checks `lifecycle.yaml`.
-    pub fn parse(doc: &Value) -> Result<Lifecycle, Vec<(String, String)>> {
-        let raw: RawLifecycle = from_json(doc, "")?;
+    /// Parses and checks `lifecycle.yaml`. Returns the lifecycle as far as it could be read
+    /// beside every problem, so that checks across files still see its transitions (a set with
+    /// any problem is never used).
+    pub fn parse(doc: &Value, limits: &ExprLimits) -> (Option<Lifecycle>, Vec<(String, String)>) {
+        let raw: RawLifecycle = match from_json(doc, "") {
+            Ok(r) => r,
+            Err(e) => return (None, e),
+        };
         let mut problems = Vec::new();
         if !raw.field.starts_with('/') || crate::patch::is_server_owned(&raw.field) {
             problems.push((
@@ -101,7 +106,7 @@ impl Lifecycle {
             if !known(&t.to) {
                 problems.push((format!("/transitions/{i}/to"), format!("state '{}' is not defined", t.to)));
             }
-            let guard = match t.guard.as_deref().map(Expr::compile) {
+            let guard = match t.guard.as_deref().map(|g| Expr::compile_with(g, limits)) {
                 Some(Ok(g)) => Some(g),
                 Some(Err(m)) => {
                     problems.push((format!("/transitions/{i}/guard"), m));
@@ -111,11 +116,7 @@ impl Lifecycle {
             };
             transitions.push(Transition { from, to: t.to, on: t.on, guard });
         }
-        if problems.is_empty() {
-            Ok(Lifecycle { field: raw.field, initial: raw.initial, states: raw.states, transitions })
-        } else {
-            Err(problems)
-        }
+        (Some(Lifecycle { field: raw.field, initial: raw.initial, states: raw.states, transitions }), problems)
     }
 
     /// Sets the state field to the initial state when a new document has none.
@@ -178,7 +179,7 @@ impl Lifecycle {
                 Some(g) => match g.eval_bool(b) {
                     Ok(true) => return Ok(()),
                     Ok(false) => {}
-                    Err(message) => return Err(DomainError::ExpressionFailed { message }),
+                    Err(e) => return Err(e.into()),
                 },
             }
         }

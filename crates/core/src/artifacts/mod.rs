@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ids::TypeName;
-use expr::Expr;
+use expr::{Expr, ExprLimits};
 use lifecycle::Lifecycle;
 use rules::Rule;
 use schema::Schema;
@@ -134,6 +134,12 @@ impl ArtifactSet {
     /// layout of SPEC §4 are problems too, so a typo never goes unnoticed. Process managers
     /// (`processes/`) are accepted but not yet interpreted.
     pub fn load(files: &BTreeMap<String, String>) -> Result<ArtifactSet, Vec<Problem>> {
+        ArtifactSet::load_with(files, &ExprLimits::default())
+    }
+
+    /// [`ArtifactSet::load`] with expressions compiled under `limits` (which they keep for
+    /// their evaluations).
+    pub fn load_with(files: &BTreeMap<String, String>, limits: &ExprLimits) -> Result<ArtifactSet, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut set = ArtifactSet::default();
         if files.len() > FILES_MAX {
@@ -144,6 +150,9 @@ impl ArtifactSet {
             });
             return Err(problems);
         }
+        // The file that defined each type's rules and lifecycle (`rules.yaml`, `.yml` or `.json`).
+        let mut rules_files: BTreeMap<TypeName, String> = BTreeMap::new();
+        let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
         for (path, text) in files {
             let mut p = |location: String, message: String| {
                 problems.push(Problem { file: path.clone(), location, message });
@@ -186,26 +195,42 @@ impl ArtifactSet {
                     continue;
                 }
             };
+            // One rules file and one lifecycle per type: a second (rules.yaml beside rules.yml)
+            // would silently replace the first.
+            let defined_in = match kind {
+                Kind::Rules => Some(("rules", &mut rules_files)),
+                Kind::Lifecycle => Some(("lifecycle", &mut lifecycle_files)),
+                _ => None,
+            };
+            if let Some((what, defined_in)) = defined_in {
+                if let Some(first) = defined_in.get(&t) {
+                    p(String::new(), format!("type '{t}' already has its {what} in {first}; keep one file"));
+                    continue;
+                }
+                defined_in.insert(t.clone(), path.clone());
+            }
             let entry = set.types.entry(t).or_default();
             let mut local = Vec::new();
             match kind {
                 Kind::Schema => match Schema::compile(&doc) {
                     Ok(s) => entry.schema = Some(s),
-                    Err(m) => local.push((String::new(), m)),
+                    Err(e) => local.push(e),
                 },
-                Kind::Rules => match rules::parse(&doc) {
-                    Ok(r) => entry.rules = r,
-                    Err(e) => local.extend(e),
-                },
-                Kind::Lifecycle => match Lifecycle::parse(&doc) {
-                    Ok(l) => entry.lifecycle = Some(l),
-                    Err(e) => local.extend(e),
-                },
+                Kind::Rules => {
+                    let (r, e) = rules::parse(&doc, limits);
+                    entry.rules = r;
+                    local.extend(e);
+                }
+                Kind::Lifecycle => {
+                    let (l, e) = Lifecycle::parse(&doc, limits);
+                    entry.lifecycle = l;
+                    local.extend(e);
+                }
                 Kind::Command(name) => match entry.commands.entry(name) {
                     std::collections::btree_map::Entry::Occupied(o) => {
                         local.push((String::new(), format!("command '{}' is defined twice", o.key())));
                     }
-                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc) {
+                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc, limits) {
                         Ok(c) => {
                             v.insert(c);
                         }
@@ -225,7 +250,7 @@ impl ArtifactSet {
                         let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
                         if !generic && !a.commands.contains_key(name) {
                             problems.push(Problem {
-                                file: format!("types/{t}/lifecycle.yaml"),
+                                file: lifecycle_files.get(t).cloned().unwrap_or_default(),
                                 location: format!("/transitions/{i}/on"),
                                 message: format!("no command '{name}' is defined for type '{t}'"),
                             });
@@ -238,7 +263,7 @@ impl ArtifactSet {
                     let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
                     if !generic && !a.commands.contains_key(name) {
                         problems.push(Problem {
-                            file: format!("types/{t}/rules.yaml"),
+                            file: rules_files.get(t).cloned().unwrap_or_default(),
                             location: format!("/rules/{}/on", r.index),
                             message: format!(
                                 "rule '{}' names command '{name}', which type '{t}' does not define",
@@ -286,9 +311,23 @@ fn parse_document(path: &str, text: &str) -> Result<Value, (String, String)> {
     }
 }
 
-/// Deserializes part of an artifact file, with the serde message as the problem.
+/// Deserializes part of an artifact file; the problem is serde's message at the JSON Pointer of
+/// the part that does not fit (`/rules/0` for an unknown key of the first rule).
 pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(v: &Value, pointer: &str) -> Result<T, Vec<(String, String)>> {
-    serde_json::from_value(v.clone()).map_err(|e| vec![(pointer.to_owned(), e.to_string())])
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let mut at = pointer.to_owned();
+        for segment in e.path() {
+            match segment {
+                serde_path_to_error::Segment::Seq { index } => at.push_str(&format!("/{index}")),
+                serde_path_to_error::Segment::Map { key } => {
+                    at.push('/');
+                    at.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                }
+                serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+            }
+        }
+        vec![(at, e.into_inner().to_string())]
+    })
 }
 
 #[derive(Deserialize)]
@@ -327,20 +366,20 @@ struct RawOp {
     expr: Option<String>,
 }
 
-fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, String)>> {
+fn parse_command(name: &str, doc: &Value, limits: &ExprLimits) -> Result<CustomCommand, Vec<(String, String)>> {
     let raw: RawCommand = from_json(doc, "")?;
     let mut problems = Vec::new();
     let payload = match raw.payload.as_ref().map(Schema::compile) {
         Some(Ok(s)) => Some(s),
-        Some(Err(m)) => {
-            problems.push(("/payload".to_owned(), m));
+        Some(Err((pointer, m))) => {
+            problems.push((format!("/payload{pointer}"), m));
             None
         }
         None => None,
     };
     let mut require = Vec::new();
     for (i, r) in raw.require.iter().enumerate() {
-        match Expr::compile(&r.expr) {
+        match Expr::compile_with(&r.expr, limits) {
             Ok(e) => require.push((e, r.message.clone())),
             Err(m) => problems.push((format!("/require/{i}/expr"), m)),
         }
@@ -382,7 +421,7 @@ fn parse_command(name: &str, doc: &Value) -> Result<CustomCommand, Vec<(String, 
                     None
                 }
                 (Some(v), None) => Some(OpValue::Literal(v.clone())),
-                (None, Some(src)) => match Expr::compile(src) {
+                (None, Some(src)) => match Expr::compile_with(src, limits) {
                     Ok(e) => Some(OpValue::Expr(e)),
                     Err(m) => {
                         problems.push((format!("{at}/expr"), m));

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::expr::Expr;
+use super::expr::{Expr, ExprLimits};
 use super::from_json;
 
 /// What a failed rule does.
@@ -58,9 +58,14 @@ struct RawRule {
     severity: Option<Severity>,
 }
 
-/// Parses `rules.yaml`: `{rules: [{name, on, require, message, severity}]}`.
-pub fn parse(doc: &Value) -> Result<Vec<Rule>, Vec<(String, String)>> {
-    let raw: RawRules = from_json(doc, "")?;
+/// Parses `rules.yaml`: `{rules: [{name, on, require, message, severity}]}`. Returns the rules
+/// that could be read beside every problem, so that checks across files still see them (a set
+/// with any problem is never used).
+pub fn parse(doc: &Value, limits: &ExprLimits) -> (Vec<Rule>, Vec<(String, String)>) {
+    let raw: RawRules = match from_json(doc, "") {
+        Ok(r) => r,
+        Err(e) => return (Vec::new(), e),
+    };
     let mut problems = Vec::new();
     let mut rules = Vec::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
@@ -70,7 +75,7 @@ pub fn parse(doc: &Value) -> Result<Vec<Rule>, Vec<(String, String)>> {
         if rules.iter().any(|x: &Rule| x.name == r.name) {
             problems.push((format!("/rules/{i}/name"), format!("rule '{}' is defined twice", r.name)));
         }
-        match Expr::compile(&r.require) {
+        match Expr::compile_with(&r.require, limits) {
             Ok(require) => rules.push(Rule {
                 index: i,
                 name: r.name,
@@ -82,5 +87,5 @@ pub fn parse(doc: &Value) -> Result<Vec<Rule>, Vec<(String, String)>> {
             Err(m) => problems.push((format!("/rules/{i}/require"), m)),
         }
     }
-    if problems.is_empty() { Ok(rules) } else { Err(problems) }
+    (rules, problems)
 }

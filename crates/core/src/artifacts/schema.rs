@@ -25,13 +25,14 @@ pub const VIOLATIONS_MAX: usize = 100;
 
 impl Schema {
     /// Compiles a schema (draft 2020-12 unless it names another with `$schema`); `format` is
-    /// asserted. No remote references are fetched.
-    pub fn compile(source: &Value) -> Result<Schema, String> {
+    /// asserted. No remote references are fetched. The error is the JSON Pointer of the
+    /// offending keyword inside the schema (empty for the whole) and a message.
+    pub fn compile(source: &Value) -> Result<Schema, (String, String)> {
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .should_validate_formats(true)
             .build(source)
-            .map_err(|e| format!("invalid JSON Schema: {e}"))?;
+            .map_err(|e| (e.instance_path().to_string(), format!("invalid JSON Schema: {e}")))?;
         Ok(Schema { source: Arc::new(source.clone()), validator: Arc::new(validator) })
     }
 

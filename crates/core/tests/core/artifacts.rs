@@ -269,3 +269,56 @@ fn broken_sets_list_every_problem() {
         }
     }
 }
+
+/// The bad-artifact corpus: each directory under `crates/core/tests/data/bad-artifacts/` holds
+/// a broken set in `set/` and, in `problems.json`, the exact problems it must produce
+/// (`[{"file", "location", "message"}]`, in the order `sourced check` prints them). Every case
+/// that differs is reported. `SOURCED_BLESS=1` writes `problems.json` from the actual output
+/// (refused under `CI=true`); review the diff.
+#[test]
+fn bad_artifact_corpus() {
+    fn read_set(root: &std::path::Path, dir: &std::path::Path, files: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                read_set(root, &path, files);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+                files.insert(rel, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let bless = std::env::var("SOURCED_BLESS").is_ok_and(|v| v == "1");
+    assert!(!(bless && std::env::var("CI").is_ok_and(|v| v == "true")), "SOURCED_BLESS=1 is refused under CI=true");
+    let corpus = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/bad-artifacts");
+    let mut cases: Vec<_> = std::fs::read_dir(&corpus).unwrap().map(|e| e.unwrap().path()).collect();
+    cases.sort();
+    assert!(cases.len() >= 12, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        let mut files = BTreeMap::new();
+        read_set(&case.join("set"), &case.join("set"), &mut files);
+        let actual: Vec<Value> = match ArtifactSet::load(&files) {
+            Ok(_) => {
+                failures.push(format!("{name}: the set loaded without problems"));
+                continue;
+            }
+            Err(problems) => {
+                problems.iter().map(|p| json!({"file": p.file, "location": p.location, "message": p.message})).collect()
+            }
+        };
+        let path = case.join("problems.json");
+        let text = serde_json::to_string_pretty(&actual).unwrap() + "\n";
+        if bless {
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(expected) if expected == text => {}
+            Ok(expected) => failures.push(format!("{name}: expected\n{expected}actual\n{text}")),
+            Err(_) => failures.push(format!("{name}/problems.json is missing (SOURCED_BLESS=1 writes it)")),
+        }
+    }
+    assert!(failures.is_empty(), "{} case(s) failed:\n\n{}", failures.len(), failures.join("\n"));
+}

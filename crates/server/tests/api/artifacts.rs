@@ -119,7 +119,7 @@ fn check_prints_every_problem() {
     assert_eq!(lines.len(), 3, "{out}");
     assert!(lines[0].starts_with("types/order/commands/go.yaml at /emit/0/patch/0/expr: CEL syntax error"), "{out}");
     assert!(lines[1].starts_with("types/order/lifecycle.yaml at /transitions/0/to: state 'b' is not defined"), "{out}");
-    assert!(lines[2].starts_with("types/order/schema.json: invalid JSON Schema"), "{out}");
+    assert!(lines[2].starts_with("types/order/schema.json at /type: invalid JSON Schema"), "{out}");
     // The server refuses to start on the same set, listing the problems.
     let serve = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
         .env_clear()
@@ -131,4 +131,46 @@ fn check_prints_every_problem() {
     assert!(!serve.status.success());
     let err = String::from_utf8(serve.stderr).unwrap();
     assert!(err.contains("3 problem(s)") && err.contains("ARTIFACTS"), "{err}");
+}
+
+/// SPEC §8.3: an expression whose estimated cost on the actual input is over `EXPR_COST_MAX`
+/// is refused with a 422 problem before it runs; on a small input it runs.
+#[tokio::test]
+async fn costly_expressions_are_refused_with_a_clear_422() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let t = dir.path().join("types/grid/commands");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        t.join("pair.yaml"),
+        "creates: true\nemit:\n  - event: Paired\n    patch:\n      - {op: add, path: /pairs, expr: 'command.body.xs.map(a, command.body.xs.filter(b, b > a).size())'}\n",
+    )
+    .unwrap();
+    let set = sourced_server::artifacts::load_dir(dir.path()).expect("the set is valid");
+    let app = TestApp::with(|c| c.artifact_set = Arc::new(set));
+    let small: Vec<u64> = (0..10).collect();
+    let r = app.post("/grid/g1/pair", &json!({"xs": small})).await;
+    assert_eq!(r.ok(200)["pairs"][0], 9);
+    let big: Vec<u64> = (0..3000).collect();
+    let r = app.post("/grid/g2/pair", &json!({"xs": big})).await;
+    let p = r.problem(422, "expression-too-costly");
+    assert_eq!(p["limit"], 1_000_000);
+    assert!(p["actual"].as_u64().unwrap() > 9_000_000, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("EXPR_COST_MAX"), "{p}");
+    app.get("/grid/g2").await.problem(404, "not-found");
+
+    // EXPR_NODES_MAX applies at load: start-up fails naming it.
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
+        .env_clear()
+        .env("ARTIFACTS", dir.path())
+        .env("EXPR_NODES_MAX", "5")
+        .env("LISTEN", "127.0.0.1:0")
+        .env("EVENT_STORE_URL", format!("sqlite://{}", dir.path().join("x.db").display()))
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    let err = String::from_utf8(serve.stderr).unwrap();
+    assert!(
+        err.contains("types/grid/commands/pair.yaml at /emit/0/patch/0/expr") && err.contains("EXPR_NODES_MAX"),
+        "{err}"
+    );
 }

@@ -6,6 +6,9 @@ mod common;
 
 mod artifacts;
 mod cli;
+mod openapi;
+mod reload;
+mod scenarios;
 
 mod concurrency;
 mod conformance;

@@ -1,0 +1,101 @@
+//! Reloading the artifact set while serving (SPEC §4, issue 5): on `SIGHUP` and on
+//! `POST /admin/reload` the set is read again from its source (a git source is fetched and
+//! checked out again) and swapped into the engine whole; a broken set leaves the running one in
+//! place and every problem is logged (and returned to the admin endpoint's caller).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use sourced_core::artifacts::ArtifactSet;
+use sourced_core::artifacts::expr::ExprLimits;
+use sourced_engine::Engine;
+
+use crate::artifacts::{self, ArtifactsSource, LoadError, Loaded};
+
+/// The artifact source of a running server and the engine whose set it replaces.
+pub struct Reloader {
+    source: Option<ArtifactsSource>,
+    limits: ExprLimits,
+    engine: Engine,
+    /// One reload at a time: two would race on the git working tree.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// `ARTIFACTS` is not set.
+    #[error("ARTIFACTS is not set: there is no artifact set to reload")]
+    NoSource,
+    /// The new set could not be read or has problems; the old one stays.
+    #[error("{source_name}: {error}; the previous set stays loaded")]
+    Load {
+        /// `ARTIFACTS` as configured.
+        source_name: String,
+        /// What failed.
+        error: LoadError,
+    },
+    /// The loading task died (a bug).
+    #[error("the reload task failed: {0}")]
+    Task(String),
+}
+
+impl Reloader {
+    /// A reloader of `source` into `engine`.
+    pub fn new(source: Option<ArtifactsSource>, limits: ExprLimits, engine: Engine) -> Self {
+        Self { source, limits, engine, running: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Reads the set again and swaps it in whole, or changes nothing. Every outcome is
+    /// logged: the new set's summary, or each problem.
+    pub async fn reload(&self) -> Result<Value, ReloadError> {
+        let _one_at_a_time = self.running.lock().await;
+        let Some(source) = self.source.clone() else {
+            tracing::warn!("reload asked for, but ARTIFACTS is not set: nothing to reload");
+            return Err(ReloadError::NoSource);
+        };
+        let source_name = source.to_string();
+        let limits = self.limits;
+        let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits))
+            .await
+            .map_err(|e| ReloadError::Task(e.to_string()))?;
+        match loaded {
+            Ok(Loaded { set, origin, stale }) => {
+                if let Some(why) = &stale {
+                    tracing::warn!(artifacts = %source_name, error = %why, "git fetch failed: reloaded the cached checkout");
+                }
+                let summary = summary(&set, &origin, stale.as_deref());
+                self.engine.set_artifacts(Arc::new(set));
+                tracing::info!(artifacts = %origin, summary = %summary, "artifact set reloaded");
+                Ok(summary)
+            }
+            Err(error) => {
+                if let LoadError::Problems(problems) = &error {
+                    for p in problems {
+                        tracing::error!(artifacts = %source_name, problem = %p, "artifact set problem");
+                    }
+                }
+                tracing::error!(artifacts = %source_name, error = %error, "reload refused: the previous set stays loaded");
+                Err(ReloadError::Load { source_name, error })
+            }
+        }
+    }
+}
+
+/// What a set holds, for logs and the admin endpoint: its types with their custom commands.
+pub fn summary(set: &ArtifactSet, origin: &str, stale: Option<&str>) -> Value {
+    let types: Vec<Value> = set
+        .types()
+        .map(|(name, a)| {
+            json!({
+                "name": name.as_str(),
+                "schema": a.schema.is_some(),
+                "commands": a.commands.keys().collect::<Vec<_>>(),
+                "rules": a.rules.len(),
+                "lifecycle": a.lifecycle.is_some(),
+            })
+        })
+        .collect();
+    let commands: usize = set.types().map(|(_, a)| a.commands.len()).sum();
+    json!({"origin": origin, "types": types, "typeCount": types.len(), "commandCount": commands, "staleBecause": stale})
+}
