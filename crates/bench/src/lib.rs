@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod ceiling;
+mod domain;
 mod floor;
 mod load;
 mod postgres;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 
 pub use ceiling::CeilingMeasure;
+pub use domain::{DomainOptions, PathMeasure, run_domain};
 pub use postgres::{PgOptions, PgReport, PgRow, PlainMeasure, run_postgres};
 pub use read::{ReadOptions, run_read};
 pub use ws::{LatencyRow, WsCase, WsRow, default_cases as default_ws_cases};

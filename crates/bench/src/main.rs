@@ -38,6 +38,10 @@ struct Args {
     /// aggregates; with --postgres the list on PostgreSQL too); --smoke makes it tiny.
     #[arg(long, conflicts_with_all = ["duration_secs", "warmup_secs", "clients", "message_db_url"])]
     read_side: bool,
+    /// Instead: the example order domain's custom commands (`submit`, `pay`: schema, rules,
+    /// lifecycle, CEL) against plain patches of the same size, at each --clients level.
+    #[arg(long, conflicts_with_all = ["postgres", "read_side"])]
+    artifacts: bool,
     /// Where Message DB is installed [default: database sourced_bench_messagedb of --postgres].
     #[arg(long, value_name = "URL", requires = "postgres")]
     message_db_url: Option<String>,
@@ -54,6 +58,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.artifacts {
+        let options = sourced_bench::DomainOptions {
+            clients: if args.smoke { vec![1] } else { args.clients },
+            duration: if args.smoke {
+                Duration::from_millis(300)
+            } else {
+                Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?
+            },
+            artifacts: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order"),
+        };
+        println!("{}", sourced_bench::run_domain(&options)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.read_side {
         let options = sourced_bench::ReadOptions {
             postgres: args.postgres,

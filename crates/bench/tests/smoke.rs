@@ -77,3 +77,19 @@ fn read_side_smoke_run_prints_every_table() {
     }
     assert!(markdown.contains("\n| 300 | ") && markdown.contains("| embedded (SQLite) | 2000 |"), "{markdown}");
 }
+
+/// The artifact benchmark's smoke path: both paths run without a refused command (the run
+/// fails on any) and the table has its row.
+#[test]
+fn artifacts_smoke_run_prints_its_row() {
+    let options = sourced_bench::DomainOptions {
+        clients: vec![1],
+        duration: std::time::Duration::from_millis(300),
+        artifacts: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order"),
+    };
+    let markdown = sourced_bench::run_domain(&options).unwrap();
+    assert!(
+        markdown.contains("| clients | artifacts cmd/s | plain cmd/s |") && markdown.contains("\n| 1 | "),
+        "{markdown}"
+    );
+}
