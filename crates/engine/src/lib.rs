@@ -25,7 +25,7 @@ use sourced_store::{
     AppendOutcome, AppendRequest, CommandRecord, CommandWrite, DocumentWrite, EventStore, READ_LIMIT_MAX,
     SnapshotWrite, StoreError,
 };
-pub use subscriptions::{Hub, Start, Subscription, SubscriptionFilter, SubscriptionItem};
+pub use subscriptions::{Hub, SharedEvent, Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
 /// A source of the current time; tests pass a fixed one.
 pub trait Clock: Send + Sync + 'static {

@@ -32,11 +32,45 @@ pub const CATCH_UP_PAGE_EVENTS: usize = 256;
 /// Bounds of the live buffer (events kept for receivers that have not taken them yet).
 pub const LIVE_BUFFER_EVENTS_MAX: usize = 1 << 20;
 
+/// A committed event as subscribers share it: serialized to its wire JSON at most once, by
+/// the first subscriber that sends it, however many subscribers send it.
+#[derive(Debug)]
+pub struct SharedEvent {
+    event: RecordedEvent,
+    json: std::sync::OnceLock<Result<Arc<str>, String>>,
+}
+
+impl SharedEvent {
+    /// Wraps an event.
+    pub fn new(event: RecordedEvent) -> SharedEvent {
+        SharedEvent { event, json: std::sync::OnceLock::new() }
+    }
+
+    /// The event's wire JSON (SPEC §2.5), made on first use and kept.
+    pub fn json(&self) -> Result<Arc<str>, String> {
+        self.json.get_or_init(|| serde_json::to_string(&self.event).map(Arc::from).map_err(|e| e.to_string())).clone()
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = RecordedEvent;
+
+    fn deref(&self) -> &RecordedEvent {
+        &self.event
+    }
+}
+
+impl PartialEq for SharedEvent {
+    fn eq(&self, other: &SharedEvent) -> bool {
+        self.event == other.event
+    }
+}
+
 /// What the hub carries.
 #[derive(Clone, Debug)]
 enum Live {
     /// A committed event; events arrive in strictly increasing position order.
-    Event(Arc<RecordedEvent>),
+    Event(Arc<SharedEvent>),
     /// Something was committed; read the store (stores without a commit listener).
     Wake,
 }
@@ -93,7 +127,7 @@ impl CommitListener for Hub {
         self.head.fetch_max(head.0, Ordering::SeqCst);
         for e in events {
             // No receiver is not an error: a subscription that starts later reads the store.
-            let _ = self.sender.send(Live::Event(Arc::new(e)));
+            let _ = self.sender.send(Live::Event(Arc::new(SharedEvent::new(e))));
         }
     }
 }
@@ -130,7 +164,7 @@ pub enum Start {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SubscriptionItem {
     /// The next matching event.
-    Event(Arc<RecordedEvent>),
+    Event(Arc<SharedEvent>),
     /// The subscription has delivered everything committed so far, up to this position (the
     /// position to resume after); from here on, events come live. Sent once.
     CaughtUp(Position),
@@ -237,7 +271,7 @@ impl Subscription {
                 }
                 self.last = e.position;
                 if self.filter.matches(&e) {
-                    return Ok(SubscriptionItem::Event(Arc::new(e)));
+                    return Ok(SubscriptionItem::Event(Arc::new(SharedEvent::new(e))));
                 }
             }
             match self.phase {
@@ -346,6 +380,29 @@ mod tests {
             SubscriptionItem::Event(e) => e.position.0,
             other => panic!("expected an event, got {other:?}"),
         }
+    }
+
+    /// Live subscribers share one serialization of each event.
+    #[tokio::test]
+    async fn live_subscribers_share_one_serialization_per_event() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let engine = engine(&dir, 64);
+        let mut subs: Vec<Subscription> = (0..3)
+            .map(|_| engine.subscribe(TenantId::default_tenant(), SubscriptionFilter::default(), Start::Now))
+            .collect();
+        for sub in &mut subs {
+            assert!(matches!(sub.next().await.unwrap(), SubscriptionItem::CaughtUp(_)));
+        }
+        create(&engine, "shared").await;
+        let mut texts = Vec::new();
+        for sub in &mut subs {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(20), sub.next()).await.unwrap().unwrap();
+            let SubscriptionItem::Event(e) = item else { panic!("expected an event, got {item:?}") };
+            assert_eq!(e.target_id.as_str(), "shared");
+            texts.push(e.json().unwrap());
+        }
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&texts[0]).unwrap()["targetId"], "shared");
+        assert!(texts.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])), "one JSON text for all subscribers");
     }
 
     #[tokio::test]

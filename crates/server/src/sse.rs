@@ -117,8 +117,8 @@ async fn next_event(sub: Option<Subscription>) -> Option<(Result<Event, Infallib
     let mut sub = sub?;
     let event = match sub.next().await {
         Ok(SubscriptionItem::Event(e)) => {
-            let data = serde_json::to_string(&*e).unwrap_or_default();
-            Event::default().id(e.position.to_string()).event("event").data(data)
+            let data = e.json().unwrap_or_default();
+            Event::default().id(e.position.to_string()).event("event").data(&*data)
         }
         Ok(SubscriptionItem::CaughtUp(p)) => {
             Event::default().id(p.to_string()).event("caught-up").data(json!({"position": p}).to_string())

@@ -401,8 +401,8 @@ async fn run_subscription(mut subscription: sourced_engine::Subscription, sub: S
     let sub_json = Value::from(sub.as_str()).to_string();
     loop {
         let msg = match subscription.next().await {
-            // Written directly: the event is serialized once, with no intermediate tree.
-            Ok(SubscriptionItem::Event(e)) => match serde_json::to_string(&*e) {
+            // The event's JSON is made once for all subscribers (`SharedEvent`), then framed.
+            Ok(SubscriptionItem::Event(e)) => match e.json() {
                 Ok(event) => format!(r#"{{"op":"event","sub":{sub_json},"event":{event}}}"#),
                 Err(err) => {
                     let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
