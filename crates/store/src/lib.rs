@@ -124,6 +124,53 @@ pub struct DocumentRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A read-model row with its document as the JSON text the store holds, to be served without
+/// parsing it: an object's text (`{…}`), without `id` and `_meta`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentText {
+    /// The aggregate.
+    pub key: StreamKey,
+    /// Its version.
+    pub version: Version,
+    /// Its document as compact JSON text, as written.
+    pub state_json: String,
+    /// Whether it is deleted.
+    pub deleted: bool,
+    /// Time of its first event.
+    pub created_at: DateTime<Utc>,
+    /// Time of its last event.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl DocumentText {
+    /// The row with its document parsed.
+    pub fn parse(self) -> Result<DocumentRow, StoreError> {
+        let state = serde_json::from_str(&self.state_json)
+            .map_err(|e| StoreError::Corrupt(format!("{}: the read model's document is not JSON: {e}", self.key)))?;
+        Ok(DocumentRow {
+            key: self.key,
+            version: self.version,
+            state,
+            deleted: self.deleted,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+impl From<DocumentRow> for DocumentText {
+    fn from(row: DocumentRow) -> DocumentText {
+        DocumentText {
+            key: row.key,
+            version: row.version,
+            state_json: row.state.to_string(),
+            deleted: row.deleted,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
 /// A page request over one type's read model (SPEC §5): filters, an order, and where the
 /// previous page ended. The semantics are those of [`sourced_core::query`], on every backend.
 #[derive(Clone, Debug)]
@@ -258,6 +305,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The read-model row of one aggregate.
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError>;
+
+    /// The read-model row of one aggregate with its document as stored text (GET serves it
+    /// without parsing). The default parses and writes it again.
+    async fn get_document_text(&self, key: &StreamKey) -> Result<Option<DocumentText>, StoreError> {
+        Ok(self.get_document(key).await?.map(DocumentText::from))
+    }
 
     /// A page of one type's read model: the rows matching the filters, after the cursor, in
     /// the query's order, at most `limit`.

@@ -85,8 +85,8 @@ use sourced_core::{
 
 use crate::listing::{self, Dialect, Param};
 use crate::{
-    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
-    RebuiltStream, StoreError, StoreStats, validate_append,
+    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, validate_append,
 };
 use sourced_core::query::FieldPath;
 
@@ -471,6 +471,10 @@ impl EventStore for PostgresStore {
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
+        self.get_document_text(key).await?.map(DocumentText::parse).transpose()
+    }
+
+    async fn get_document_text(&self, key: &StreamKey) -> Result<Option<DocumentText>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
@@ -483,7 +487,7 @@ impl EventStore for PostgresStore {
             .query_opt(&stmt, &[&key.tenant.as_str(), &key.type_name.as_str(), &key.id.as_str()])
             .await
             .map_err(pg_err)?;
-        row.map(|r| decode_document(&r, &key.tenant, &key.type_name)).transpose()
+        row.map(|r| decode_document_text(&r, &key.tenant, &key.type_name)).transpose()
     }
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
@@ -1638,17 +1642,20 @@ fn decode_event(
 
 /// A read-model row from: agg_id, version, state, deleted, created_at, updated_at.
 fn decode_document(r: &Row, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentRow, StoreError> {
+    decode_document_text(r, tenant, type_name)?.parse()
+}
+
+fn decode_document_text(r: &Row, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentText, StoreError> {
     let agg_id: String = r.try_get(0).map_err(pg_err)?;
     let id = AggregateId::parse(&agg_id).map_err(|v| corrupt_row("sourced_documents.agg_id", v.message))?;
     let version = Version(from_sql_int(r.try_get(1).map_err(pg_err)?, "version")?);
     if version == Version::ZERO {
         return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
     }
-    let state: String = r.try_get(2).map_err(pg_err)?;
-    Ok(DocumentRow {
+    Ok(DocumentText {
         key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
         version,
-        state: from_json(&state, "sourced_documents.state")?,
+        state_json: r.try_get(2).map_err(pg_err)?,
         deleted: r.try_get(3).map_err(pg_err)?,
         created_at: r.try_get(4).map_err(pg_err)?,
         updated_at: r.try_get(5).map_err(pg_err)?,

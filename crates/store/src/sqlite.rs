@@ -33,8 +33,8 @@ use sourced_core::{
 
 use crate::listing::{self, Dialect, Param};
 use crate::{
-    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, EventStore, ListQuery, READ_LIMIT_MAX,
-    RebuiltStream, StoreError, StoreStats, validate_append,
+    AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, validate_append,
 };
 use sourced_core::query::FieldPath;
 
@@ -427,8 +427,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
-        let key = key.clone();
-        self.read(move |conn| {
+        self.get_document_text(key).await?.map(DocumentText::parse).transpose()
+    }
+
+    async fn get_document_text(&self, key: &StreamKey) -> Result<Option<DocumentText>, StoreError> {
+        fn query(conn: &Connection, key: &StreamKey) -> Result<Option<DocumentText>, StoreError> {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT agg_id, version, state, deleted, created_at, updated_at FROM documents
@@ -439,9 +442,15 @@ impl EventStore for SqliteStore {
                 .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str()], RawDocument::from_row)
                 .optional()
                 .map_err(sql_err)?;
-            raw.map(|raw| raw.decode(&key.tenant, &key.type_name)).transpose()
-        })
-        .await
+            raw.map(|raw| raw.decode_text(&key.tenant, &key.type_name)).transpose()
+        }
+        // A point lookup costs less than the hand-off to the blocking pool: run it here when a
+        // reader is free (WAL readers do not wait for the writer).
+        if let Some(result) = self.readers.try_with(|conn| query(conn, key)) {
+            return result;
+        }
+        let key = key.clone();
+        self.read(move |conn| query(conn, &key)).await
     }
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
@@ -1098,6 +1107,19 @@ impl ReaderPool {
 
     /// Runs `f` on a free connection: the first one free in round-robin order, else waits for
     /// one. Blocking.
+    /// Runs `f` on a free connection, or returns `None` when every connection is busy.
+    fn try_with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Option<Result<T, StoreError>> {
+        let count = self.connections.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        (0..count)
+            .find_map(|i| match self.connections[(start + i) % count].try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            })
+            .map(|guard| Self::run(guard, f))
+    }
+
     fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let count = self.connections.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
@@ -1313,20 +1335,24 @@ impl RawDocument {
         })
     }
 
-    fn decode(self, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentRow, StoreError> {
+    fn decode_text(self, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentText, StoreError> {
         let id = AggregateId::parse(&self.agg_id).map_err(|v| corrupt_row("documents.agg_id", v.message))?;
         let version = Version(from_sql_int(self.version, "version")?);
         if version == Version::ZERO {
             return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
         }
-        Ok(DocumentRow {
+        Ok(DocumentText {
             key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
             version,
-            state: from_json(&self.state, "documents.state")?,
+            state_json: self.state,
             deleted: self.deleted,
             created_at: from_micros(self.created_at),
             updated_at: from_micros(self.updated_at),
         })
+    }
+
+    fn decode(self, tenant: &TenantId, type_name: &TypeName) -> Result<DocumentRow, StoreError> {
+        self.decode_text(tenant, type_name)?.parse()
     }
 }
 
