@@ -119,8 +119,16 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         config.artifact_set = Arc::new(loaded_or_startup_error(&config, loaded)?);
     }
     let store = open_store(&config).await?;
-    if !config.indexes.is_empty() {
-        let names = store.ensure_indexes(&config.indexes).await.context("cannot create the indexes of INDEXES")?;
+    // The indexes of INDEXES and of the artifact set (`types/<type>/indexes.yaml`).
+    let mut indexes = config.indexes.clone();
+    indexes.extend(config.artifact_set.indexed_fields());
+    indexes.sort();
+    indexes.dedup();
+    if !indexes.is_empty() {
+        let names = store
+            .ensure_indexes(&indexes)
+            .await
+            .context("cannot create the indexes of INDEXES and the artifact set")?;
         tracing::info!(indexes = ?names, "read-model indexes in place");
     }
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -65,6 +65,18 @@ impl Reloader {
                     tracing::warn!(artifacts = %source_name, error = %why, "git fetch failed: reloaded the cached checkout");
                 }
                 let summary = summary(&set, &origin, stale.as_deref());
+                // The new set's indexes before the set: its lists are fast from the first.
+                let fields = set.indexed_fields();
+                if !fields.is_empty() {
+                    match self.engine.store().ensure_indexes(&fields).await {
+                        Ok(names) => {
+                            tracing::info!(indexes = ?names, "read-model indexes of the artifact set in place")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the artifact set's indexes could not be created; lists work without them")
+                        }
+                    }
+                }
                 self.engine.set_artifacts(Arc::new(set));
                 tracing::info!(artifacts = %origin, summary = %summary, "artifact set reloaded");
                 Ok(summary)
@@ -93,6 +105,7 @@ pub fn summary(set: &ArtifactSet, origin: &str, stale: Option<&str>) -> Value {
                 "commands": a.commands.keys().collect::<Vec<_>>(),
                 "rules": a.rules.len(),
                 "lifecycle": a.lifecycle.is_some(),
+                "indexes": a.indexes.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -66,6 +66,8 @@ pub struct TypeArtifacts {
     pub commands: BTreeMap<String, CustomCommand>,
     /// The lifecycle state machine.
     pub lifecycle: Option<Lifecycle>,
+    /// Document fields to index for filtered lists (`indexes.yaml`, SPEC §5).
+    pub indexes: Vec<crate::query::FieldPath>,
 }
 
 /// A custom command (SPEC §4.2, `type: logic`).
@@ -115,6 +117,15 @@ pub enum OpValue {
 }
 
 impl ArtifactSet {
+    /// Every document field some type declares an index on, once each.
+    pub fn indexed_fields(&self) -> Vec<crate::query::FieldPath> {
+        let mut fields: Vec<crate::query::FieldPath> =
+            self.types.values().flat_map(|a| a.indexes.iter().cloned()).collect();
+        fields.sort();
+        fields.dedup();
+        fields
+    }
+
     /// An empty set: every type is free JSON.
     pub fn empty() -> ArtifactSet {
         ArtifactSet::default()
@@ -153,6 +164,7 @@ impl ArtifactSet {
         // The file that defined each type's rules and lifecycle (`rules.yaml`, `.yml` or `.json`).
         let mut rules_files: BTreeMap<TypeName, String> = BTreeMap::new();
         let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
+        let mut indexes_files: BTreeMap<TypeName, String> = BTreeMap::new();
         for (path, text) in files {
             let mut p = |location: String, message: String| {
                 problems.push(Problem { file: path.clone(), location, message });
@@ -166,6 +178,7 @@ impl ArtifactSet {
                 ["types", t, "schema.json"] => (*t, Kind::Schema),
                 ["types", t, "rules.yaml" | "rules.yml" | "rules.json"] => (*t, Kind::Rules),
                 ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
+                ["types", t, "indexes.yaml" | "indexes.yml" | "indexes.json"] => (*t, Kind::Indexes),
                 ["types", t, "commands", file] => match command_name(file) {
                     Some(name) => (*t, Kind::Command(name)),
                     None => {
@@ -177,7 +190,7 @@ impl ArtifactSet {
                 ["README.md" | "readme.md" | ".gitignore"] => continue,
                 _ if parts.iter().any(|s| s.starts_with('.')) => continue,
                 _ => {
-                    p(String::new(), "not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, commands/<name>.yaml, or processes/<name>.yaml".into());
+                    p(String::new(), "not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, indexes.yaml, commands/<name>.yaml, or processes/<name>.yaml".into());
                     continue;
                 }
             };
@@ -200,6 +213,7 @@ impl ArtifactSet {
             let defined_in = match kind {
                 Kind::Rules => Some(("rules", &mut rules_files)),
                 Kind::Lifecycle => Some(("lifecycle", &mut lifecycle_files)),
+                Kind::Indexes => Some(("indexes", &mut indexes_files)),
                 _ => None,
             };
             if let Some((what, defined_in)) = defined_in {
@@ -226,6 +240,10 @@ impl ArtifactSet {
                     entry.lifecycle = l;
                     local.extend(e);
                 }
+                Kind::Indexes => match parse_indexes(&doc) {
+                    Ok(fields) => entry.indexes = fields,
+                    Err(e) => local.extend(e),
+                },
                 Kind::Command(name) => match entry.commands.entry(name) {
                     std::collections::btree_map::Entry::Occupied(o) => {
                         local.push((String::new(), format!("command '{}' is defined twice", o.key())));
@@ -282,7 +300,43 @@ enum Kind {
     Schema,
     Rules,
     Lifecycle,
+    Indexes,
     Command(String),
+}
+
+/// Most fields one type's `indexes.yaml` may name: each index costs every write.
+pub const INDEXES_PER_TYPE_MAX: usize = 32;
+
+/// `indexes.yaml`: `fields: [customer.id, status]`, document fields to index (SPEC §5).
+fn parse_indexes(doc: &Value) -> Result<Vec<crate::query::FieldPath>, Vec<(String, String)>> {
+    let Some(m) = doc.as_object() else {
+        return Err(vec![(String::new(), "an indexes file is an object with 'fields'".into())]);
+    };
+    let mut problems = Vec::new();
+    for k in m.keys().filter(|k| *k != "fields") {
+        problems.push((format!("/{k}"), format!("unknown key '{k}'; an indexes file has only 'fields'")));
+    }
+    let Some(list) = m.get("fields").and_then(Value::as_array) else {
+        let what = if m.contains_key("fields") { "must be" } else { "is required:" };
+        problems.push((
+            "/fields".into(),
+            format!("'fields' {what} a list of document field paths, e.g. [status, customer.id]"),
+        ));
+        return Err(problems);
+    };
+    if list.len() > INDEXES_PER_TYPE_MAX {
+        problems.push(("/fields".into(), format!("at most {INDEXES_PER_TYPE_MAX} indexed fields per type")));
+    }
+    let mut fields = Vec::new();
+    for (i, f) in list.iter().enumerate() {
+        match f.as_str().map(crate::query::FieldPath::parse) {
+            Some(Ok(path)) if !fields.contains(&path) => fields.push(path),
+            Some(Ok(path)) => problems.push((format!("/fields/{i}"), format!("'{path}' is listed twice"))),
+            Some(Err(m)) => problems.push((format!("/fields/{i}"), m)),
+            None => problems.push((format!("/fields/{i}"), "a field path is a string such as customer.id".into())),
+        }
+    }
+    if problems.is_empty() { Ok(fields) } else { Err(problems) }
 }
 
 fn command_name(file: &str) -> Option<String> {

@@ -174,3 +174,25 @@ async fn costly_expressions_are_refused_with_a_clear_422() {
         "{err}"
     );
 }
+
+/// The indexes an artifact set declares (`types/<type>/indexes.yaml`) are created at start,
+/// beside those of `INDEXES`.
+#[tokio::test]
+async fn declared_indexes_are_created_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sourced.db");
+    let mut config = sourced_server::Config::embedded("127.0.0.1:0".parse().unwrap(), db.clone());
+    config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(example()));
+    config.indexes = vec![sourced_core::query::FieldPath::parse("total").unwrap()];
+    let server = sourced_server::start(config).await.unwrap();
+    server.shutdown().await;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt =
+        conn.prepare("SELECT sql FROM sqlite_master WHERE type = 'index' AND name LIKE 'documents_f%'").unwrap();
+    let mut ddl: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    ddl.sort();
+    assert_eq!(ddl.len(), 3, "status and customer (examples/order/types/order/indexes.yaml), total (INDEXES): {ddl:?}");
+    for field in ["customer", "status", "total"] {
+        assert!(ddl.iter().any(|d| d.contains(&format!("'$.\"{field}\"'"))), "{field}: {ddl:?}");
+    }
+}
