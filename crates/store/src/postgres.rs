@@ -598,71 +598,65 @@ impl EventStore for PostgresStore {
     }
 
     async fn put_read_model(&self, streams: Vec<RebuiltStream>) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let delete = tx
-            .prepare_cached("DELETE FROM sourced_snapshots WHERE tenant = $1 AND type = $2 AND agg_id = $3")
-            .await
-            .map_err(pg_err)?;
-        let row = tx
-            .prepare_cached(
-                "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8)
-                 ON CONFLICT (tenant, type, agg_id) DO UPDATE SET version = excluded.version,
-                     state = excluded.state, deleted = excluded.deleted, created_at = excluded.created_at,
-                     updated_at = excluded.updated_at",
-            )
-            .await
-            .map_err(pg_err)?;
-        let snapshot = tx
-            .prepare_cached(
-                "INSERT INTO sourced_snapshots
-                 (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6::text::json, $7, $8, $9)",
-            )
-            .await
-            .map_err(pg_err)?;
-        let fold_of = |f: u32| i32::try_from(f).unwrap_or(i32::MAX);
+        // Column arrays: one statement each for the deletes, the rows and the snapshots.
+        let (mut t, mut ty, mut id, mut version, mut state, mut deleted, mut created, mut updated) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut st, mut sty, mut sid, mut sversion, mut sfold, mut sstate, mut sdeleted, mut screated, mut supdated) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for s in &streams {
             let k = &s.row.key;
-            let (t, ty, id) = (k.tenant.as_str(), k.type_name.as_str(), k.id.as_str());
-            tx.execute(&delete, &[&t, &ty, &id]).await.map_err(pg_err)?;
-            let state = to_json(&s.row.state)?;
+            t.push(k.tenant.as_str());
+            ty.push(k.type_name.as_str());
+            id.push(k.id.as_str());
+            version.push(clamp_sql_int(s.row.version.0));
+            state.push(to_json(&s.row.state)?);
+            deleted.push(s.row.deleted);
+            created.push(s.row.created_at);
+            updated.push(s.row.updated_at);
+            for a in &s.snapshots {
+                st.push(k.tenant.as_str());
+                sty.push(k.type_name.as_str());
+                sid.push(k.id.as_str());
+                sversion.push(clamp_sql_int(a.version.0));
+                sfold.push(i32::try_from(s.fold).unwrap_or(i32::MAX));
+                sstate.push(to_json(a.state.as_ref().unwrap_or(&serde_json::Value::Null))?);
+                sdeleted.push(a.deleted);
+                screated.push(a.created_at.unwrap_or_default());
+                supdated.push(a.updated_at.unwrap_or_default());
+            }
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        tx.execute(
+            "DELETE FROM sourced_snapshots s USING unnest($1::text[], $2::text[], $3::text[]) AS k(t, ty, a)
+             WHERE s.tenant = k.t COLLATE \"C\" AND s.type = k.ty COLLATE \"C\" AND s.agg_id = k.a COLLATE \"C\"",
+            &[&t, &ty, &id],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+             SELECT t, ty, a, v, s::json, d, c, u
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[],
+                         $7::timestamptz[], $8::timestamptz[]) AS x(t, ty, a, v, s, d, c, u)
+             ON CONFLICT (tenant, type, agg_id) DO UPDATE SET version = excluded.version,
+                 state = excluded.state, deleted = excluded.deleted, created_at = excluded.created_at,
+                 updated_at = excluded.updated_at",
+            &[&t, &ty, &id, &version, &state, &deleted, &created, &updated],
+        )
+        .await
+        .map_err(pg_err)?;
+        if !st.is_empty() {
             tx.execute(
-                &row,
-                &[
-                    &t,
-                    &ty,
-                    &id,
-                    &clamp_sql_int(s.row.version.0),
-                    &state,
-                    &s.row.deleted,
-                    &s.row.created_at,
-                    &s.row.updated_at,
-                ],
+                "INSERT INTO sourced_snapshots
+                 (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+                 SELECT t, ty, a, v, f, s::json, d, c, u
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::text[], $7::bool[],
+                             $8::timestamptz[], $9::timestamptz[]) AS x(t, ty, a, v, f, s, d, c, u)",
+                &[&st, &sty, &sid, &sversion, &sfold, &sstate, &sdeleted, &screated, &supdated],
             )
             .await
             .map_err(pg_err)?;
-            for a in &s.snapshots {
-                let state = to_json(a.state.as_ref().unwrap_or(&serde_json::Value::Null))?;
-                let (created, updated) = (a.created_at.unwrap_or_default(), a.updated_at.unwrap_or_default());
-                tx.execute(
-                    &snapshot,
-                    &[
-                        &t,
-                        &ty,
-                        &id,
-                        &clamp_sql_int(a.version.0),
-                        &fold_of(s.fold),
-                        &state,
-                        &a.deleted,
-                        &created,
-                        &updated,
-                    ],
-                )
-                .await
-                .map_err(pg_err)?;
-            }
         }
         tx.commit().await.map_err(pg_err)
     }
