@@ -397,9 +397,15 @@ impl Engine {
         }
     }
 
-    /// Folds an aggregate from its events up to the last one at or before `at` (time travel).
+    /// Folds an aggregate up to its last event at or before `at` (time travel), from the latest
+    /// snapshot before it when there is one.
     pub async fn load_at(&self, key: &StreamKey, at: DateTime<Utc>) -> Result<Aggregate, EngineError> {
-        let mut agg = Aggregate::default();
+        // From the latest snapshot whose last event is at or before `at`.
+        let mut agg = match self.config.snapshot_every {
+            0 => None,
+            _ => self.store.load_snapshot_at(key, FOLD_VERSION, at).await?,
+        }
+        .unwrap_or_default();
         loop {
             let page = self.store.read_stream(key, agg.version, None, READ_LIMIT_MAX).await?;
             let full = page.len() == READ_LIMIT_MAX;

@@ -773,6 +773,13 @@ pub async fn snapshots_load_the_latest_at_or_below(store: &dyn EventStore) {
     assert_eq!(load(None, 2).await.expect("load"), None, "another fold's snapshots are never loaded");
     assert_eq!(store.load_snapshot(&key("ts", "order", "s2"), 1, None).await.expect("load"), None);
     assert_eq!(store.load_snapshot(&key("tt", "order", "s1"), 1, None).await.expect("load"), None);
+    // By time: the latest snapshot whose last event is at or before the time.
+    let load_at = |step: i64, fold: u32| store.load_snapshot_at(&k, fold, truncate(at(step)));
+    assert_eq!(load_at(3, 1).await.expect("load_at"), Some(snapshot(3)), "at step 3's time");
+    assert_eq!(load_at(5, 1).await.expect("load_at"), Some(snapshot(3)), "at step 5's time");
+    assert_eq!(load_at(6, 1).await.expect("load_at"), Some(snapshot(6)), "at step 6's time");
+    assert_eq!(load_at(2, 1).await.expect("load_at"), None, "before the first snapshot");
+    assert_eq!(load_at(7, 2).await.expect("load_at"), None, "another fold's");
     // The snapshot's state is the read model's at that version.
     let row = store.get_document(&k).await.expect("get_document").expect("a row");
     assert_eq!((row.version, row.state, row.deleted), (Version(14), json!({"step": 7, "z": [7]}), true));

@@ -332,6 +332,15 @@ pub trait EventStore: Send + Sync + 'static {
         at_most: Option<Version>,
     ) -> Result<Option<sourced_core::Aggregate>, StoreError>;
 
+    /// The latest snapshot of the aggregate made by fold version `fold` whose last event is at
+    /// or before `at` (time travel by time).
+    async fn load_snapshot_at(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at: DateTime<Utc>,
+    ) -> Result<Option<sourced_core::Aggregate>, StoreError>;
+
     /// Every stream's key, in (tenant, type, id) byte order, after `after`, at most `limit`
     /// (capped at [`READ_LIMIT_MAX`]).
     async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError>;

@@ -345,6 +345,42 @@ impl PostgresStore {
         accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
     }
 
+    /// The latest snapshot of `fold` meeting `condition` (on `$4`, bound to `bound`).
+    async fn snapshot_where(
+        &self,
+        condition: &'static str,
+        key: &StreamKey,
+        fold: u32,
+        bound: &(dyn ToSql + Sync),
+    ) -> Result<Option<Aggregate>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT version, state::text, deleted, created_at, updated_at FROM sourced_snapshots
+                 WHERE tenant = $1 AND type = $2 AND agg_id = $3 AND {condition} AND fold = $5
+                 ORDER BY version DESC LIMIT 1"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let fold = i32::try_from(fold).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt(&stmt, &[&key.tenant.as_str(), &key.type_name.as_str(), &key.id.as_str(), bound, &fold])
+            .await
+            .map_err(pg_err)?;
+        let Some(r) = row else { return Ok(None) };
+        let state: String = r.try_get(1).map_err(pg_err)?;
+        let state = from_json(&state, "sourced_snapshots.state")?;
+        let created: DateTime<Utc> = r.try_get(3).map_err(pg_err)?;
+        let updated: DateTime<Utc> = r.try_get(4).map_err(pg_err)?;
+        Ok(Some(Aggregate {
+            version: Version(from_sql_int(r.try_get(0).map_err(pg_err)?, "sourced_snapshots.version")?),
+            state: (!state.is_null()).then_some(state),
+            deleted: r.try_get(2).map_err(pg_err)?,
+            created_at: Some(created),
+            updated_at: Some(updated),
+        }))
+    }
+
     async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
@@ -537,33 +573,17 @@ impl EventStore for PostgresStore {
         fold: u32,
         at_most: Option<Version>,
     ) -> Result<Option<Aggregate>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT version, state::text, deleted, created_at, updated_at FROM sourced_snapshots
-                 WHERE tenant = $1 AND type = $2 AND agg_id = $3 AND version <= $4 AND fold = $5
-                 ORDER BY version DESC LIMIT 1",
-            )
-            .await
-            .map_err(pg_err)?;
         let at_most = at_most.map_or(i64::MAX, |v| clamp_sql_int(v.0));
-        let fold = i32::try_from(fold).unwrap_or(i32::MAX);
-        let row = client
-            .query_opt(&stmt, &[&key.tenant.as_str(), &key.type_name.as_str(), &key.id.as_str(), &at_most, &fold])
-            .await
-            .map_err(pg_err)?;
-        let Some(r) = row else { return Ok(None) };
-        let state: String = r.try_get(1).map_err(pg_err)?;
-        let state = from_json(&state, "sourced_snapshots.state")?;
-        let created: DateTime<Utc> = r.try_get(3).map_err(pg_err)?;
-        let updated: DateTime<Utc> = r.try_get(4).map_err(pg_err)?;
-        Ok(Some(Aggregate {
-            version: Version(from_sql_int(r.try_get(0).map_err(pg_err)?, "sourced_snapshots.version")?),
-            state: (!state.is_null()).then_some(state),
-            deleted: r.try_get(2).map_err(pg_err)?,
-            created_at: Some(created),
-            updated_at: Some(updated),
-        }))
+        self.snapshot_where("version <= $4", key, fold, &at_most).await
+    }
+
+    async fn load_snapshot_at(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        self.snapshot_where("updated_at <= $4", key, fold, &at).await
     }
 
     async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError> {

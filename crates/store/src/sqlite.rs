@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -307,6 +308,48 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a read connection, on tokio's blocking pool.
+    /// The latest snapshot of `fold` meeting `condition` (on `?4`, bound to `bound`).
+    async fn snapshot_where(
+        &self,
+        condition: &'static str,
+        key: &StreamKey,
+        fold: u32,
+        bound: i64,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        let key = key.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT version, state, deleted, created_at, updated_at FROM snapshots
+                     WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND {condition} AND fold = ?5
+                     ORDER BY version DESC LIMIT 1"
+                ))
+                .map_err(sql_err)?;
+            let row = stmt
+                .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str(), bound, fold], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .optional()
+                .map_err(sql_err)?;
+            let Some((version, state, deleted, created, updated)) = row else { return Ok(None) };
+            let state = from_json(&state, "snapshots.state")?;
+            Ok(Some(Aggregate {
+                version: Version(from_sql_int(version, "snapshots.version")?),
+                state: (!state.is_null()).then_some(state),
+                deleted,
+                created_at: Some(from_micros(created)),
+                updated_at: Some(from_micros(updated)),
+            }))
+        })
+        .await
+    }
+
     /// Runs `f` on a connection of its own, outside the writer thread (maintenance writes:
     /// rebuild). SQLite's lock keeps it apart from the writer's transactions.
     async fn side_write<F>(&self, f: F) -> Result<(), StoreError>
@@ -523,39 +566,17 @@ impl EventStore for SqliteStore {
         fold: u32,
         at_most: Option<Version>,
     ) -> Result<Option<Aggregate>, StoreError> {
-        let key = key.clone();
         let at_most = at_most.map_or(i64::MAX, |v| clamp_sql_int(v.0));
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT version, state, deleted, created_at, updated_at FROM snapshots
-                     WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version <= ?4 AND fold = ?5
-                     ORDER BY version DESC LIMIT 1",
-                )
-                .map_err(sql_err)?;
-            let row = stmt
-                .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str(), at_most, fold], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, bool>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                })
-                .optional()
-                .map_err(sql_err)?;
-            let Some((version, state, deleted, created, updated)) = row else { return Ok(None) };
-            let state = from_json(&state, "snapshots.state")?;
-            Ok(Some(Aggregate {
-                version: Version(from_sql_int(version, "snapshots.version")?),
-                state: (!state.is_null()).then_some(state),
-                deleted,
-                created_at: Some(from_micros(created)),
-                updated_at: Some(from_micros(updated)),
-            }))
-        })
-        .await
+        self.snapshot_where("version <= ?4", key, fold, at_most).await
+    }
+
+    async fn load_snapshot_at(
+        &self,
+        key: &StreamKey,
+        fold: u32,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        self.snapshot_where("updated_at <= ?4", key, fold, to_micros(&at)).await
     }
 
     async fn list_streams(&self, after: Option<&StreamKey>, limit: usize) -> Result<Vec<StreamKey>, StoreError> {
