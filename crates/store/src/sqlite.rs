@@ -1126,8 +1126,6 @@ impl ReaderPool {
         Ok(ReaderPool { connections, next: AtomicUsize::new(0) })
     }
 
-    /// Runs `f` on a free connection: the first one free in round-robin order, else waits for
-    /// one. Blocking.
     /// Runs `f` on a free connection, or returns `None` when every connection is busy.
     fn try_with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Option<Result<T, StoreError>> {
         let count = self.connections.len();
@@ -1141,6 +1139,8 @@ impl ReaderPool {
             .map(|guard| Self::run(guard, f))
     }
 
+    /// Runs `f` on a free connection: the first one free in round-robin order, else waits for
+    /// one. Blocking.
     fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let count = self.connections.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
