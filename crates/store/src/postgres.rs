@@ -618,31 +618,29 @@ impl EventStore for PostgresStore {
     }
 
     async fn put_read_model(&self, streams: Vec<RebuiltStream>) -> Result<(), StoreError> {
-        // Column arrays: one statement each for the deletes, the rows and the snapshots.
-        let (mut t, mut ty, mut id, mut version, mut state, mut deleted, mut created, mut updated) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut st, mut sty, mut sid, mut sversion, mut sfold, mut sstate, mut sdeleted, mut screated, mut supdated) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let t: Vec<&str> = streams.iter().map(|s| s.row.key.tenant.as_str()).collect();
+        let ty: Vec<&str> = streams.iter().map(|s| s.row.key.type_name.as_str()).collect();
+        let id: Vec<&str> = streams.iter().map(|s| s.row.key.id.as_str()).collect();
+        let version: Vec<i64> = streams.iter().map(|s| clamp_sql_int(s.row.version.0)).collect();
+        let state = streams.iter().map(|s| to_json(&s.row.state)).collect::<Result<Vec<_>, _>>()?;
+        let deleted: Vec<bool> = streams.iter().map(|s| s.row.deleted).collect();
+        let created: Vec<DateTime<Utc>> = streams.iter().map(|s| s.row.created_at).collect();
+        let updated: Vec<DateTime<Utc>> = streams.iter().map(|s| s.row.updated_at).collect();
+        let mut snaps = Vec::new();
         for s in &streams {
-            let k = &s.row.key;
-            t.push(k.tenant.as_str());
-            ty.push(k.type_name.as_str());
-            id.push(k.id.as_str());
-            version.push(clamp_sql_int(s.row.version.0));
-            state.push(to_json(&s.row.state)?);
-            deleted.push(s.row.deleted);
-            created.push(s.row.created_at);
-            updated.push(s.row.updated_at);
+            let (tenant, type_name, agg_id) = head_key(&s.row.key);
             for a in &s.snapshots {
-                st.push(k.tenant.as_str());
-                sty.push(k.type_name.as_str());
-                sid.push(k.id.as_str());
-                sversion.push(clamp_sql_int(a.version.0));
-                sfold.push(i32::try_from(s.fold).unwrap_or(i32::MAX));
-                sstate.push(to_json(a.state.as_ref().unwrap_or(&serde_json::Value::Null))?);
-                sdeleted.push(a.deleted);
-                screated.push(a.created_at.unwrap_or_default());
-                supdated.push(a.updated_at.unwrap_or_default());
+                snaps.push(SnapWrite {
+                    tenant: tenant.clone(),
+                    type_name: type_name.clone(),
+                    agg_id: agg_id.clone(),
+                    version: clamp_sql_int(a.version.0),
+                    fold: i32::try_from(s.fold).unwrap_or(i32::MAX),
+                    state: to_json(a.state.as_ref().unwrap_or(&serde_json::Value::Null))?,
+                    deleted: a.deleted,
+                    created_at: a.created_at.unwrap_or_default(),
+                    updated_at: a.updated_at.unwrap_or_default(),
+                });
             }
         }
         let mut client = self.client().await?;
@@ -666,17 +664,8 @@ impl EventStore for PostgresStore {
         )
         .await
         .map_err(pg_err)?;
-        if !st.is_empty() {
-            tx.execute(
-                "INSERT INTO sourced_snapshots
-                 (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
-                 SELECT t, ty, a, v, f, s::json, d, c, u
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::text[], $7::bool[],
-                             $8::timestamptz[], $9::timestamptz[]) AS x(t, ty, a, v, f, s, d, c, u)",
-                &[&st, &sty, &sid, &sversion, &sfold, &sstate, &sdeleted, &screated, &supdated],
-            )
-            .await
-            .map_err(pg_err)?;
+        if !snaps.is_empty() {
+            tx.execute(INSERT_SNAPSHOTS, &SnapColumns::new(&snaps).params()).await.map_err(pg_err)?;
         }
         tx.commit().await.map_err(pg_err)
     }
@@ -1064,6 +1053,60 @@ struct SnapWrite {
     updated_at: DateTime<Utc>,
 }
 
+/// Inserts snapshots from the column arrays of [`SnapColumns`], replacing any at the same
+/// version: the writer's statement, and `sourced rebuild`'s.
+const INSERT_SNAPSHOTS: &str = "INSERT INTO sourced_snapshots
+     (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
+     SELECT t, ty, a, v, f, s::json, d, c, u
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::text[], $7::bool[],
+                 $8::timestamptz[], $9::timestamptz[]) AS x(t, ty, a, v, f, s, d, c, u)
+     ON CONFLICT (tenant, type, agg_id, version) DO UPDATE SET
+         fold = excluded.fold, state = excluded.state, deleted = excluded.deleted,
+         created_at = excluded.created_at, updated_at = excluded.updated_at";
+
+/// The parameters of [`INSERT_SNAPSHOTS`]: one array per column.
+struct SnapColumns<'a> {
+    tenant: Vec<&'a str>,
+    type_name: Vec<&'a str>,
+    agg_id: Vec<&'a str>,
+    version: Vec<i64>,
+    fold: Vec<i32>,
+    state: Vec<&'a str>,
+    deleted: Vec<bool>,
+    created_at: Vec<DateTime<Utc>>,
+    updated_at: Vec<DateTime<Utc>>,
+}
+
+impl<'a> SnapColumns<'a> {
+    fn new(snaps: &'a [SnapWrite]) -> SnapColumns<'a> {
+        SnapColumns {
+            tenant: snaps.iter().map(|x| x.tenant.as_str()).collect(),
+            type_name: snaps.iter().map(|x| x.type_name.as_str()).collect(),
+            agg_id: snaps.iter().map(|x| x.agg_id.as_str()).collect(),
+            version: snaps.iter().map(|x| x.version).collect(),
+            fold: snaps.iter().map(|x| x.fold).collect(),
+            state: snaps.iter().map(|x| x.state.as_str()).collect(),
+            deleted: snaps.iter().map(|x| x.deleted).collect(),
+            created_at: snaps.iter().map(|x| x.created_at).collect(),
+            updated_at: snaps.iter().map(|x| x.updated_at).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.tenant,
+            &self.type_name,
+            &self.agg_id,
+            &self.version,
+            &self.fold,
+            &self.state,
+            &self.deleted,
+            &self.created_at,
+            &self.updated_at,
+        ]
+    }
+}
+
 struct DocWrite {
     tenant: String,
     type_name: String,
@@ -1313,30 +1356,8 @@ impl Plan {
             client.execute(&counter_stmt, &counter_params),
         )?;
         if !self.snaps.is_empty() {
-            let stmt = client
-                .prepare_cached(
-                    "INSERT INTO sourced_snapshots
-                     (tenant, type, agg_id, version, fold, state, deleted, created_at, updated_at)
-                     SELECT t, ty, a, v, f, s::json, d, c, u
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[], $6::text[], $7::bool[],
-                                 $8::timestamptz[], $9::timestamptz[]) AS x(t, ty, a, v, f, s, d, c, u)
-                     ON CONFLICT (tenant, type, agg_id, version) DO UPDATE SET
-                         fold = excluded.fold, state = excluded.state, deleted = excluded.deleted,
-                         created_at = excluded.created_at, updated_at = excluded.updated_at",
-                )
-                .await?;
-            let tenant: Vec<&str> = self.snaps.iter().map(|x| x.tenant.as_str()).collect();
-            let ty: Vec<&str> = self.snaps.iter().map(|x| x.type_name.as_str()).collect();
-            let agg: Vec<&str> = self.snaps.iter().map(|x| x.agg_id.as_str()).collect();
-            let version: Vec<i64> = self.snaps.iter().map(|x| x.version).collect();
-            let fold: Vec<i32> = self.snaps.iter().map(|x| x.fold).collect();
-            let state: Vec<&str> = self.snaps.iter().map(|x| x.state.as_str()).collect();
-            let deleted: Vec<bool> = self.snaps.iter().map(|x| x.deleted).collect();
-            let created: Vec<DateTime<Utc>> = self.snaps.iter().map(|x| x.created_at).collect();
-            let updated: Vec<DateTime<Utc>> = self.snaps.iter().map(|x| x.updated_at).collect();
-            let params: [&(dyn ToSql + Sync); 9] =
-                [&tenant, &ty, &agg, &version, &fold, &state, &deleted, &created, &updated];
-            client.execute(&stmt, &params).await?;
+            let stmt = client.prepare_cached(INSERT_SNAPSHOTS).await?;
+            client.execute(&stmt, &SnapColumns::new(&self.snaps).params()).await?;
         }
         assert_eq!(inserted_events, self.events, "every planned event is inserted");
         assert_eq!(inserted_commands as usize, self.cmd_id.len(), "every planned command record is inserted");

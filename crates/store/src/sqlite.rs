@@ -539,25 +539,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn ensure_indexes(&self, fields: &[FieldPath]) -> Result<Vec<String>, StoreError> {
-        let fields = fields.to_vec();
-        let path = self.path.clone();
-        let indexes = Arc::clone(&self.indexes);
-        tokio::task::spawn_blocking(move || {
-            // Its own connection: DDL takes the write lock, which the writer thread shares with
-            // nobody else for long (busy timeout), and must not hold a reader.
-            let conn = Connection::open(&path).map_err(sql_err)?;
-            conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(sql_err)?;
-            let mut names = Vec::new();
-            for field in &fields {
-                let (name, ddl) = Dialect::Sqlite.index_ddl(field);
-                conn.execute_batch(&ddl).map_err(sql_err)?;
-                indexes.write().expect("the index set lock is poisoned").insert(name.clone());
-                names.push(name);
-            }
-            Ok(names)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("the index task failed: {e}")))?
+        let (names, ddl): (Vec<String>, Vec<String>) = fields.iter().map(|f| Dialect::Sqlite.index_ddl(f)).unzip();
+        // DDL takes the write lock: on a connection of its own, never a reader's.
+        self.side_write(move |conn| ddl.iter().try_for_each(|d| conn.execute_batch(d))).await?;
+        self.indexes.write().expect("the index set lock is poisoned").extend(names.iter().cloned());
+        Ok(names)
     }
 
     async fn load_snapshot(
