@@ -47,6 +47,9 @@ pub struct Options {
     pub ws_cases: Vec<WsCase>,
     /// The subscription latency cases: subscribers.
     pub subscribers: Vec<usize>,
+    /// The subscription latency cases' write rate, commands per second, instead of half of the
+    /// highest WebSocket rate measured (the WebSocket command cases are then skipped).
+    pub latency_rate: Option<f64>,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             warmup: Duration::from_secs(1),
             ws_cases: ws::default_cases(),
             subscribers: vec![1, 100],
+            latency_rate: None,
         }
     }
 }
@@ -73,14 +77,20 @@ impl Options {
                 .map(|(connections, pipeline)| WsCase { connections, pipeline })
                 .to_vec(),
             subscribers: vec![1, 4],
+            latency_rate: None,
         }
     }
 
     /// Checks every setting, reporting all problems together.
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut problems = Vec::new();
-        if self.clients.is_empty() {
-            problems.push("at least one concurrency level is needed".to_owned());
+        if self.clients.is_empty() && self.ws_cases.is_empty() && self.subscribers.is_empty() {
+            problems.push("nothing to run: no HTTP levels, no WebSocket cases, no subscribers".to_owned());
+        }
+        if let Some(rate) = self.latency_rate
+            && !(rate.is_finite() && rate >= 1.0)
+        {
+            problems.push(format!("the latency rate must be at least 1 command per second, not {rate}"));
         }
         if let Some(bad) = self.clients.iter().find(|&&clients| !(1..=CLIENTS_MAX).contains(&clients)) {
             problems.push(format!("clients must be 1..={CLIENTS_MAX}, not {bad}"));
@@ -331,6 +341,22 @@ impl Report {
              schema, transactions of Sourced's mean batch at that level, no HTTP and no per-command reads"
         );
         let _ = writeln!(out, "- load generator and server share the cores, for Sourced and the floor alike\n");
+        if !self.rows.is_empty() {
+            self.write_http_table(&mut out);
+        }
+        let http_64 = self.rows.iter().find(|r| r.clients == 64).map(|r| r.sourced.per_sec());
+        ws::write_markdown(&mut out, &self.ws, &self.latency, http_64);
+        let problems = self.problems();
+        if !problems.is_empty() {
+            let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
+            for problem in problems {
+                let _ = writeln!(out, "- {problem}");
+            }
+        }
+        out
+    }
+
+    fn write_http_table(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "| clients | Sourced cmd/s | p50 ms | p99 ms | p999 ms | commits/s | mean batch | HTTP floor req/s | \
@@ -356,16 +382,6 @@ impl Report {
                 row.sourced_vs_ceiling() * 100.0,
             );
         }
-        let http_64 = self.rows.iter().find(|r| r.clients == 64).map(|r| r.sourced.per_sec());
-        ws::write_markdown(&mut out, &self.ws, &self.latency, http_64);
-        let problems = self.problems();
-        if !problems.is_empty() {
-            let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
-            for problem in problems {
-                let _ = writeln!(out, "- {problem}");
-            }
-        }
-        out
     }
 }
 
@@ -392,7 +408,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
     // Without WebSocket command cases, the latency runs at half of the best HTTP rate.
     let http_max = rows.iter().map(|r| r.sourced.per_sec()).fold(0.0, f64::max);
-    let (ws, latency) = ws::run(&runtime, &options.ws_cases, &options.subscribers, timing, http_max)?;
+    let (ws_cases, fallback) = match options.latency_rate {
+        // The rate is given as the maximum whose half the latency cases run at.
+        Some(rate) => (&[][..], rate * 2.0),
+        None => (&options.ws_cases[..], http_max),
+    };
+    let (ws, latency) = ws::run(&runtime, ws_cases, &options.subscribers, timing, fallback)?;
     Ok(Report { machine, options: options.clone(), rows, ws, latency })
 }
 

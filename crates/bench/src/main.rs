@@ -42,6 +42,16 @@ struct Args {
     /// lifecycle, CEL) against plain patches of the same size, at each --clients level.
     #[arg(long, conflicts_with_all = ["postgres", "read_side"])]
     artifacts: bool,
+    /// Only the WebSocket part: no HTTP levels.
+    #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "clients"])]
+    websocket_only: bool,
+    /// Subscribers of each subscription latency case, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 100])]
+    subscribers: Vec<usize>,
+    /// Run the subscription latency cases at this many commands per second, skipping the
+    /// WebSocket command cases (by default: half of the highest WebSocket rate measured).
+    #[arg(long, value_name = "PER_SEC", conflicts_with_all = ["postgres", "read_side", "artifacts", "smoke"])]
+    latency_rate: Option<f64>,
     /// Where Message DB is installed [default: database sourced_bench_messagedb of --postgres].
     #[arg(long, value_name = "URL", requires = "postgres")]
     message_db_url: Option<String>,
@@ -108,9 +118,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Options::smoke()
     } else {
         Options {
-            clients: args.clients,
+            clients: if args.websocket_only { Vec::new() } else { args.clients },
             duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
             warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
+            subscribers: args.subscribers,
+            latency_rate: args.latency_rate,
             ..Options::default()
         }
     };

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -87,6 +87,10 @@ pub struct LatencyRow {
     pub sent_p50_ms: f64,
     /// 99th percentile.
     pub sent_p99_ms: f64,
+    /// Times a subscription fell behind the live buffer and read the store again.
+    pub lag_recoveries: u64,
+    /// Messages (events and replies) per write to a socket, over the whole run.
+    pub messages_per_write: f64,
     /// Failed commands, missing or out-of-order events, over the whole run.
     pub errors: u64,
     /// The first few error messages.
@@ -120,7 +124,10 @@ pub(crate) fn run(
 
 async fn connect(addr: SocketAddr) -> anyhow::Result<Ws> {
     // Nagle off on the client too: pipelined command frames are small.
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true)
+    // A small read buffer: tungstenite zero-fills its whole read buffer (128 KiB by default)
+    // before every read, which would make the load generator the bottleneck.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), true)
         .await
         .context("WebSocket connect")?;
     Ok(ws)
@@ -372,6 +379,9 @@ async fn measure_latency(subscribers: usize, per_sec: f64, timing: Timing) -> an
     for r in readers {
         received.push(r.await.context("a subscriber panicked")?);
     }
+    let lag_recoveries = server.live().subscription_lag_recoveries.load(std::sync::atomic::Ordering::Relaxed);
+    let flushes = server.live().flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let messages = server.live().messages_written.load(std::sync::atomic::Ordering::Relaxed);
     server.shutdown().await;
 
     let in_window: HashMap<u64, &Acked> =
@@ -426,6 +436,8 @@ async fn measure_latency(subscribers: usize, per_sec: f64, timing: Timing) -> an
         p99_ms: ms(&from_ack, 0.99),
         sent_p50_ms: ms(&from_sent, 0.50),
         sent_p99_ms: ms(&from_sent, 0.99),
+        lag_recoveries,
+        messages_per_write: crate::ratio(messages as f64, flushes as f64),
         errors,
         error_samples: samples,
     })
@@ -503,7 +515,8 @@ async fn paced_writer(
 }
 
 /// A subscriber: every event's position and when it arrived, until the last position is known
-/// and seen.
+/// and seen. Frames already received are taken without waiting (no timer, no select), so the
+/// load generator stays light beside the server it measures.
 async fn subscriber_loop(
     mut ws: Ws,
     mut last: tokio::sync::watch::Receiver<Option<u64>>,
@@ -511,28 +524,17 @@ async fn subscriber_loop(
     let mut events = Vec::new();
     let mut seen = 0u64;
     loop {
+        while let Some(frame) = ws.next().now_or_never() {
+            take_event(frame, &mut events, &mut seen)?;
+        }
         if let Some(l) = *last.borrow()
             && seen >= l
         {
             break;
         }
         tokio::select! {
-            frame = ws.next() => {
-                let at = Instant::now();
-                match frame {
-                    Some(Ok(Message::Text(t))) => {
-                        let t = t.as_str();
-                        if !t.starts_with(r#"{"op":"event""#) {
-                            return Err(format!("a subscriber got {t}"));
-                        }
-                        let p = u64_field(t, "position").ok_or_else(|| format!("an event without a position: {t}"))?;
-                        seen = seen.max(p);
-                        events.push((p, at));
-                    }
-                    Some(Ok(_)) => {}
-                    other => return Err(format!("a subscriber's connection failed: {other:?}")),
-                }
-            }
+            biased;
+            frame = ws.next() => take_event(frame, &mut events, &mut seen)?,
             changed = last.changed() => {
                 if changed.is_err() {
                     return Err("the run ended early".into());
@@ -543,6 +545,29 @@ async fn subscriber_loop(
     }
     let _ = ws.close(None).await;
     Ok(events)
+}
+
+/// One frame a subscriber received: an event's position and when it arrived.
+fn take_event(
+    frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    events: &mut Vec<(u64, Instant)>,
+    seen: &mut u64,
+) -> Result<(), String> {
+    let at = Instant::now();
+    match frame {
+        Some(Ok(Message::Text(t))) => {
+            let t = t.as_str();
+            if !t.starts_with(r#"{"op":"event""#) {
+                return Err(format!("a subscriber got {t}"));
+            }
+            let p = u64_field(t, "position").ok_or_else(|| format!("an event without a position: {t}"))?;
+            *seen = (*seen).max(p);
+            events.push((p, at));
+            Ok(())
+        }
+        Some(Ok(_)) => Ok(()),
+        other => Err(format!("a subscriber's connection failed: {other:?}")),
+    }
 }
 
 /// Everything that makes the WebSocket numbers untrustworthy.
@@ -625,13 +650,13 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
         );
         let _ = writeln!(
             out,
-            "| subscribers | target cmd/s | achieved cmd/s | deliveries | before ack | ack→event p50 ms | p99 ms | sent→event p50 ms | p99 ms |"
+            "| subscribers | target cmd/s | achieved cmd/s | deliveries | before ack | ack→event p50 ms | p99 ms | sent→event p50 ms | p99 ms | messages per write | store re-reads |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in latency {
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {:.0} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
                 row.subscribers,
                 row.target_per_sec,
                 row.achieved_per_sec,
@@ -641,8 +666,15 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
                 row.p99_ms,
                 row.sent_p50_ms,
                 row.sent_p99_ms,
+                row.messages_per_write,
+                row.lag_recoveries,
             );
         }
+        let _ = writeln!(
+            out,
+            "\n(messages per write: frames the server put on a socket per write, replies included; store \
+             re-reads: times a subscriber fell behind the live buffer and read the store to catch up)"
+        );
     }
 }
 

@@ -262,17 +262,8 @@ impl Subscription {
             self.skip_to_head().await?;
         }
         loop {
-            while let Some(e) = self.page.pop_front() {
-                if e.position <= self.last {
-                    return Err(StoreError::Corrupt(format!(
-                        "the feed went back from position {} to {}",
-                        self.last, e.position
-                    )));
-                }
-                self.last = e.position;
-                if self.filter.matches(&e) {
-                    return Ok(SubscriptionItem::Event(Arc::new(SharedEvent::new(e))));
-                }
+            if let Some(item) = self.next_in_page() {
+                return item;
             }
             match self.phase {
                 Phase::CatchUp => {
@@ -286,29 +277,91 @@ impl Subscription {
                     self.caught_up_sent = true;
                     return Ok(SubscriptionItem::CaughtUp(self.last));
                 }
-                Phase::Live => match self.receiver.recv().await {
-                    Ok(Live::Event(e)) => {
-                        if e.tenant != self.tenant || e.position <= self.last {
-                            continue;
-                        }
-                        self.last = e.position;
-                        if self.filter.matches(&e) {
-                            return Ok(SubscriptionItem::Event(e));
-                        }
+                Phase::Live => {
+                    let received = self.receiver.recv().await;
+                    if let Some(item) = self.take_live(received) {
+                        return item;
                     }
-                    Ok(Live::Wake) => self.phase = Phase::CatchUp,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        // A fresh receiver first, then the store: see the module documentation.
-                        self.receiver = self.hub.sender.subscribe();
-                        self.phase = Phase::CatchUp;
-                        self.lag_recoveries += 1;
-                        tracing::debug!(missed, last = %self.last, "a subscription lagged; reading the store");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(StoreError::Closed);
-                    }
-                },
+                }
             }
+        }
+    }
+
+    /// The next item if it is at hand without waiting and without reading the store (the
+    /// current page, or the live buffer); `None` when [`Subscription::next`] has to wait.
+    pub fn try_next(&mut self) -> Option<Result<SubscriptionItem, StoreError>> {
+        if self.start_now {
+            return None;
+        }
+        loop {
+            if let Some(item) = self.next_in_page() {
+                return Some(item);
+            }
+            match self.phase {
+                Phase::CatchUp => return None,
+                Phase::Live if !self.caught_up_sent => {
+                    self.caught_up_sent = true;
+                    return Some(Ok(SubscriptionItem::CaughtUp(self.last)));
+                }
+                Phase::Live => {
+                    let received = match self.receiver.try_recv() {
+                        Ok(live) => Ok(live),
+                        Err(broadcast::error::TryRecvError::Empty) => return None,
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+                        Err(broadcast::error::TryRecvError::Closed) => Err(broadcast::error::RecvError::Closed),
+                    };
+                    if let Some(item) = self.take_live(received) {
+                        return Some(item);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next matching event of the current store page, if any.
+    fn next_in_page(&mut self) -> Option<Result<SubscriptionItem, StoreError>> {
+        while let Some(e) = self.page.pop_front() {
+            if e.position <= self.last {
+                return Some(Err(StoreError::Corrupt(format!(
+                    "the feed went back from position {} to {}",
+                    self.last, e.position
+                ))));
+            }
+            self.last = e.position;
+            if self.filter.matches(&e) {
+                return Some(Ok(SubscriptionItem::Event(Arc::new(SharedEvent::new(e)))));
+            }
+        }
+        None
+    }
+
+    /// What one receive from the live buffer means: an item to deliver, or `None` (an event
+    /// passed over, or a switch back to reading the store).
+    fn take_live(
+        &mut self,
+        received: Result<Live, broadcast::error::RecvError>,
+    ) -> Option<Result<SubscriptionItem, StoreError>> {
+        match received {
+            Ok(Live::Event(e)) => {
+                if e.tenant != self.tenant || e.position <= self.last {
+                    return None;
+                }
+                self.last = e.position;
+                self.filter.matches(&e).then_some(Ok(SubscriptionItem::Event(e)))
+            }
+            Ok(Live::Wake) => {
+                self.phase = Phase::CatchUp;
+                None
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // A fresh receiver first, then the store: see the module documentation.
+                self.receiver = self.hub.sender.subscribe();
+                self.phase = Phase::CatchUp;
+                self.lag_recoveries += 1;
+                tracing::debug!(missed, last = %self.last, "a subscription lagged; reading the store");
+                None
+            }
+            Err(broadcast::error::RecvError::Closed) => Some(Err(StoreError::Closed)),
         }
     }
 
@@ -403,6 +456,35 @@ mod tests {
         }
         assert_eq!(serde_json::from_str::<serde_json::Value>(&texts[0]).unwrap()["targetId"], "shared");
         assert!(texts.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])), "one JSON text for all subscribers");
+    }
+
+    /// `try_next` hands out what is at hand and never waits or reads the store.
+    #[tokio::test]
+    async fn try_next_takes_only_what_is_at_hand() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let engine = engine(&dir, 4);
+        create(&engine, "before").await;
+        let mut sub = engine.subscribe(TenantId::default_tenant(), SubscriptionFilter::default(), Start::Beginning);
+        assert!(sub.try_next().is_none(), "catching up needs the store");
+        assert!(matches!(sub.next().await.unwrap(), SubscriptionItem::Event(e) if e.position == Position(1)));
+        assert!(matches!(sub.try_next(), Some(Ok(SubscriptionItem::CaughtUp(Position(1))))));
+        assert!(sub.try_next().is_none(), "nothing live yet");
+        for i in 0..3 {
+            create(&engine, &format!("live{i}")).await;
+        }
+        for p in 2..=4 {
+            assert!(matches!(sub.try_next(), Some(Ok(SubscriptionItem::Event(e))) if e.position == Position(p)));
+        }
+        assert!(sub.try_next().is_none());
+        // Past the live buffer (4 events): back to the store, which try_next leaves to next.
+        for i in 0..6 {
+            create(&engine, &format!("more{i}")).await;
+        }
+        assert!(sub.try_next().is_none());
+        assert_eq!(sub.lag_recoveries(), 1);
+        for p in 5..=10 {
+            assert_eq!(next_event(&mut sub).await, p);
+        }
     }
 
     #[tokio::test]
