@@ -6,7 +6,8 @@
 //! command records itself, in the same transactions as always: consecutive events of one
 //! stream with one `metadata.commandId` (one command's events are always contiguous) become one
 //! append with that command id, the events' ids, the stream's exact expected version and the
-//! events' timestamp. The target must be empty, and each append must come back with exactly
+//! events' timestamp, with a snapshot wherever the live rule (`SNAPSHOT_EVERY`) would have
+//! written one. The target must be empty, and each append must come back with exactly
 //! the positions and versions of the file; anything else stops the import with an error naming
 //! the line (a gap in the file's positions, another writer on the store, a broken stream).
 //!
@@ -23,10 +24,11 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use sourced_core::aggregate::Aggregate;
+use sourced_core::aggregate::{Aggregate, FOLD_VERSION};
 use sourced_core::{CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamKey};
+use sourced_engine::snapshot_due;
 use sourced_store::{
-    APPEND_EVENTS_MAX, AppendOutcome, AppendRequest, CommandWrite, DocumentWrite, EventStore, StoreError,
+    APPEND_EVENTS_MAX, AppendOutcome, AppendRequest, CommandWrite, DocumentWrite, EventStore, SnapshotWrite, StoreError,
 };
 
 use crate::{Config, open_store};
@@ -92,7 +94,12 @@ pub async fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, 
 
 /// Reads an export from `input` into `store`, which must hold no events (see the module
 /// documentation).
-pub async fn import(store: &dyn EventStore, input: impl BufRead) -> Result<ImportSummary, TransferError> {
+/// Snapshots are written as live appends write them, every `snapshot_every` versions (0: none).
+pub async fn import(
+    store: &dyn EventStore,
+    input: impl BufRead,
+    snapshot_every: u64,
+) -> Result<ImportSummary, TransferError> {
     if let Some(e) = store.read_global(Position(0), 1).await?.first() {
         return Err(TransferError::NotEmpty(e.position));
     }
@@ -123,7 +130,7 @@ pub async fn import(store: &dyn EventStore, input: impl BufRead) -> Result<Impor
             same_stream(last, &event) && group_command == Some(command) && group.len() < APPEND_EVENTS_MAX
         });
         if !continues && !group.is_empty() {
-            append_group(store, std::mem::take(&mut group), group_line, &mut summary).await?;
+            append_group(store, std::mem::take(&mut group), group_line, snapshot_every, &mut summary).await?;
         }
         if group.is_empty() {
             group_line = line_no;
@@ -132,7 +139,7 @@ pub async fn import(store: &dyn EventStore, input: impl BufRead) -> Result<Impor
         group.push(event);
     }
     if !group.is_empty() {
-        append_group(store, group, group_line, &mut summary).await?;
+        append_group(store, group, group_line, snapshot_every, &mut summary).await?;
     }
     Ok(summary)
 }
@@ -152,6 +159,7 @@ async fn append_group(
     store: &dyn EventStore,
     group: Vec<RecordedEvent>,
     line: u64,
+    snapshot_every: u64,
     summary: &mut ImportSummary,
 ) -> Result<(), TransferError> {
     let bad = |message: String| TransferError::Input { line, message };
@@ -196,8 +204,10 @@ async fn append_group(
         timestamp,
         document: DocumentWrite { state: aggregate.state.clone().unwrap_or(Value::Null), deleted: aggregate.deleted },
         command: CommandWrite { id: command, fingerprint: IMPORTED_FINGERPRINT.to_owned(), extra: Value::Null },
-        // `sourced rebuild` makes snapshots of imported streams.
-        snapshot: None,
+        // The live rule (see `Engine`): a snapshot when the append crosses a multiple.
+        snapshot: snapshot_due(before, aggregate.version, snapshot_every)
+            .then(|| aggregate.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
+            .flatten(),
     };
     let stored = match store.append(request).await {
         Ok(AppendOutcome::Appended(stored)) => stored,
@@ -285,8 +295,8 @@ pub async fn run_import(config: &Config, input: Option<&Path>) -> anyhow::Result
     let store = open_store(config).await?;
     let result = async {
         let summary = match file {
-            Some(file) => import(store.as_ref(), std::io::BufReader::new(file)).await?,
-            None => import(store.as_ref(), std::io::stdin().lock()).await?,
+            Some(file) => import(store.as_ref(), std::io::BufReader::new(file), config.snapshot_every).await?,
+            None => import(store.as_ref(), std::io::stdin().lock(), config.snapshot_every).await?,
         };
         tracing::info!(events = summary.events, commands = summary.commands, "imported");
         anyhow::Ok(())

@@ -16,10 +16,16 @@ use crate::common::{Scratch, TestApp, config_in};
 
 /// Runs `sourced ARGS` on the store at `url` with `stdin`; returns (success, stdout, stderr).
 async fn sourced(url: &str, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
+    sourced_with(url, args, stdin, &[]).await
+}
+
+/// [`sourced`] with more environment variables.
+async fn sourced_with(url: &str, args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
         .args(args)
         .env_clear()
+        .envs(env.iter().copied())
         .env("EVENT_STORE_URL", url)
         .env("LOG_LEVEL", "warn")
         .stdin(Stdio::piped())
@@ -124,7 +130,7 @@ async fn a_round_trip_through_postgres_reproduces_the_store() {
     assert_eq!(String::from_utf8(b.clone()).unwrap(), String::from_utf8(a.clone()).unwrap(), "SQLite → PostgreSQL");
 
     let target = dir.path().join("target.db");
-    let (ok, _, err) = sourced(&sqlite_url(&target), &["import"], Some(&b)).await;
+    let (ok, _, err) = sourced_with(&sqlite_url(&target), &["import"], Some(&b), &[("SNAPSHOT_EVERY", "2")]).await;
     assert!(ok, "{err}");
     let (ok, c, err) = sourced(&sqlite_url(&target), &["export"], None).await;
     assert!(ok, "{err}");
@@ -138,6 +144,16 @@ async fn a_round_trip_through_postgres_reproduces_the_store() {
     for store in &stores[1..] {
         assert_eq!(documents(store.as_ref(), &a).await, docs);
     }
+    // The import wrote snapshots as live appends do (o1 has three events; every 2: version 2).
+    let o1 = sourced_core::StreamKey {
+        tenant: TenantId::default_tenant(),
+        type_name: TypeName::parse("order").unwrap(),
+        id: sourced_core::AggregateId::parse("o1").unwrap(),
+    };
+    let fold = sourced_core::aggregate::FOLD_VERSION;
+    let snapshot = stores[2].load_snapshot(&o1, fold, None).await.unwrap().expect("a snapshot of o1");
+    assert_eq!(snapshot.version, sourced_core::Version(2));
+    assert_eq!(stores[1].load_snapshot(&o1, fold, None).await.unwrap(), None, "every 100 by default");
     for store in stores {
         store.close().await;
     }
