@@ -25,8 +25,17 @@
 //!   (then its batch fails as [`StoreError::Unavailable`]).
 //!
 //! The price: writing transactions of the whole cluster run one at a time. Group commit pays
-//! for it: one transaction carries every append queued in the process (a few round trips per
-//! batch, whatever its size, with array parameters and pipelined statements).
+//! for it: one transaction carries every append queued in the process, in two round trips
+//! whatever its size (array parameters, pipelined statements):
+//!
+//! 1. `BEGIN; SET LOCAL lock_timeout …; SELECT last FROM sourced_position FOR UPDATE`, then the
+//!    lookups of the batch's command records and stream heads. PostgreSQL runs pipelined
+//!    statements in the order sent, so the lookups run under the lock.
+//! 2. The writes (events, read-model rows, command records, the counter, snapshots), then
+//!    `NOTIFY …; COMMIT`, decided in memory from the lookups. If a write fails, PostgreSQL
+//!    aborts the transaction, so the `NOTIFY` fails and the `COMMIT` after it in the same query
+//!    string never runs; the writer sees the write's error and rolls back. A batch counts as
+//!    committed only when every statement of the pipeline succeeded.
 //!
 //! # Expected versions across processes
 //!
@@ -74,7 +83,7 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, Poo
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage};
+use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Statement};
 use uuid::Uuid;
 
 use sourced_core::timestamp::truncate;
@@ -921,37 +930,151 @@ async fn discard(client: Object) {
     let _ = end_transaction(client, "ROLLBACK").await;
 }
 
+/// The writer's statements, prepared once per connection (deadpool caches them with the
+/// connection, so after a connection's first batch this costs no round trip).
+struct Statements {
+    select_commands: Statement,
+    select_heads: Statement,
+    insert_events: Statement,
+    upsert_documents: Statement,
+    insert_commands: Statement,
+    update_counter: Statement,
+    insert_snapshots: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &ClientWrapper) -> Result<Statements, tokio_postgres::Error> {
+        let (
+            select_commands,
+            select_heads,
+            insert_events,
+            upsert_documents,
+            insert_commands,
+            update_counter,
+            insert_snapshots,
+        ) = tokio::try_join!(
+            client.prepare_cached(
+                "SELECT c.tenant, c.command_id, c.fingerprint, c.type, c.agg_id, c.first_version, c.last_version,
+                        c.extra::text
+                 FROM sourced_commands c
+                 JOIN unnest($1::text[], $2::uuid[]) AS k(tenant, command_id)
+                   ON c.tenant = k.tenant COLLATE \"C\" AND c.command_id = k.command_id",
+            ),
+            client.prepare_cached(
+                "SELECT d.tenant, d.type, d.agg_id, d.version, d.deleted
+                 FROM sourced_documents d
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, type, agg_id)
+                   ON d.tenant = k.tenant COLLATE \"C\" AND d.type = k.type COLLATE \"C\"
+                  AND d.agg_id = k.agg_id COLLATE \"C\"",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_events
+                 (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)
+                 SELECT p, t, ty, a, v, e, et, d::json, m::json, ts
+                 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::uuid[], $7::text[],
+                             $8::text[], $9::text[], $10::timestamptz[])
+                      AS u(p, t, ty, a, v, e, et, d, m, ts)",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
+                 SELECT t, ty, a, v, s::json, d, c, u
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[],
+                             $7::timestamptz[], $8::timestamptz[]) AS x(t, ty, a, v, s, d, c, u)
+                 ON CONFLICT (tenant, type, agg_id) DO UPDATE SET
+                     version = excluded.version, state = excluded.state,
+                     deleted = excluded.deleted, updated_at = excluded.updated_at",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_commands
+                 (tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra)
+                 SELECT t, c, f, ty, a, fv, lv, x::json
+                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[],
+                             $8::text[]) AS u(t, c, f, ty, a, fv, lv, x)",
+            ),
+            client.prepare_cached("UPDATE sourced_position SET last = $1"),
+            client.prepare_cached(INSERT_SNAPSHOTS),
+        )?;
+        Ok(Statements {
+            select_commands,
+            select_heads,
+            insert_events,
+            upsert_documents,
+            insert_commands,
+            update_counter,
+            insert_snapshots,
+        })
+    }
+}
+
 /// Begins a writing transaction and takes the position counter's lock (always first, so two
-/// writers never wait on each other in opposite orders). Returns the last position used.
-async fn begin_and_lock(client: &ClientWrapper, lock_timeout_ms: u64) -> Result<u64, tokio_postgres::Error> {
+/// writers never wait on each other in opposite orders). Returns the last position used, or
+/// `None` when the counter's row is missing (the migration inserts it; nothing may be written
+/// without it).
+async fn begin_and_lock(client: &ClientWrapper, lock_timeout_ms: u64) -> Result<Option<u64>, tokio_postgres::Error> {
     let messages = client
         .simple_query(&format!(
             "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}; SELECT last FROM sourced_position FOR UPDATE"
         ))
         .await?;
-    let last = messages.iter().find_map(|m| match m {
+    Ok(messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => row.get(0).and_then(|s| s.parse::<u64>().ok()),
         _ => None,
-    });
-    // The migration inserts the counter's only row; without it nothing can be written.
-    Ok(last.unwrap_or(0))
+    }))
 }
 
 /// The fast path: one transaction for the batch, every check decided in memory from two
-/// lookups, every write one statement with array parameters. An error means the
-/// transaction did not commit (and may still be open on `client`).
+/// lookups, every write one statement with array parameters, in two round trips (see
+/// [`lock_and_look_up`] and [`Plan::write_and_commit`]). An error means the transaction did
+/// not commit (and may still be open on `client`).
 async fn run_batch(
     client: &ClientWrapper,
     batch: &[Job],
     lock_timeout_ms: u64,
     channel: &str,
 ) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
-    let last = begin_and_lock(client, lock_timeout_ms).await?;
+    let statements = Statements::prepare(client).await?;
     let jobs: Vec<&Job> = batch.iter().collect();
-    let mut plan = plan(client, &jobs, last).await?;
-    plan.write(client).await?;
-    commit_and_notify(client, channel, last, last + plan.events).await?;
+    let (last, found) = lock_and_look_up(client, &statements, &jobs, lock_timeout_ms).await?;
+    let mut plan = plan(&jobs, last, &found)?;
+    plan.write_and_commit(client, &statements, channel).await?;
     Ok(std::mem::take(&mut plan.results))
+}
+
+/// Round trip 1 of a batch: begins the transaction, takes the counter's lock and reads the
+/// batch's command records and stream heads, as one pipeline. tokio-postgres sends a request
+/// when its future is first polled, so futures polled together are sent together, in the order
+/// polled (`biased` makes `try_join!` poll in argument order every time), and PostgreSQL runs
+/// them in the order received: the lookups run only once the lock is held. Answers come back
+/// in the same order, so the first failure in pipeline order is the error returned (if taking
+/// the lock fails, the lookups fail too, in the aborted transaction, and the lock's error is
+/// the one reported).
+async fn lock_and_look_up(
+    client: &ClientWrapper,
+    statements: &Statements,
+    jobs: &[&Job],
+    lock_timeout_ms: u64,
+) -> Result<(Option<u64>, Found), tokio_postgres::Error> {
+    tokio::try_join!(biased; begin_and_lock(client, lock_timeout_ms), look_up(client, statements, jobs))
+}
+
+/// Reads the command records and stream heads of `jobs`: two statements, pipelined.
+async fn look_up(
+    client: &ClientWrapper,
+    statements: &Statements,
+    jobs: &[&Job],
+) -> Result<Found, tokio_postgres::Error> {
+    let tenants: Vec<&str> = jobs.iter().map(|j| j.request.key.tenant.as_str()).collect();
+    let command_ids: Vec<Uuid> = jobs.iter().map(|j| j.request.command.id.0).collect();
+    let types: Vec<&str> = jobs.iter().map(|j| j.request.key.type_name.as_str()).collect();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.request.key.id.as_str()).collect();
+    let command_params: [&(dyn ToSql + Sync); 2] = [&tenants, &command_ids];
+    let head_params: [&(dyn ToSql + Sync); 3] = [&tenants, &types, &ids];
+    let (commands, heads) = tokio::try_join!(
+        biased;
+        client.query(&statements.select_commands, &command_params),
+        client.query(&statements.select_heads, &head_params),
+    )?;
+    Ok(Found { commands, heads })
 }
 
 /// The slow path: one savepoint per append, so a failing append fails alone.
@@ -961,16 +1084,19 @@ async fn run_batch_with_savepoints(
     lock_timeout_ms: u64,
     channel: &str,
 ) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
-    let first = begin_and_lock(client, lock_timeout_ms).await?;
+    let statements = Statements::prepare(client).await?;
+    let Some(first) = begin_and_lock(client, lock_timeout_ms).await? else {
+        client.batch_execute("COMMIT").await?;
+        return Ok(batch.iter().map(|_| Err(missing_counter())).collect());
+    };
     let mut last = first;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         client.batch_execute("SAVEPOINT append").await?;
         let attempt = async {
-            let plan = plan(client, &[job], last).await?;
-            if plan.events > 0 {
-                plan.write(client).await?;
-            }
+            let found = look_up(client, &statements, &[job]).await?;
+            let plan = plan(&[job], Some(last), &found)?;
+            plan.write(client, &statements).await?;
             Ok::<_, tokio_postgres::Error>(plan)
         }
         .await;
@@ -988,25 +1114,33 @@ async fn run_batch_with_savepoints(
             Err(e) => return Err(e),
         }
     }
-    commit_and_notify(client, channel, first, last).await?;
+    client.batch_execute(&commit_sql(channel, first, last)).await?;
     Ok(results)
+}
+
+/// The error of every append when the counter's row is missing.
+fn missing_counter() -> StoreError {
+    StoreError::Corrupt("the position counter's row (sourced_position) is missing".into())
 }
 
 /// Commits the open transaction; when it wrote events (`before < head`), it first queues a
 /// notification of the new head on `channel`, which PostgreSQL delivers only if the commit
-/// succeeds. One round trip either way.
-async fn commit_and_notify(
-    client: &ClientWrapper,
-    channel: &str,
-    before: u64,
-    head: u64,
-) -> Result<(), tokio_postgres::Error> {
+/// succeeds. When the transaction is aborted (a statement before it failed), `NOTIFY` fails and
+/// the `COMMIT` after it in the same query string does not run: the error is reported and the
+/// transaction stays open for the caller to roll back.
+fn commit_sql(channel: &str, before: u64, head: u64) -> String {
     if head > before {
         // The channel is `sourced_commits_` and hex digits, the payload digits: nothing to quote.
-        client.batch_execute(&format!("NOTIFY {channel}, '{head}'; COMMIT")).await
+        format!("NOTIFY {channel}, '{head}'; COMMIT")
     } else {
-        client.batch_execute("COMMIT").await
+        "COMMIT".to_owned()
     }
+}
+
+/// The rows a batch's lookups found: command records and stream heads.
+struct Found {
+    commands: Vec<Row>,
+    heads: Vec<Row>,
 }
 
 /// What a batch will write, decided in memory under the counter lock.
@@ -1125,45 +1259,24 @@ fn head_key(key: &StreamKey) -> HeadKey {
     (key.tenant.as_str().to_owned(), key.type_name.as_str().to_owned(), key.id.as_str().to_owned())
 }
 
-/// Reads the batch's command records and stream heads (two pipelined statements), then
-/// decides each append in order, as if they ran one after the other.
-async fn plan(client: &ClientWrapper, jobs: &[&Job], last_position: u64) -> Result<Plan, tokio_postgres::Error> {
-    let (commands_stmt, heads_stmt) = tokio::try_join!(
-        client.prepare_cached(
-            "SELECT c.tenant, c.command_id, c.fingerprint, c.type, c.agg_id, c.first_version, c.last_version,
-                    c.extra::text
-             FROM sourced_commands c
-             JOIN unnest($1::text[], $2::uuid[]) AS k(tenant, command_id)
-               ON c.tenant = k.tenant COLLATE \"C\" AND c.command_id = k.command_id",
-        ),
-        client.prepare_cached(
-            "SELECT d.tenant, d.type, d.agg_id, d.version, d.deleted
-             FROM sourced_documents d
-             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, type, agg_id)
-               ON d.tenant = k.tenant COLLATE \"C\" AND d.type = k.type COLLATE \"C\"
-              AND d.agg_id = k.agg_id COLLATE \"C\"",
-        ),
-    )?;
-    let cmd_tenants: Vec<&str> = jobs.iter().map(|j| j.request.key.tenant.as_str()).collect();
-    let cmd_ids: Vec<Uuid> = jobs.iter().map(|j| j.request.command.id.0).collect();
-    let head_tenants: Vec<&str> = jobs.iter().map(|j| j.request.key.tenant.as_str()).collect();
-    let head_types: Vec<&str> = jobs.iter().map(|j| j.request.key.type_name.as_str()).collect();
-    let head_ids: Vec<&str> = jobs.iter().map(|j| j.request.key.id.as_str()).collect();
-    let command_params: [&(dyn ToSql + Sync); 2] = [&cmd_tenants, &cmd_ids];
-    let head_params: [&(dyn ToSql + Sync); 3] = [&head_tenants, &head_types, &head_ids];
-    let (command_rows, head_rows) =
-        tokio::try_join!(client.query(&commands_stmt, &command_params), client.query(&heads_stmt, &head_params),)?;
-
+/// Decides each append of `jobs` in order, as if they ran one after the other, from the rows
+/// its lookups `found` under the counter's lock (`last`: the counter's value, `None` when its
+/// row is missing, which fails every append and writes nothing).
+fn plan(jobs: &[&Job], last: Option<u64>, found: &Found) -> Result<Plan, tokio_postgres::Error> {
+    let Some(last_position) = last else {
+        return Ok(Plan { results: jobs.iter().map(|_| Err(missing_counter())).collect(), ..Plan::default() });
+    };
+    let (command_rows, head_rows) = (&found.commands, &found.heads);
     let mut plan = Plan { last_position, ..Plan::default() };
     // Rows that do not decode are kept as their error's text, reported to the append that meets them.
     let mut records: HashMap<(String, Uuid), Result<CommandRecord, String>> = HashMap::new();
-    for row in &command_rows {
+    for row in command_rows {
         let tenant: String = row.try_get(0)?;
         let id: Uuid = row.try_get(1)?;
         records.insert((tenant, id), decode_command(row).map_err(|e| e.to_string()));
     }
     let mut heads: HashMap<HeadKey, Result<StreamHead, String>> = HashMap::new();
-    for row in &head_rows {
+    for row in head_rows {
         let key: HeadKey = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         let version: i64 = row.try_get(3)?;
         let deleted: bool = row.try_get(4)?;
@@ -1282,39 +1395,12 @@ async fn plan(client: &ClientWrapper, jobs: &[&Job], last_position: u64) -> Resu
 }
 
 impl Plan {
-    /// The plan's writes: events, read-model rows, command records and the counter, as four
-    /// pipelined statements.
-    async fn write(&self, client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+    /// The plan's writes (events, read-model rows, command records, the counter, snapshots) as
+    /// one pipeline of array statements; nothing when the plan appends nothing.
+    async fn write(&self, client: &ClientWrapper, statements: &Statements) -> Result<(), tokio_postgres::Error> {
         if self.events == 0 {
             return Ok(());
         }
-        let (events_stmt, docs_stmt, commands_stmt, counter_stmt) = tokio::try_join!(
-            client.prepare_cached(
-                "INSERT INTO sourced_events
-                 (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)
-                 SELECT p, t, ty, a, v, e, et, d::json, m::json, ts
-                 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::uuid[], $7::text[],
-                             $8::text[], $9::text[], $10::timestamptz[])
-                      AS u(p, t, ty, a, v, e, et, d, m, ts)",
-            ),
-            client.prepare_cached(
-                "INSERT INTO sourced_documents (tenant, type, agg_id, version, state, deleted, created_at, updated_at)
-                 SELECT t, ty, a, v, s::json, d, c, u
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[],
-                             $7::timestamptz[], $8::timestamptz[]) AS x(t, ty, a, v, s, d, c, u)
-                 ON CONFLICT (tenant, type, agg_id) DO UPDATE SET
-                     version = excluded.version, state = excluded.state,
-                     deleted = excluded.deleted, updated_at = excluded.updated_at",
-            ),
-            client.prepare_cached(
-                "INSERT INTO sourced_commands
-                 (tenant, command_id, fingerprint, type, agg_id, first_version, last_version, extra)
-                 SELECT t, c, f, ty, a, fv, lv, x::json
-                 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[],
-                             $8::text[]) AS u(t, c, f, ty, a, fv, lv, x)",
-            ),
-            client.prepare_cached("UPDATE sourced_position SET last = $1"),
-        )?;
         let doc_tenant: Vec<&str> = self.docs.iter().map(|d| d.tenant.as_str()).collect();
         let doc_type: Vec<&str> = self.docs.iter().map(|d| d.type_name.as_str()).collect();
         let doc_agg: Vec<&str> = self.docs.iter().map(|d| d.agg_id.as_str()).collect();
@@ -1349,19 +1435,42 @@ impl Plan {
             &self.cmd_extra,
         ];
         let counter_params: [&(dyn ToSql + Sync); 1] = [&new_last];
-        let (inserted_events, _, inserted_commands, counters) = tokio::try_join!(
-            client.execute(&events_stmt, &event_params),
-            client.execute(&docs_stmt, &doc_params),
-            client.execute(&commands_stmt, &command_params),
-            client.execute(&counter_stmt, &counter_params),
+        let snapshots = SnapColumns::new(&self.snaps);
+        let (inserted_events, _, inserted_commands, counters, inserted_snapshots) = tokio::try_join!(
+            biased;
+            client.execute(&statements.insert_events, &event_params),
+            client.execute(&statements.upsert_documents, &doc_params),
+            client.execute(&statements.insert_commands, &command_params),
+            client.execute(&statements.update_counter, &counter_params),
+            async {
+                if self.snaps.is_empty() {
+                    return Ok(0);
+                }
+                client.execute(&statements.insert_snapshots, &snapshots.params()).await
+            },
         )?;
-        if !self.snaps.is_empty() {
-            let stmt = client.prepare_cached(INSERT_SNAPSHOTS).await?;
-            client.execute(&stmt, &SnapColumns::new(&self.snaps).params()).await?;
-        }
+        // Each statement writes all its rows or fails (no `ON CONFLICT DO NOTHING`, the counter's
+        // row is locked), so these hold whenever every statement succeeded.
         assert_eq!(inserted_events, self.events, "every planned event is inserted");
         assert_eq!(inserted_commands as usize, self.cmd_id.len(), "every planned command record is inserted");
         assert_eq!(counters, 1, "the position counter has exactly one row");
+        assert_eq!(inserted_snapshots as usize, self.snaps.len(), "every planned snapshot is inserted");
+        Ok(())
+    }
+
+    /// Round trip 2 of a batch: the writes, then `NOTIFY` and `COMMIT`, as one pipeline (sent in
+    /// this order, run in this order; see [`lock_and_look_up`]). If any write fails, PostgreSQL
+    /// aborts the transaction, the `NOTIFY` fails and the `COMMIT` is not run; the first error
+    /// in pipeline order, the write's own, is returned, and the caller rolls back or discards the
+    /// connection. The commit counts only when every write and the commit itself succeeded.
+    async fn write_and_commit(
+        &self,
+        client: &ClientWrapper,
+        statements: &Statements,
+        channel: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let commit = commit_sql(channel, self.last_position, self.last_position + self.events);
+        tokio::try_join!(biased; self.write(client, statements), client.batch_execute(&commit))?;
         Ok(())
     }
 }

@@ -757,6 +757,75 @@ async fn a_failed_append_rolls_back_alone_and_uses_no_position() {
     store.close().await;
 }
 
+/// The writes, `NOTIFY` and `COMMIT` of a batch go to PostgreSQL as one pipeline: a write that
+/// fails there (here the snapshot insert, the last write before `COMMIT`, refused by a trigger
+/// for one stream) must leave nothing of the batch committed. The batch is then re-run with
+/// savepoints: the refused append fails alone and uses no position, the others are stored
+/// once, and the counter matches the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_refused_in_the_commit_pipeline_commits_nothing_of_its_batch() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let store = Arc::new(scratch.store().await);
+    let side = scratch.client().await;
+    side.batch_execute(
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.agg_id = 'bad' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_bad BEFORE INSERT ON sourced_snapshots FOR EACH ROW EXECUTE FUNCTION refuse_bad();",
+    )
+    .await
+    .expect("install the trigger");
+    let with_snapshot = |k: &StreamKey, command: CommandId| {
+        let mut r = request(k, ExpectedVersion::NoStream, command, 2);
+        r.snapshot = Some(sourced_store::SnapshotWrite { fold: 1, created_at: from_micros(1_700_000_000_000_000) });
+        r
+    };
+    let lock = lock_counter(&scratch).await;
+    let mut tasks = JoinSet::new();
+    for (i, req) in [
+        with_snapshot(&key("t1", "a"), cmd(1)),
+        with_snapshot(&key("t1", "bad"), cmd(2)),
+        request(&key("t1", "c"), ExpectedVersion::NoStream, cmd(3), 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let writer = Arc::clone(&store);
+        tasks.spawn(async move { (i, writer.append(req).await) });
+        wait_for_pending(&store, i as u64 + 1).await;
+    }
+    lock.batch_execute("ROLLBACK").await.expect("release the counter");
+    let mut outcomes: Vec<_> = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        outcomes.push(outcome.expect("task"));
+    }
+    outcomes.sort_by_key(|(i, _)| *i);
+    match &outcomes[1].1 {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("disagree"), "{m}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let positions: Vec<Vec<u64>> = [&outcomes[0].1, &outcomes[2].1]
+        .iter()
+        .map(|o| match o {
+            Ok(AppendOutcome::Appended(events)) => events.iter().map(|e| e.position.0).collect(),
+            other => panic!("expected Appended, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(positions, [vec![1, 2], vec![3]], "the refused append used no position");
+    let all = feed(&*store, "t1").await;
+    assert_eq!(all.iter().map(|e| e.position.0).collect::<Vec<_>>(), [1, 2, 3]);
+    let bad = key("t1", "bad");
+    assert_eq!(store.get_document(&bad).await.expect("get_document"), None);
+    assert_eq!(store.get_command(&bad.tenant, cmd(2)).await.expect("get_command"), None);
+    let counter: i64 = side.query_one("SELECT last FROM sourced_position", &[]).await.expect("counter").get(0);
+    assert_eq!(counter, 3, "the counter matches the stored events");
+    let snapshots: i64 = side.query_one("SELECT count(*) FROM sourced_snapshots", &[]).await.expect("count").get(0);
+    assert_eq!(snapshots, 1, "only the stored append's snapshot");
+    store.close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // A TCP proxy in front of the shared server, to make "the database" go away without touching
 // the server itself.
