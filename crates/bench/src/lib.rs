@@ -346,13 +346,7 @@ impl Report {
         }
         let http_64 = self.rows.iter().find(|r| r.clients == 64).map(|r| r.sourced.per_sec());
         ws::write_markdown(&mut out, &self.ws, &self.latency, http_64);
-        let problems = self.problems();
-        if !problems.is_empty() {
-            let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
-            for problem in problems {
-                let _ = writeln!(out, "- {problem}");
-            }
-        }
+        write_problems(&mut out, &self.problems());
         out
     }
 
@@ -440,6 +434,16 @@ async fn measure_floor(clients: usize, timing: load::Timing) -> anyhow::Result<H
     let (result, _, _) = load::run(server.addr(), clients, timing, || ()).await?;
     server.shutdown().await?;
     Ok(HttpMeasure::from_load(result, timing.duration.as_secs_f64()))
+}
+
+/// The run's problems under its tables, when there are any.
+fn write_problems(out: &mut String, problems: &[String]) {
+    if !problems.is_empty() {
+        let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
+        for problem in problems {
+            let _ = writeln!(out, "- {problem}");
+        }
+    }
 }
 
 fn loopback() -> SocketAddr {

@@ -407,13 +407,7 @@ impl PgReport {
                  (with PGHOST/PGUSER set)."
             );
         }
-        let problems = self.problems();
-        if !problems.is_empty() {
-            let _ = writeln!(out, "\n**The run had problems; the numbers above are not valid:**\n");
-            for problem in problems {
-                let _ = writeln!(out, "- {problem}");
-            }
-        }
+        crate::write_problems(&mut out, &self.problems());
         out
     }
 }

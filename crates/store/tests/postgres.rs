@@ -675,6 +675,29 @@ async fn wait_for_pending(store: &PostgresStore, n: u64) {
     panic!("{n} appends never reached the writer (now {})", store.pending_appends());
 }
 
+/// Queues `requests` while the counter is locked, so the writer takes them as one batch, then
+/// releases the lock; the outcomes come back in request order, with their indexes.
+async fn append_as_one_batch(
+    scratch: &Scratch,
+    store: &Arc<PostgresStore>,
+    requests: Vec<AppendRequest>,
+) -> Vec<(usize, Result<AppendOutcome, StoreError>)> {
+    let lock = lock_counter(scratch).await;
+    let mut tasks = JoinSet::new();
+    for (i, req) in requests.into_iter().enumerate() {
+        let writer = Arc::clone(store);
+        tasks.spawn(async move { (i, writer.append(req).await) });
+        wait_for_pending(store, i as u64 + 1).await;
+    }
+    lock.batch_execute("ROLLBACK").await.expect("release the counter");
+    let mut outcomes: Vec<_> = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        outcomes.push(outcome.expect("task"));
+    }
+    outcomes.sort_by_key(|(i, _)| *i);
+    outcomes
+}
+
 /// Appends queued while a batch is being committed go together into the next commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_batches_concurrent_appends() {
@@ -720,26 +743,16 @@ async fn a_failed_append_rolls_back_alone_and_uses_no_position() {
     )
     .await
     .expect("inject an event");
-    let lock = lock_counter(&scratch).await;
-    let mut tasks = JoinSet::new();
-    for (i, req) in [
-        request(&key("t1", "b"), ExpectedVersion::NoStream, cmd(2), 1),
-        request(&a, ExpectedVersion::Exact(Version(1)), cmd(3), 2),
-        request(&key("t1", "c"), ExpectedVersion::NoStream, cmd(4), 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let writer = Arc::clone(&store);
-        tasks.spawn(async move { (i, writer.append(req).await) });
-        wait_for_pending(&store, i as u64 + 1).await;
-    }
-    lock.batch_execute("ROLLBACK").await.expect("release the counter");
-    let mut outcomes: Vec<_> = Vec::new();
-    while let Some(outcome) = tasks.join_next().await {
-        outcomes.push(outcome.expect("task"));
-    }
-    outcomes.sort_by_key(|(i, _)| *i);
+    let outcomes = append_as_one_batch(
+        &scratch,
+        &store,
+        vec![
+            request(&key("t1", "b"), ExpectedVersion::NoStream, cmd(2), 1),
+            request(&a, ExpectedVersion::Exact(Version(1)), cmd(3), 2),
+            request(&key("t1", "c"), ExpectedVersion::NoStream, cmd(4), 1),
+        ],
+    )
+    .await;
     match &outcomes[1].1 {
         Err(StoreError::Corrupt(m)) => assert!(m.contains("disagree"), "{m}"),
         other => panic!("expected Corrupt, got {other:?}"),
@@ -782,26 +795,16 @@ async fn a_write_refused_in_the_commit_pipeline_commits_nothing_of_its_batch() {
         r.snapshot = Some(sourced_store::SnapshotWrite { fold: 1, created_at: from_micros(1_700_000_000_000_000) });
         r
     };
-    let lock = lock_counter(&scratch).await;
-    let mut tasks = JoinSet::new();
-    for (i, req) in [
-        with_snapshot(&key("t1", "a"), cmd(1)),
-        with_snapshot(&key("t1", "bad"), cmd(2)),
-        request(&key("t1", "c"), ExpectedVersion::NoStream, cmd(3), 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let writer = Arc::clone(&store);
-        tasks.spawn(async move { (i, writer.append(req).await) });
-        wait_for_pending(&store, i as u64 + 1).await;
-    }
-    lock.batch_execute("ROLLBACK").await.expect("release the counter");
-    let mut outcomes: Vec<_> = Vec::new();
-    while let Some(outcome) = tasks.join_next().await {
-        outcomes.push(outcome.expect("task"));
-    }
-    outcomes.sort_by_key(|(i, _)| *i);
+    let outcomes = append_as_one_batch(
+        &scratch,
+        &store,
+        vec![
+            with_snapshot(&key("t1", "a"), cmd(1)),
+            with_snapshot(&key("t1", "bad"), cmd(2)),
+            request(&key("t1", "c"), ExpectedVersion::NoStream, cmd(3), 1),
+        ],
+    )
+    .await;
     match &outcomes[1].1 {
         Err(StoreError::Corrupt(m)) => assert!(m.contains("disagree"), "{m}"),
         other => panic!("expected Corrupt, got {other:?}"),
