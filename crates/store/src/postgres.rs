@@ -930,6 +930,31 @@ async fn discard(client: Object) {
     let _ = end_transaction(client, "ROLLBACK").await;
 }
 
+/// The writer's lookup of a batch's command records. Each key is looked up on its own through
+/// the primary key (`LATERAL … LIMIT 1` keeps the planner from turning it into a join), so
+/// the plan stays an index lookup whatever the table's size was when it was made: a prepared
+/// statement keeps its generic plan, and the join form, planned on a young table, kept a hash
+/// join over a sequential scan as the table grew, so every batch read the whole table.
+#[doc(hidden)]
+pub const LOOK_UP_COMMANDS: &str = "SELECT c.tenant, c.command_id, c.fingerprint, c.type, c.agg_id, c.first_version,
+        c.last_version, c.extra::text
+ FROM unnest($1::text[], $2::uuid[]) AS k(tenant, command_id)
+ CROSS JOIN LATERAL (
+     SELECT * FROM sourced_commands c
+     WHERE c.tenant = k.tenant COLLATE \"C\" AND c.command_id = k.command_id
+     LIMIT 1
+ ) c";
+
+/// The writer's lookup of a batch's stream heads, key by key (see [`LOOK_UP_COMMANDS`]).
+#[doc(hidden)]
+pub const LOOK_UP_HEADS: &str = "SELECT d.tenant, d.type, d.agg_id, d.version, d.deleted
+ FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, type, agg_id)
+ CROSS JOIN LATERAL (
+     SELECT * FROM sourced_documents d
+     WHERE d.tenant = k.tenant COLLATE \"C\" AND d.type = k.type COLLATE \"C\" AND d.agg_id = k.agg_id COLLATE \"C\"
+     LIMIT 1
+ ) d";
+
 /// The writer's statements, prepared once per connection (deadpool caches them with the
 /// connection, so after a connection's first batch this costs no round trip).
 struct Statements {
@@ -953,20 +978,8 @@ impl Statements {
             update_counter,
             insert_snapshots,
         ) = tokio::try_join!(
-            client.prepare_cached(
-                "SELECT c.tenant, c.command_id, c.fingerprint, c.type, c.agg_id, c.first_version, c.last_version,
-                        c.extra::text
-                 FROM sourced_commands c
-                 JOIN unnest($1::text[], $2::uuid[]) AS k(tenant, command_id)
-                   ON c.tenant = k.tenant COLLATE \"C\" AND c.command_id = k.command_id",
-            ),
-            client.prepare_cached(
-                "SELECT d.tenant, d.type, d.agg_id, d.version, d.deleted
-                 FROM sourced_documents d
-                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, type, agg_id)
-                   ON d.tenant = k.tenant COLLATE \"C\" AND d.type = k.type COLLATE \"C\"
-                  AND d.agg_id = k.agg_id COLLATE \"C\"",
-            ),
+            client.prepare_cached(LOOK_UP_COMMANDS),
+            client.prepare_cached(LOOK_UP_HEADS),
             client.prepare_cached(
                 "INSERT INTO sourced_events
                  (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)

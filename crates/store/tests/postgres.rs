@@ -16,14 +16,14 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
 use uuid::Uuid;
 
 use sourced_core::timestamp::from_micros;
 use sourced_core::{
     AggregateId, CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent, StreamKey, TenantId, TypeName, Version,
 };
-use sourced_store::postgres::{PostgresOptions, PostgresStore};
+use sourced_store::postgres::{LOOK_UP_COMMANDS, LOOK_UP_HEADS, PostgresOptions, PostgresStore};
 use sourced_store::{AppendOutcome, AppendRequest, CommandWrite, DocumentWrite, EventStore, StoreError};
 
 // ---------------------------------------------------------------------------------------------
@@ -696,6 +696,37 @@ async fn append_as_one_batch(
     }
     outcomes.sort_by_key(|(i, _)| *i);
     outcomes
+}
+
+/// The writer's lookups of command records and stream heads stay primary-key lookups in the
+/// plan PostgreSQL keeps for them, even when that plan is made while the tables are empty: a
+/// prepared statement keeps its generic plan, and a plan that scans the table would make every
+/// batch read all of it as the table grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_lookups_keep_index_plans_made_on_empty_tables() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let store = scratch.store().await;
+    let client = scratch.client().await;
+    client.batch_execute("SET plan_cache_mode = force_generic_plan").await.expect("generic plans");
+    let lookups = [
+        ("commands", LOOK_UP_COMMANDS, "('{default}', '{00000000-0000-7000-8000-000000000001}')"),
+        ("heads", LOOK_UP_HEADS, "('{default}', '{order}', '{o-1}')"),
+    ];
+    for (name, sql, args) in lookups {
+        client.batch_execute(&format!("PREPARE look_up_{name} AS {sql}")).await.expect("prepare");
+        let messages = client.simple_query(&format!("EXPLAIN EXECUTE look_up_{name}{args}")).await.expect("explain");
+        let plan: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index Scan") || plan.contains("Index Only Scan"), "{name} lookup:\n{plan}");
+        assert!(!plan.contains("Seq Scan") && !plan.contains("Hash"), "{name} lookup:\n{plan}");
+    }
+    store.close().await;
 }
 
 /// Appends queued while a batch is being committed go together into the next commit.
