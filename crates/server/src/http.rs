@@ -7,7 +7,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -60,8 +60,16 @@ pub fn router(state: AppState) -> Router {
         .route("/{type}/{id}/events", get(history))
         .route("/{type}/{id}/diff", get(diff))
         .route("/{type}/{id}/{command}", post(custom_command));
-    // Not served unless ADMIN_API=true: there is no authentication yet to protect it.
-    let r = if admin { r.route("/admin/reload", post(admin_reload)) } else { r };
+    // Not served unless ADMIN_API=true: there is no authentication yet to protect it. When off,
+    // the path says so (without this it would fall to `/{type}/{id}` and answer 405).
+    let r = if admin {
+        r.route("/admin/reload", post(admin_reload))
+    } else {
+        r.route(
+            "/admin/reload",
+            any(|| async { Problem::not_found("the admin API is off; ADMIN_API=true serves POST /admin/reload") }),
+        )
+    };
     r.fallback(|| async { Problem::not_found("no route matches this path") })
         .method_not_allowed_fallback(|method: Method| async move {
             Problem::new(

@@ -65,7 +65,7 @@ pub struct LiveState {
     pub slow_clients_closed: AtomicU64,
     /// SSE streams open now.
     pub sse_streams: AtomicUsize,
-    /// Writes (flushes) to WebSocket connections, and messages they carried.
+    /// Writes (flushes) to WebSocket connections; each may carry several messages.
     pub flushes: AtomicU64,
     /// Messages written to WebSocket connections.
     pub messages_written: AtomicU64,
