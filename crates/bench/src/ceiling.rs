@@ -1,7 +1,8 @@
 //! The raw SQLite ceiling: the rows one benchmark command leaves in the embedded store (an
 //! event, the read-model row, the command record), written with rusqlite directly in
 //! transactions of a given mean size, with the store's settings (WAL, `synchronous=FULL`)
-//! and its own schema. No HTTP, no engine, and none of the store's per-append reads
+//! and its own schema. The aggregate ids are those of the load generator's clients, taken in
+//! turn, so that each commit touches as many places of the indexes as Sourced's commits do. No HTTP, no engine, and none of the store's per-append reads
 //! (idempotency and version checks) or savepoints: an upper bound, not a peer.
 
 use std::path::Path;
@@ -49,8 +50,10 @@ pub(crate) async fn create_schema(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes commands to the database at `path` (already holding the schema) in transactions
-/// whose sizes average `batch_mean`, for the warm-up and the measured window.
-pub(crate) fn run(path: &Path, batch_mean: f64, timing: Timing) -> anyhow::Result<CeilingMeasure> {
+/// whose sizes average `batch_mean`, for the warm-up and the measured window, to the
+/// aggregates of `clients` clients in turn.
+pub(crate) fn run(path: &Path, clients: usize, batch_mean: f64, timing: Timing) -> anyhow::Result<CeilingMeasure> {
+    ensure!(clients >= 1, "at least one client");
     ensure!(batch_mean.is_finite() && batch_mean >= 1.0, "a batch holds at least one command, not {batch_mean}");
     let mut conn = Connection::open(path)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -70,7 +73,7 @@ pub(crate) fn run(path: &Path, batch_mean: f64, timing: Timing) -> anyhow::Resul
         let size = batch_size(commit, batch_mean);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for _ in 0..size {
-            write_command(&tx, command)?;
+            write_command(&tx, clients, command)?;
             command += 1;
         }
         tx.commit()?;
@@ -90,11 +93,13 @@ fn batch_size(commit: u64, mean: f64) -> u64 {
     (after - before).max(1)
 }
 
-/// The rows of command `n`: even `n` creates aggregate `n / 2`, odd `n` patches it.
-fn write_command(tx: &Transaction<'_>, n: u64) -> anyhow::Result<()> {
-    let seq = n / 2;
+/// The rows of command `n`: even `n` creates the `n / 2`-th aggregate, odd `n` patches it;
+/// the aggregates belong to the `clients` clients in turn, as the load generator's ids do.
+fn write_command(tx: &Transaction<'_>, clients: usize, n: u64) -> anyhow::Result<()> {
+    let aggregate = n / 2;
     let created = n.is_multiple_of(2);
-    let id = workload::aggregate_id(0, seq);
+    let (client, seq) = ((aggregate % clients as u64) as usize, aggregate / clients as u64);
+    let id = workload::aggregate_id(client, seq);
     let document = workload::document(&id, seq);
     let document = std::str::from_utf8(&document)?;
     let patch = workload::patch(seq);
@@ -172,7 +177,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(create_schema(&path)).unwrap();
         let timing = Timing { warmup: Duration::ZERO, duration: Duration::from_millis(100) };
-        let measure = run(&path, 2.5, timing).unwrap();
+        let measure = run(&path, 4, 2.5, timing).unwrap();
         assert!(measure.commands > 0 && measure.commits > 0);
 
         let conn = Connection::open(&path).unwrap();
@@ -183,5 +188,8 @@ mod tests {
         assert!(events >= measure.commands as i64);
         assert_eq!(count("commands"), events);
         assert_eq!(count("documents"), (events + 1) / 2);
+        let clients: i64 =
+            conn.query_row("SELECT COUNT(DISTINCT substr(agg_id, 1, 5)) FROM documents", [], |row| row.get(0)).unwrap();
+        assert_eq!(clients, 4.min((events + 1) / 2), "the aggregates of every client");
     }
 }

@@ -337,8 +337,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- SQLite ceiling: the same rows (event, read-model row, command record) with rusqlite in the store's \
-             schema, transactions of Sourced's mean batch at that level, no HTTP and no per-command reads"
+            "- SQLite ceiling: the same rows (event, read-model row, command record; the same clients' aggregate ids) \
+             with rusqlite in the store's schema, transactions of Sourced's mean batch at that level, no HTTP and no \
+             per-command reads"
         );
         let _ = writeln!(out, "- load generator and server share the cores, for Sourced and the floor alike\n");
         if !self.rows.is_empty() {
@@ -397,7 +398,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("ceiling.db");
         runtime.block_on(ceiling::create_schema(&path))?;
-        let ceiling = ceiling::run(&path, batch_mean, timing)?;
+        let ceiling = ceiling::run(&path, clients, batch_mean, timing)?;
         rows.push(Row { clients, sourced, store, store_appends_total, floor, ceiling });
     }
     // Without WebSocket command cases, the latency runs at half of the best HTTP rate.
