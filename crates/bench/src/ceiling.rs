@@ -2,8 +2,9 @@
 //! event, the read-model row, the command record), written with rusqlite directly in
 //! transactions of a given mean size, with the store's settings (WAL, `synchronous=FULL`)
 //! and its own schema. The aggregate ids are those of the load generator's clients, taken in
-//! turn, so that each commit touches as many places of the indexes as Sourced's commits do. No HTTP, no engine, and none of the store's per-append reads
-//! (idempotency and version checks) or savepoints: an upper bound, not a peer.
+//! turn, so that each commit touches as many places of the indexes as Sourced's commits do.
+//! No HTTP, no engine, and none of the store's per-append reads (idempotency and version
+//! checks) or savepoints: an upper bound, not a peer.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
