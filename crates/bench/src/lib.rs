@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod ceiling;
+mod cpu;
 mod domain;
 mod floor;
 mod load;
@@ -139,6 +140,9 @@ pub struct HttpMeasure {
     pub p99_ms: f64,
     /// 99.9th percentile.
     pub p999_ms: f64,
+    /// CPU microseconds per request over the window (the whole process: server, store and load
+    /// generator), when the platform tells.
+    pub cpu_us: Option<f64>,
 }
 
 impl HttpMeasure {
@@ -157,6 +161,7 @@ impl HttpMeasure {
             p50_ms: ms(0.50),
             p99_ms: ms(0.99),
             p999_ms: ms(0.999),
+            cpu_us: cpu::micros_per(result.cpu_start, result.cpu_end, result.measured),
             error_samples: result.error_samples,
         }
     }
@@ -341,7 +346,12 @@ impl Report {
              with rusqlite in the store's schema, transactions of Sourced's mean batch at that level, no HTTP and no \
              per-command reads"
         );
-        let _ = writeln!(out, "- load generator and server share the cores, for Sourced and the floor alike\n");
+        let _ = writeln!(
+            out,
+            "- load generator and server share the cores, for Sourced and the floor alike; CPU µs per command or \
+             request is the whole process's user + system time over the window (server, store threads and load \
+             generator), which varies far less between runs than throughput does\n"
+        );
         if !self.rows.is_empty() {
             self.write_http_table(&mut out);
         }
@@ -354,24 +364,27 @@ impl Report {
     fn write_http_table(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "| clients | Sourced cmd/s | p50 ms | p99 ms | p999 ms | commits/s | mean batch | HTTP floor req/s | \
-             floor p99 ms | SQLite ceiling cmd/s | Sourced/floor | Sourced/ceiling |"
+            "| clients | Sourced cmd/s | p50 ms | p99 ms | p999 ms | CPU µs/cmd | commits/s | mean batch | \
+             HTTP floor req/s | floor p99 ms | floor CPU µs/req | SQLite ceiling cmd/s | Sourced/floor | \
+             Sourced/ceiling |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let mean_batch = row.store.mean_batch().map_or_else(|| "–".to_owned(), |mean| format!("{mean:.2}"));
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {:.0}% | {:.0}% |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0} | {:.2} | {} | {:.0} | {:.0}% | {:.0}% |",
                 row.clients,
                 row.sourced.per_sec(),
                 row.sourced.p50_ms,
                 row.sourced.p99_ms,
                 row.sourced.p999_ms,
+                cpu_cell(row.sourced.cpu_us),
                 row.store.commits_per_sec(),
                 mean_batch,
                 row.floor.per_sec(),
                 row.floor.p99_ms,
+                cpu_cell(row.floor.cpu_us),
                 row.ceiling.per_sec(),
                 row.sourced_vs_floor() * 100.0,
                 row.sourced_vs_ceiling() * 100.0,
@@ -435,6 +448,11 @@ async fn measure_floor(clients: usize, timing: load::Timing) -> anyhow::Result<H
     let (result, _, _) = load::run(server.addr(), clients, timing, || ()).await?;
     server.shutdown().await?;
     Ok(HttpMeasure::from_load(result, timing.duration.as_secs_f64()))
+}
+
+/// A CPU-per-request cell: whole microseconds, or a dash where the platform did not tell.
+fn cpu_cell(micros: Option<f64>) -> String {
+    micros.map_or_else(|| "–".to_owned(), |us| format!("{us:.0}"))
 }
 
 /// The run's problems under its tables, when there are any.

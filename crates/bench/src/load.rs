@@ -39,6 +39,9 @@ pub(crate) struct LoadResult {
     pub(crate) errors: u64,
     /// The first few error messages.
     pub(crate) error_samples: Vec<String>,
+    /// The process's CPU seconds when the measured window opened and when it closed.
+    pub(crate) cpu_start: Option<f64>,
+    pub(crate) cpu_end: Option<f64>,
 }
 
 /// A probe read at the edges of the measured window, with when it was read.
@@ -70,10 +73,12 @@ pub(crate) async fn run<S>(
 
     tokio::time::sleep_until(window_start.into()).await;
     let start = Probed { at: Instant::now(), value: probe() };
+    let cpu_start = crate::cpu::process_seconds();
     tokio::time::sleep_until(window_end.into()).await;
     let end = Probed { at: Instant::now(), value: probe() };
+    let cpu_end = crate::cpu::process_seconds();
 
-    let mut total = LoadResult::default();
+    let mut total = LoadResult { cpu_start, cpu_end, ..LoadResult::default() };
     for task in tasks {
         let result = task.await.context("a load client panicked")?;
         total.measured += result.measured;

@@ -45,6 +45,9 @@ struct Args {
     /// Only the WebSocket part: no HTTP levels.
     #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "clients"])]
     websocket_only: bool,
+    /// Only the HTTP levels: no WebSocket commands, no subscription latency.
+    #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "websocket_only", "subscribers", "latency_rate"])]
+    http_only: bool,
     /// Subscribers of each subscription latency case, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 100])]
     subscribers: Vec<usize>,
@@ -121,9 +124,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             clients: if args.websocket_only { Vec::new() } else { args.clients },
             duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
             warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
-            subscribers: args.subscribers,
+            subscribers: if args.http_only { Vec::new() } else { args.subscribers },
             latency_rate: args.latency_rate,
-            ..Options::default()
+            ws_cases: if args.http_only { Vec::new() } else { sourced_bench::default_ws_cases() },
         }
     };
     if cfg!(debug_assertions) && !args.smoke {
