@@ -47,7 +47,9 @@ fn smoke_run_counts_commands_without_errors() {
     assert!(markdown.contains("| connections × in flight |") && markdown.contains("\n| 1 × 16 | "), "{markdown}");
 
     // Subscription latency: every acknowledged event reached every subscriber once, in order.
-    assert_eq!(report.latency.iter().map(|r| r.subscribers).collect::<Vec<_>>(), options.subscribers);
+    // Each subscriber count runs with a frame per event, then with batched frames.
+    let cases: Vec<(usize, bool)> = options.subscribers.iter().flat_map(|&n| [(n, false), (n, true)]).collect();
+    assert_eq!(report.latency.iter().map(|r| (r.subscribers, r.batched)).collect::<Vec<_>>(), cases);
     let best_ws = report.ws.iter().map(|r| r.sourced.per_sec()).fold(0.0, f64::max);
     for row in &report.latency {
         assert_eq!(row.errors, 0, "{row:?}");
@@ -59,7 +61,8 @@ fn smoke_run_counts_commands_without_errors() {
         // Sending precedes the acknowledgement, so each sample from sending is the larger.
         assert!(row.sent_p50_ms >= row.p50_ms && row.sent_p99_ms >= row.p99_ms && row.sent_p99_ms > 0.0, "{row:?}");
     }
-    assert!(markdown.contains("| subscribers | target cmd/s |"), "{markdown}");
+    assert!(markdown.contains("| subscribers | frames | target cmd/s |"), "{markdown}");
+    assert!(markdown.contains(" | batched | ") && markdown.contains(" | per event | "), "{markdown}");
 }
 
 /// The read-side benchmark's smoke path: every part runs (the run fails on any refused

@@ -48,6 +48,11 @@ const EVENT_LINGER: Duration = Duration::from_millis(2);
 /// which cost more CPU than anything else once a server fed 100 subscribers; larger messages
 /// still arrive whole (the buffer grows as a frame needs).
 const READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Most events one `{"op":"events"}` frame carries (subscriptions opened with `"batch": true`).
+const BATCH_EVENTS_MAX: usize = 256;
+/// A batched frame takes no further event once it is this long; a single event longer than
+/// this still goes, alone.
+const BATCH_FRAME_BYTES: usize = 64 * 1024;
 /// How long the writer tries to deliver its close frame to a client that has stopped reading.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -215,7 +220,7 @@ where
                     drop(permit);
                 });
             }
-            Frame::Subscribe { sub, tenant, filter, start } => {
+            Frame::Subscribe { sub, tenant, filter, start, batch } => {
                 subs.retain(|_, h| !h.is_finished());
                 let problem = if subs.contains_key(&sub) {
                     Some(Problem::bad_request(
@@ -250,7 +255,9 @@ where
                     continue;
                 }
                 let subscription = conn.engine.subscribe(tenant, filter, start);
-                let handle = tasks.spawn(run_subscription(subscription, sub.clone(), out.clone(), conn.stats.clone()));
+                let framing = if batch { Framing::Batched } else { Framing::PerEvent };
+                let handle =
+                    tasks.spawn(run_subscription(subscription, sub.clone(), framing, out.clone(), conn.stats.clone()));
                 subs.insert(sub, handle);
             }
             Frame::Unsubscribe { sub } => {
@@ -447,20 +454,36 @@ pub(crate) async fn execute_envelope(
 }
 
 /// Feeds one subscription to the outbound queue until it fails or the client goes.
+/// How a subscription's events are framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// One `{"op":"event","sub":…,"event":{…}}` frame per event (SPEC §3.2).
+    PerEvent,
+    /// `{"op":"events","sub":…,"events":[{…},…]}`: every event at hand when the subscription
+    /// wakes, in position order, up to [`BATCH_EVENTS_MAX`] and about [`BATCH_FRAME_BYTES`].
+    /// With many subscribers the cost per frame (queueing, WebSocket framing, the client's
+    /// parse) dominates the cost per event; a client that can take arrays opts in.
+    Batched,
+}
+
 async fn run_subscription(
     mut subscription: sourced_engine::Subscription,
     sub: String,
+    framing: Framing,
     out: mpsc::Sender<Outbound>,
     stats: Arc<LiveState>,
 ) {
     let sub_json = Value::from(sub.as_str()).to_string();
     let mut lagged = 0;
     let mut last_wait: Option<tokio::time::Instant> = None;
+    // An item taken while filling a batched frame that does not belong in it (the caught-up
+    // marker or an error): it goes next.
+    let mut held = None;
     loop {
         // Under load, let events gather: a subscription that waited for its last item less
         // than EVENT_LINGER ago waits out the rest first, so it (and the writer) wake once
         // per batch of events rather than once per event (see `EVENT_LINGER`).
-        let item = match subscription.try_next() {
+        let item = match held.take().or_else(|| subscription.try_next()) {
             Some(item) => item,
             None => {
                 if let Some(at) = last_wait
@@ -472,47 +495,99 @@ async fn run_subscription(
                 subscription.next().await
             }
         };
-        if subscription.lag_recoveries() > lagged {
-            stats.subscription_lag_recoveries.fetch_add(subscription.lag_recoveries() - lagged, Ordering::Relaxed);
-            lagged = subscription.lag_recoveries();
-        }
         let msg = match item {
             // The event's JSON is made once for all subscribers (`SharedEvent`), then framed.
-            Ok(SubscriptionItem::Event(e)) => match e.json() {
-                Ok(event) => {
-                    const HEAD: &str = r#"{"op":"event","sub":"#;
-                    const MIDDLE: &str = r#","event":"#;
-                    let mut frame = String::with_capacity(HEAD.len() + sub_json.len() + MIDDLE.len() + event.len() + 1);
-                    frame.push_str(HEAD);
-                    frame.push_str(&sub_json);
-                    frame.push_str(MIDDLE);
-                    frame.push_str(&event);
-                    frame.push('}');
-                    frame
+            Ok(SubscriptionItem::Event(e)) => {
+                let framed = match framing {
+                    Framing::PerEvent => e.json().map(|event| event_frame(&sub_json, &event)),
+                    Framing::Batched => batch_frame(&mut subscription, &sub_json, &e, &mut held),
+                };
+                match framed {
+                    Ok(frame) => frame,
+                    Err(err) => {
+                        let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
+                        return;
+                    }
                 }
-                Err(err) => {
-                    let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
-                    return;
-                }
-            },
+            }
             Ok(SubscriptionItem::CaughtUp(p)) => json!({"op": "caught-up", "sub": sub, "position": p}).to_string(),
             Err(e) => {
                 let _ = send(&out, error_frame(None, Some(&sub), &Problem::from(e))).await;
                 return;
             }
         };
+        if subscription.lag_recoveries() > lagged {
+            stats.subscription_lag_recoveries.fetch_add(subscription.lag_recoveries() - lagged, Ordering::Relaxed);
+            lagged = subscription.lag_recoveries();
+        }
         if out.send(Outbound { message: Message::Text(msg.into()), event: true }).await.is_err() {
             return;
         }
     }
 }
 
+/// `{"op":"event","sub":…,"event":…}`, built with one allocation.
+fn event_frame(sub_json: &str, event: &str) -> String {
+    const HEAD: &str = r#"{"op":"event","sub":"#;
+    const MIDDLE: &str = r#","event":"#;
+    let mut frame = String::with_capacity(HEAD.len() + sub_json.len() + MIDDLE.len() + event.len() + 1);
+    frame.push_str(HEAD);
+    frame.push_str(sub_json);
+    frame.push_str(MIDDLE);
+    frame.push_str(event);
+    frame.push('}');
+    frame
+}
+
+/// `{"op":"events","sub":…,"events":[first, …]}` with `first` and the events the subscription
+/// has at hand (without waiting or reading the store), within the frame's limits. An item that
+/// is not an event is left in `held`, to go out after this frame.
+fn batch_frame(
+    subscription: &mut sourced_engine::Subscription,
+    sub_json: &str,
+    first: &sourced_engine::SharedEvent,
+    held: &mut Option<Result<SubscriptionItem, sourced_store::StoreError>>,
+) -> Result<String, String> {
+    let mut frame = String::with_capacity(1024);
+    frame.push_str(r#"{"op":"events","sub":"#);
+    frame.push_str(sub_json);
+    frame.push_str(r#","events":["#);
+    frame.push_str(&first.json()?);
+    let mut n = 1;
+    while n < BATCH_EVENTS_MAX && frame.len() < BATCH_FRAME_BYTES {
+        match subscription.try_next() {
+            Some(Ok(SubscriptionItem::Event(e))) => {
+                frame.push(',');
+                frame.push_str(&e.json()?);
+                n += 1;
+            }
+            Some(other) => {
+                *held = Some(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    frame.push_str("]}");
+    Ok(frame)
+}
+
 /// A parsed client frame.
 #[derive(Debug)]
 enum Frame {
     Command(Value),
-    Subscribe { sub: String, tenant: Option<TenantId>, filter: SubscriptionFilter, start: Start },
-    Unsubscribe { sub: String },
+    /// `batch`: events go out as `{"op":"events","events":[…]}`, as many as are at hand per
+    /// frame, instead of one `{"op":"event"}` frame each.
+    Subscribe {
+        sub: String,
+        tenant: Option<TenantId>,
+        filter: SubscriptionFilter,
+        start: Start,
+        batch: bool,
+    },
+    Unsubscribe {
+        sub: String,
+    },
     Ping,
 }
 
@@ -535,7 +610,7 @@ impl Frame {
         };
         let known: &[&str] = match op.as_str() {
             "command" => &["command"],
-            "subscribe" => &["sub", "tenant", "filter", "after"],
+            "subscribe" => &["sub", "tenant", "filter", "after", "batch"],
             "unsubscribe" => &["sub"],
             "ping" => &[],
             other => {
@@ -568,7 +643,12 @@ impl Frame {
                     Some(Value::Number(n)) if n.as_u64().is_some() => Start::After(Position(n.as_u64().unwrap_or(0))),
                     Some(_) => return Err(bad("'after' must be a position (a whole number) or \"now\"".into())),
                 };
-                Ok(Frame::Subscribe { sub, tenant, filter, start })
+                let batch = match m.remove("batch") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => b,
+                    Some(_) => return Err(bad("'batch' must be true or false".into())),
+                };
+                Ok(Frame::Subscribe { sub, tenant, filter, start, batch })
             }
             "unsubscribe" => Ok(Frame::Unsubscribe { sub: sub_name(m.remove("sub")).map_err(bad)? }),
             _ => Ok(Frame::Ping),
@@ -679,6 +759,7 @@ mod tests {
             (json!({"op": "command"}), "needs the field 'command'"),
             (json!({"op": "subscribe"}), "needs 'sub'"),
             (json!({"op": "subscribe", "sub": "s", "after": "later"}), "'after'"),
+            (json!({"op": "subscribe", "sub": "s", "batch": "yes"}), "'batch' must be true or false"),
             (json!({"op": "ping", "extra": true}), "unknown field 'extra'"),
         ] {
             h.send(frame).await;
@@ -689,6 +770,41 @@ mod tests {
         }
         h.send(json!({"op": "ping"})).await;
         assert_eq!(h.recv_json().await, json!({"op": "pong"}));
+    }
+
+    #[tokio::test]
+    async fn a_batched_subscription_gets_arrays_of_events_then_the_marker() {
+        let mut h = harness(limits());
+        for i in 0..5 {
+            let id = format!("0190a0b0-0000-7000-8000-0000000001{i:02}");
+            h.send(json!({"op": "command", "command": {"id": id, "type": "create", "targetName": "order", "targetId": format!("o{i}"), "body": {"n": i}}})).await;
+            assert_eq!(h.recv_json().await["op"], "result");
+        }
+        // Catching up reads one page: its five events go in one frame, then the marker.
+        h.send(json!({"op": "subscribe", "sub": "b", "batch": true})).await;
+        let frame = h.recv_json().await;
+        assert_eq!(frame["op"], "events", "{frame}");
+        assert_eq!(frame["sub"], "b");
+        let positions: Vec<u64> =
+            frame["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+        assert_eq!(positions, [1, 2, 3, 4, 5]);
+        assert_eq!(frame["events"][4]["targetId"], "o4");
+        assert_eq!(h.recv_json().await, json!({"op": "caught-up", "sub": "b", "position": 5}));
+        // Live events too come in `events` frames, in order, each once.
+        for i in 5..8 {
+            let id = format!("0190a0b0-0000-7000-8000-0000000001{i:02}");
+            h.send(json!({"op": "command", "command": {"id": id, "type": "create", "targetName": "order", "targetId": format!("o{i}"), "body": {"n": i}}})).await;
+        }
+        let (mut live, mut results) = (Vec::new(), 0);
+        while live.len() < 3 || results < 3 {
+            let m = h.recv_json().await;
+            match m["op"].as_str() {
+                Some("result") => results += 1,
+                Some("events") => live.extend(m["events"].as_array().unwrap().iter().map(|e| e["position"].clone())),
+                _ => panic!("unexpected {m}"),
+            }
+        }
+        assert_eq!(live, [json!(6), json!(7), json!(8)]);
     }
 
     #[tokio::test]

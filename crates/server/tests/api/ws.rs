@@ -218,8 +218,9 @@ async fn store_feed(addr: SocketAddr) -> Vec<Value> {
 }
 
 /// Collects a subscription's events until it has seen `until` (a position), checking the
-/// caught-up marker on the way; returns the events.
-async fn collect(ws: &mut Ws, sub: &str, until: u64) -> Vec<Value> {
+/// caught-up marker on the way and that the events come in the frames asked for (one per
+/// `event` frame, or arrays in `events` frames when `batch`); returns the events.
+async fn collect(ws: &mut Ws, sub: &str, until: u64, batch: bool) -> Vec<Value> {
     let mut events = Vec::new();
     let mut caught_up = false;
     let mut last = 0;
@@ -227,9 +228,15 @@ async fn collect(ws: &mut Ws, sub: &str, until: u64) -> Vec<Value> {
         let m = recv(ws).await;
         assert_eq!(m["sub"], sub, "{m}");
         match m["op"].as_str() {
-            Some("event") => {
+            Some("event") if !batch => {
                 last = m["event"]["position"].as_u64().unwrap();
                 events.push(m["event"].clone());
+            }
+            Some("events") if batch => {
+                let batch = m["events"].as_array().unwrap();
+                assert!(!batch.is_empty(), "a batched frame carries at least one event: {m}");
+                last = batch.last().unwrap()["position"].as_u64().unwrap();
+                events.extend(batch.iter().cloned());
             }
             Some("caught-up") => {
                 assert!(!caught_up, "one caught-up marker");
@@ -270,15 +277,19 @@ async fn subscriptions_hand_over_to_live_under_concurrent_writes() {
             })
         })
         .collect();
-    // Subscribers start while the writers run: from the beginning, from a position, filtered.
+    // Subscribers start while the writers run: from the beginning, from a position, filtered,
+    // with one frame per event or with batched frames.
     let mut subscribers = Vec::new();
-    for k in 0..6u64 {
+    for k in 0..8u64 {
         tokio::time::sleep(Duration::from_millis(15)).await;
         let mut ws = connect(addr, None).await;
         let filter = if k % 2 == 1 { json!({"targetName": "order"}) } else { json!({}) };
         let after = if k >= 3 { json!(k * 20) } else { Value::Null };
-        send(&mut ws, json!({"op": "subscribe", "sub": format!("s{k}"), "filter": filter, "after": after})).await;
-        subscribers.push((k, filter, after, ws));
+        let batch = k % 3 == 2;
+        let frame =
+            json!({"op": "subscribe", "sub": format!("s{k}"), "filter": filter, "after": after, "batch": batch});
+        send(&mut ws, frame).await;
+        subscribers.push((k, filter, after, batch, ws));
     }
     for w in writers {
         w.await.unwrap();
@@ -286,7 +297,7 @@ async fn subscriptions_hand_over_to_live_under_concurrent_writes() {
     let feed = store_feed(addr).await;
     assert_eq!(feed.len() as u64, WRITERS * PER_WRITER);
     let head = feed.last().unwrap()["position"].as_u64().unwrap();
-    for (k, filter, after, mut ws) in subscribers {
+    for (k, filter, after, batch, mut ws) in subscribers {
         let after = after.as_u64().unwrap_or(0);
         let expected: Vec<&Value> = feed
             .iter()
@@ -294,7 +305,7 @@ async fn subscriptions_hand_over_to_live_under_concurrent_writes() {
             .filter(|e| filter.get("targetName").is_none_or(|t| e["targetName"] == *t))
             .collect();
         let until = expected.last().map_or(head, |e| e["position"].as_u64().unwrap());
-        let got = collect(&mut ws, &format!("s{k}"), until).await;
+        let got = collect(&mut ws, &format!("s{k}"), until, batch).await;
         let got_positions: Vec<u64> = got.iter().map(|e| e["position"].as_u64().unwrap()).collect();
         let want_positions: Vec<u64> = expected.iter().map(|e| e["position"].as_u64().unwrap()).collect();
         assert_eq!(got_positions, want_positions, "subscriber {k}: exactly once, in position order");
