@@ -33,6 +33,10 @@ pub struct Checkout {
     pub commit: String,
     /// Set when the fetch failed and the cached copy of the ref was used instead.
     pub stale: Option<String>,
+    /// An exclusive lock on the cache directory, held until the checkout is dropped: another
+    /// process (or thread) that shares the cache waits, so it never fetches, checks out or
+    /// cleans the working tree while this one clones it or reads the set from it.
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 /// Why a git source could not be checked out. Every message is one line.
@@ -128,6 +132,7 @@ impl GitSource {
     /// [`Checkout::stale`] says why: a git host that is down must not keep a service from
     /// starting with the set it ran before. A first clone that fails is an error.
     pub fn checkout(&self) -> Result<Checkout, GitError> {
+        let lock = self.lock_cache()?;
         let dir = self.clone_dir();
         let fetch_failed = if dir.join(".git").is_dir() {
             self.fetch(&dir).err()
@@ -147,7 +152,18 @@ impl GitSource {
         )?;
         // Files left behind by an earlier checkout are not part of this commit's set.
         self.git(&dir, "clean", &["clean", "-ffdxq"])?;
-        Ok(Checkout { dir, commit, stale: fetch_failed.map(|e| e.to_string()) })
+        Ok(Checkout { dir, commit, stale: fetch_failed.map(|e| e.to_string()), _lock: std::sync::Arc::new(lock) })
+    }
+
+    /// Creates the cache directory if needed and takes an exclusive lock on it (`flock` on
+    /// the directory itself, so no lock file is left behind), waiting for whoever holds it.
+    fn lock_cache(&self) -> Result<std::fs::File, GitError> {
+        let cache_error =
+            |e: std::io::Error| GitError::Cache { path: self.cache.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(&self.cache).map_err(cache_error)?;
+        let dir = std::fs::File::open(&self.cache).map_err(cache_error)?;
+        dir.lock().map_err(cache_error)?;
+        Ok(dir)
     }
 
     fn clone_into(&self, dir: &Path) -> Result<(), GitError> {

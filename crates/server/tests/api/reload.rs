@@ -312,3 +312,38 @@ fn a_git_command_that_hangs_is_killed_at_the_timeout() {
     // Not a timing assertion: far below the fake git's 600 s, so the kill happened.
     assert!(started.elapsed() < Duration::from_secs(300));
 }
+
+/// Processes that share `ARTIFACTS_CACHE` take turns with a clone: concurrent checkouts of one
+/// URL and ref (the first clones; the others fetch, check out and clean the same working tree)
+/// all succeed, and each reads the whole set while it holds its checkout. Threads stand in for
+/// processes: the lock is `flock`, held per open file, so it keeps threads apart too.
+#[test]
+fn checkouts_that_share_a_cache_take_turns() {
+    let dir = TempDir::new().unwrap();
+    let repo = example_repo(dir.path());
+    let source = sourced_server::config::parse_artifacts(
+        &format!("{}#v1", file_url(&repo)),
+        dir.path().join("cache"),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let sourced_server::artifacts::ArtifactsSource::Git(git_source) = source else { panic!("a git source") };
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let g = git_source.clone();
+            std::thread::spawn(move || {
+                for _ in 0..4 {
+                    let checkout = g.checkout().unwrap_or_else(|e| panic!("a checkout failed: {e}"));
+                    let set = sourced_server::artifacts::load_dir(&checkout.dir)
+                        .unwrap_or_else(|p| panic!("the set as read: {p:?}"));
+                    assert_eq!(set.types().count(), 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let entries: Vec<_> = std::fs::read_dir(dir.path().join("cache")).unwrap().collect();
+    assert_eq!(entries.len(), 1, "one clone, nothing else: {entries:?}");
+}
