@@ -336,10 +336,21 @@ where
                 let linger_until = last_flush.map(|at| at + EVENT_LINGER);
                 match linger_until {
                     Some(until) if only_events && !lingered && !closing && n < WRITE_BATCH_MAX => {
-                        if until > tokio::time::Instant::now() {
-                            tokio::time::sleep_until(until).await;
+                        // Wait for company until `until`, but a reply that comes meanwhile
+                        // ends the wait: replies never linger.
+                        tokio::select! {
+                            biased;
+                            m = queue.recv() => match m {
+                                Some(m) => {
+                                    closing = matches!(m.message, Message::Close(_));
+                                    only_events &= m.event;
+                                    sink.feed(m.message).await?;
+                                    n += 1;
+                                }
+                                None => break,
+                            },
+                            () = tokio::time::sleep_until(until) => lingered = true,
                         }
-                        lingered = true;
                     }
                     _ => break,
                 }
@@ -876,5 +887,40 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(stats.messages_written.load(Ordering::Relaxed), 14);
         assert!(stats.flushes.load(Ordering::Relaxed) <= 4);
+    }
+
+    /// A reply that arrives while events linger goes out at once, with them. The clock is
+    /// tokio's paused one: it moves only when every task waits, so "at once" is exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_ends_the_linger() {
+        // The test's sink sends what it is given when the writer flushes (a `sink::unfold`
+        // runs its step on the next readiness or flush call), so arrival here means written.
+        let (tx, mut written) = mpsc::channel::<(Message, tokio::time::Instant)>(64);
+        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
+            tx.send((m, tokio::time::Instant::now())).await.map_err(|_| axum::Error::new("closed"))?;
+            Ok::<_, axum::Error>(tx)
+        });
+        let (out, queue) = mpsc::channel::<Outbound>(64);
+        let stats = Arc::new(LiveState::default());
+        let writer = tokio::spawn(write_loop(Box::pin(sink), queue, Duration::from_secs(5), stats.clone()));
+        out.send(Outbound { message: Message::Text("e0".into()), event: true }).await.unwrap();
+        let (_, first_at) = written.recv().await.unwrap();
+        // Right after that write, the next event lingers for company.
+        out.send(Outbound { message: Message::Text("e1".into()), event: true }).await.unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(written.try_recv().is_err(), "e1 is lingering");
+        assert_eq!(stats.flushes.load(Ordering::Relaxed), 1);
+        out.send(Outbound::reply(Message::Text("r".into()))).await.unwrap();
+        for expected in ["e1", "r"] {
+            let (m, at) = written.recv().await.unwrap();
+            assert_eq!(m, Message::Text(expected.into()));
+            assert_eq!(at, first_at, "{expected} went out with the reply, without waiting out the linger");
+        }
+        drop(out);
+        writer.await.unwrap();
+        assert_eq!(stats.flushes.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.messages_written.load(Ordering::Relaxed), 3);
     }
 }
