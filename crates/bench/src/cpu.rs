@@ -1,6 +1,6 @@
 //! CPU time used by this process (server, load generator and store threads together), read
-//! from `/proc/self/stat`. Throughput on a shared two-core machine swings by ±20% from run to
-//! run; CPU time per request swings far less, so it is what tells two builds apart.
+//! from `/proc/self/stat`: per request, it says what a command costs beside what the floor's
+//! request costs, whatever share of the cores the run got.
 
 /// Clock ticks per second in `/proc` (Linux's `USER_HZ`, 100 on every architecture it runs).
 const TICKS_PER_SEC: f64 = 100.0;

@@ -350,7 +350,7 @@ impl Report {
             out,
             "- load generator and server share the cores, for Sourced and the floor alike; CPU µs per command or \
              request is the whole process's user + system time over the window (server, store threads and load \
-             generator), which varies far less between runs than throughput does\n"
+             generator) divided by the requests measured\n"
         );
         if !self.rows.is_empty() {
             self.write_http_table(&mut out);
