@@ -163,6 +163,7 @@ impl ArtifactSet {
         }
         // The file that defined each type's rules and lifecycle (`rules.yaml`, `.yml` or `.json`).
         let mut rules_files: BTreeMap<TypeName, String> = BTreeMap::new();
+        let mut rule_targets: BTreeMap<TypeName, Vec<rules::RuleTargets>> = BTreeMap::new();
         let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
         let mut indexes_files: BTreeMap<TypeName, String> = BTreeMap::new();
         for (path, text) in files {
@@ -223,7 +224,7 @@ impl ArtifactSet {
                 }
                 defined_in.insert(t.clone(), path.clone());
             }
-            let entry = set.types.entry(t).or_default();
+            let entry = set.types.entry(t.clone()).or_default();
             let mut local = Vec::new();
             match kind {
                 Kind::Schema => match Schema::compile(&doc) {
@@ -231,8 +232,9 @@ impl ArtifactSet {
                     Err(e) => local.push(e),
                 },
                 Kind::Rules => {
-                    let (r, e) = rules::parse(&doc, limits);
+                    let (r, targets, e) = rules::parse(&doc, limits);
                     entry.rules = r;
+                    rule_targets.insert(t.clone(), targets);
                     local.extend(e);
                 }
                 Kind::Lifecycle => {
@@ -276,8 +278,9 @@ impl ArtifactSet {
                     }
                 }
             }
-            for r in &a.rules {
-                for name in r.on.iter().flatten() {
+            // Every rule's targets, also those of a rule whose expression did not compile.
+            for r in rule_targets.get(t).into_iter().flatten() {
+                for name in &r.on {
                     let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
                     if !generic && !a.commands.contains_key(name) {
                         problems.push(Problem {

@@ -58,17 +58,35 @@ struct RawRule {
     severity: Option<Severity>,
 }
 
+/// A rule's name and the commands it names, also for a rule whose expression does not compile,
+/// so that the check across files reports its unknown commands in the same run.
+#[derive(Clone, Debug)]
+pub struct RuleTargets {
+    /// Its index in the file, for problem locations.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// The commands its `on` names (empty when it has none).
+    pub on: Vec<String>,
+}
+
+/// What `rules.yaml` held: the rules that could be read, every rule's targets, and every
+/// problem.
+pub type Parsed = (Vec<Rule>, Vec<RuleTargets>, Vec<(String, String)>);
+
 /// Parses `rules.yaml`: `{rules: [{name, on, require, message, severity}]}`. Returns the rules
-/// that could be read beside every problem, so that checks across files still see them (a set
-/// with any problem is never used).
-pub fn parse(doc: &Value, limits: &ExprLimits) -> (Vec<Rule>, Vec<(String, String)>) {
+/// that could be read and every rule's targets beside every problem, so that checks across
+/// files still see them (a set with any problem is never used).
+pub fn parse(doc: &Value, limits: &ExprLimits) -> Parsed {
     let raw: RawRules = match from_json(doc, "") {
         Ok(r) => r,
-        Err(e) => return (Vec::new(), e),
+        Err(e) => return (Vec::new(), Vec::new(), e),
     };
     let mut problems = Vec::new();
     let mut rules = Vec::new();
+    let mut targets = Vec::new();
     for (i, r) in raw.rules.into_iter().enumerate() {
+        targets.push(RuleTargets { index: i, name: r.name.clone(), on: r.on.clone().unwrap_or_default() });
         if r.name.trim().is_empty() {
             problems.push((format!("/rules/{i}/name"), "a rule needs a name".to_owned()));
         }
@@ -87,5 +105,5 @@ pub fn parse(doc: &Value, limits: &ExprLimits) -> (Vec<Rule>, Vec<(String, Strin
             Err(m) => problems.push((format!("/rules/{i}/require"), m)),
         }
     }
-    (rules, problems)
+    (rules, targets, problems)
 }

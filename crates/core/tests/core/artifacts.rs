@@ -228,6 +228,17 @@ fn broken_sets_list_every_problem() {
             vec![("types/a/rules.yaml", "rules:\n  - name: r\n    require: 'next.x >'\n    message: m\n")],
             vec![("types/a/rules.yaml", "/rules/0/require", "CEL syntax error")],
         ),
+        // A rule whose expression does not compile still has its commands checked.
+        (
+            vec![(
+                "types/a/rules.yaml",
+                "rules:\n  - name: r\n    on: [ship]\n    require: 'next.x >'\n    message: m\n",
+            )],
+            vec![
+                ("types/a/rules.yaml", "/rules/0/require", "CEL syntax error"),
+                ("types/a/rules.yaml", "/rules/0/on", "rule 'r' names command 'ship'"),
+            ],
+        ),
         (
             vec![(
                 "types/a/lifecycle.yaml",
