@@ -370,7 +370,7 @@ impl Report {
         );
         let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
-            let mean_batch = row.store.mean_batch().map_or_else(|| "–".to_owned(), |mean| format!("{mean:.2}"));
+            let mean_batch = optional_cell(row.store.mean_batch(), 2);
             let _ = writeln!(
                 out,
                 "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0} | {:.2} | {} | {:.0} | {:.0}% | {:.0}% |",
@@ -379,12 +379,12 @@ impl Report {
                 row.sourced.p50_ms,
                 row.sourced.p99_ms,
                 row.sourced.p999_ms,
-                cpu_cell(row.sourced.cpu_us),
+                optional_cell(row.sourced.cpu_us, 0),
                 row.store.commits_per_sec(),
                 mean_batch,
                 row.floor.per_sec(),
                 row.floor.p99_ms,
-                cpu_cell(row.floor.cpu_us),
+                optional_cell(row.floor.cpu_us, 0),
                 row.ceiling.per_sec(),
                 row.sourced_vs_floor() * 100.0,
                 row.sourced_vs_ceiling() * 100.0,
@@ -450,9 +450,10 @@ async fn measure_floor(clients: usize, timing: load::Timing) -> anyhow::Result<H
     Ok(HttpMeasure::from_load(result, timing.duration.as_secs_f64()))
 }
 
-/// A CPU-per-request cell: whole microseconds, or a dash where the platform did not tell.
-fn cpu_cell(micros: Option<f64>) -> String {
-    micros.map_or_else(|| "–".to_owned(), |us| format!("{us:.0}"))
+/// A table cell for a figure that may be missing: the value with `decimals` decimals, or a
+/// dash.
+pub(crate) fn optional_cell(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
 /// The run's problems under its tables, when there are any.

@@ -373,7 +373,7 @@ impl PgReport {
         );
         let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
-            let batch = row.store.mean_batch().map_or_else(|| "–".to_owned(), |b| format!("{b:.2}"));
+            let batch = crate::optional_cell(row.store.mean_batch(), 2);
             let (many, one, vs_mdb) = match &row.message_db {
                 Some((many, one)) => (
                     format!("{:.0} | {:.2}", many.per_sec(), many.p99_ms),

@@ -235,8 +235,13 @@ fn str_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// The number value of the first `"key":N` in `text`.
 fn u64_field(text: &str, key: &str) -> Option<u64> {
     let at = text.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let digits = text[at..].find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len() - at);
-    text[at..at + digits].parse().ok()
+    leading_u64(&text[at..])
+}
+
+/// The whole number `text` starts with.
+fn leading_u64(text: &str) -> Option<u64> {
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    text[..digits].parse().ok()
 }
 
 /// The next text frame, or an error after [`REPLY_TIMEOUT`] or when the connection ends.
@@ -582,37 +587,30 @@ fn take_event(
     match frame {
         Some(Ok(Message::Text(t))) => {
             let t = t.as_str();
-            if t.starts_with(r#"{"op":"event""#) {
-                let p = u64_field(t, "position").ok_or_else(|| format!("an event without a position: {t}"))?;
+            if !t.starts_with(r#"{"op":"event""#) && !t.starts_with(r#"{"op":"events""#) {
+                return Err(format!("a subscriber got {t}"));
+            }
+            // One event or a batch: each `"position":` in turn. The workload's documents have
+            // no such key, and a wrong scan would fail the order check.
+            let before = events.len();
+            let mut rest = t;
+            while let Some(i) = rest.find(POSITION_KEY) {
+                rest = &rest[i + POSITION_KEY.len()..];
+                let p = leading_u64(rest).ok_or_else(|| format!("a bad position in {t}"))?;
                 *seen = (*seen).max(p);
                 events.push((p, at));
-                Ok(())
-            } else if t.starts_with(r#"{"op":"events""#) {
-                // Scanned like single events, each `"position":` in turn; the workload's
-                // documents have no such key, and a wrong scan would fail the order check.
-                let before = events.len();
-                let mut rest = t;
-                while let Some(i) = rest.find(POSITION_KEY) {
-                    rest = &rest[i + POSITION_KEY.len()..];
-                    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-                    let p: u64 = rest[..digits].parse().map_err(|_| format!("a bad position in {t}"))?;
-                    *seen = (*seen).max(p);
-                    events.push((p, at));
-                }
-                if events.len() == before {
-                    return Err(format!("an events frame without events: {t}"));
-                }
-                Ok(())
-            } else {
-                Err(format!("a subscriber got {t}"))
             }
+            if events.len() == before {
+                return Err(format!("an event frame without a position: {t}"));
+            }
+            Ok(())
         }
         Some(Ok(_)) => Ok(()),
         other => Err(format!("a subscriber's connection failed: {other:?}")),
     }
 }
 
-/// What a subscriber looks for in a batched frame.
+/// What a subscriber looks for in an event frame.
 const POSITION_KEY: &str = r#""position":"#;
 
 /// Everything that makes the WebSocket numbers untrustworthy.
@@ -666,7 +664,7 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
-            let mean_batch = row.store.mean_batch().map_or_else(|| "–".to_owned(), |m| format!("{m:.2}"));
+            let mean_batch = crate::optional_cell(row.store.mean_batch(), 2);
             let vs = http_64
                 .map_or_else(|| "–".to_owned(), |h| format!("{:.0}%", crate::ratio(row.sourced.per_sec(), h) * 100.0));
             let _ = writeln!(
@@ -716,7 +714,7 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
                 row.sent_p99_ms,
                 row.messages_per_write,
                 row.lag_recoveries,
-                row.cpu_us_per_delivery.map_or_else(|| "–".to_owned(), |us| format!("{us:.2}")),
+                crate::optional_cell(row.cpu_us_per_delivery, 2),
             );
         }
         let _ = writeln!(

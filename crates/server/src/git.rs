@@ -25,7 +25,7 @@ pub struct GitSource {
 }
 
 /// The working tree checked out, ready to be read.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Checkout {
     /// The working tree.
     pub dir: PathBuf,
@@ -36,7 +36,7 @@ pub struct Checkout {
     /// An exclusive lock on the cache directory, held until the checkout is dropped: another
     /// process (or thread) that shares the cache waits, so it never fetches, checks out or
     /// cleans the working tree while this one clones it or reads the set from it.
-    _lock: std::sync::Arc<std::fs::File>,
+    _lock: std::fs::File,
 }
 
 /// Why a git source could not be checked out. Every message is one line.
@@ -152,24 +152,24 @@ impl GitSource {
         )?;
         // Files left behind by an earlier checkout are not part of this commit's set.
         self.git(&dir, "clean", &["clean", "-ffdxq"])?;
-        Ok(Checkout { dir, commit, stale: fetch_failed.map(|e| e.to_string()), _lock: std::sync::Arc::new(lock) })
+        Ok(Checkout { dir, commit, stale: fetch_failed.map(|e| e.to_string()), _lock: lock })
     }
 
     /// Creates the cache directory if needed and takes an exclusive lock on it (`flock` on
     /// the directory itself, so no lock file is left behind), waiting for whoever holds it.
     fn lock_cache(&self) -> Result<std::fs::File, GitError> {
-        let cache_error =
-            |e: std::io::Error| GitError::Cache { path: self.cache.display().to_string(), message: e.to_string() };
-        std::fs::create_dir_all(&self.cache).map_err(cache_error)?;
-        let dir = std::fs::File::open(&self.cache).map_err(cache_error)?;
-        dir.lock().map_err(cache_error)?;
+        std::fs::create_dir_all(&self.cache).map_err(|e| self.cache_error(e))?;
+        let dir = std::fs::File::open(&self.cache).map_err(|e| self.cache_error(e))?;
+        dir.lock().map_err(|e| self.cache_error(e))?;
         Ok(dir)
     }
 
+    fn cache_error(&self, e: std::io::Error) -> GitError {
+        GitError::Cache { path: self.cache.display().to_string(), message: e.to_string() }
+    }
+
+    /// Clones into `dir`, in the cache directory that [`Self::lock_cache`] made.
     fn clone_into(&self, dir: &Path) -> Result<(), GitError> {
-        let cache_error =
-            |e: std::io::Error| GitError::Cache { path: self.cache.display().to_string(), message: e.to_string() };
-        std::fs::create_dir_all(&self.cache).map_err(cache_error)?;
         // Clone beside the final name, then rename: a failed clone leaves nothing half-made.
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -180,7 +180,7 @@ impl GitSource {
             return Err(e);
         }
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(cache_error)
+        std::fs::rename(&tmp, dir).map_err(|e| self.cache_error(e))
     }
 
     fn fetch(&self, dir: &Path) -> Result<(), GitError> {

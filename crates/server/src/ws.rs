@@ -220,7 +220,7 @@ where
                     drop(permit);
                 });
             }
-            Frame::Subscribe { sub, tenant, filter, start, batch } => {
+            Frame::Subscribe { sub, tenant, filter, start, framing } => {
                 subs.retain(|_, h| !h.is_finished());
                 let problem = if subs.contains_key(&sub) {
                     Some(Problem::bad_request(
@@ -255,7 +255,6 @@ where
                     continue;
                 }
                 let subscription = conn.engine.subscribe(tenant, filter, start);
-                let framing = if batch { Framing::Batched } else { Framing::PerEvent };
                 let handle =
                     tasks.spawn(run_subscription(subscription, sub.clone(), framing, out.clone(), conn.stats.clone()));
                 subs.insert(sub, handle);
@@ -325,9 +324,11 @@ where
             sink.feed(first.message).await?;
             let mut n = 1;
             let mut lingered = false;
+            // A message that ended a linger early, taken first by the loop below.
+            let mut woke: Option<Outbound> = None;
             loop {
                 while !closing && n < WRITE_BATCH_MAX {
-                    let Ok(m) = queue.try_recv() else { break };
+                    let Some(m) = woke.take().or_else(|| queue.try_recv().ok()) else { break };
                     closing = matches!(m.message, Message::Close(_));
                     only_events &= m.event;
                     sink.feed(m.message).await?;
@@ -341,12 +342,7 @@ where
                         tokio::select! {
                             biased;
                             m = queue.recv() => match m {
-                                Some(m) => {
-                                    closing = matches!(m.message, Message::Close(_));
-                                    only_events &= m.event;
-                                    sink.feed(m.message).await?;
-                                    n += 1;
-                                }
+                                Some(m) => woke = Some(m),
                                 None => break,
                             },
                             () = tokio::time::sleep_until(until) => lingered = true,
@@ -587,14 +583,13 @@ fn batch_frame(
 #[derive(Debug)]
 enum Frame {
     Command(Value),
-    /// `batch`: events go out as `{"op":"events","events":[…]}`, as many as are at hand per
-    /// frame, instead of one `{"op":"event"}` frame each.
+    /// `framing` is `Batched` when the frame asked for `"batch": true`.
     Subscribe {
         sub: String,
         tenant: Option<TenantId>,
         filter: SubscriptionFilter,
         start: Start,
-        batch: bool,
+        framing: Framing,
     },
     Unsubscribe {
         sub: String,
@@ -654,12 +649,12 @@ impl Frame {
                     Some(Value::Number(n)) if n.as_u64().is_some() => Start::After(Position(n.as_u64().unwrap_or(0))),
                     Some(_) => return Err(bad("'after' must be a position (a whole number) or \"now\"".into())),
                 };
-                let batch = match m.remove("batch") {
-                    None | Some(Value::Null) => false,
-                    Some(Value::Bool(b)) => b,
+                let framing = match m.remove("batch") {
+                    None | Some(Value::Null | Value::Bool(false)) => Framing::PerEvent,
+                    Some(Value::Bool(true)) => Framing::Batched,
                     Some(_) => return Err(bad("'batch' must be true or false".into())),
                 };
-                Ok(Frame::Subscribe { sub, tenant, filter, start, batch })
+                Ok(Frame::Subscribe { sub, tenant, filter, start, framing })
             }
             "unsubscribe" => Ok(Frame::Unsubscribe { sub: sub_name(m.remove("sub")).map_err(bad)? }),
             _ => Ok(Frame::Ping),
