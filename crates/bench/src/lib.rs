@@ -207,6 +207,10 @@ pub struct Row {
     pub floor: HttpMeasure,
     /// The raw SQLite ceiling.
     pub ceiling: CeilingMeasure,
+    /// The ceiling with every commit as large as the level allows (`clients` commands: each
+    /// client has one in flight), when that is larger than Sourced's mean batch: the most any
+    /// server could get from the store's durable writes at this level.
+    pub ceiling_full: Option<CeilingMeasure>,
 }
 
 impl Row {
@@ -218,6 +222,12 @@ impl Row {
     /// Sourced's throughput as a fraction of the ceiling's.
     pub fn sourced_vs_ceiling(&self) -> f64 {
         ratio(self.sourced.per_sec(), self.ceiling.per_sec())
+    }
+
+    /// The full-batch ceiling as a fraction of the floor: the highest Sourced/floor any server
+    /// on this store could reach at this level.
+    pub fn full_ceiling_vs_floor(&self) -> Option<f64> {
+        self.ceiling_full.map(|c| ratio(c.per_sec(), self.floor.per_sec()))
     }
 }
 
@@ -344,7 +354,8 @@ impl Report {
             out,
             "- SQLite ceiling: the same rows (event, read-model row, command record; the same clients' aggregate ids) \
              with rusqlite in the store's schema, transactions of Sourced's mean batch at that level, no HTTP and no \
-             per-command reads"
+             per-command reads; \"full batch\": the same with every commit holding one command per client, the \
+             largest batch the level allows, so the most any server could get from these durable writes"
         );
         let _ = writeln!(
             out,
@@ -366,14 +377,14 @@ impl Report {
             out,
             "| clients | Sourced cmd/s | p50 ms | p99 ms | p999 ms | CPU µs/cmd | commits/s | mean batch | \
              HTTP floor req/s | floor p99 ms | floor CPU µs/req | SQLite ceiling cmd/s | Sourced/floor | \
-             Sourced/ceiling |"
+             Sourced/ceiling | full-batch ceiling cmd/s | full-batch ceiling/floor |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let mean_batch = optional_cell(row.store.mean_batch(), 2);
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0} | {:.2} | {} | {:.0} | {:.0}% | {:.0}% |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {:.0} | {:.2} | {} | {:.0} | {:.0}% | {:.0}% | {} | {} |",
                 row.clients,
                 row.sourced.per_sec(),
                 row.sourced.p50_ms,
@@ -388,6 +399,8 @@ impl Report {
                 row.ceiling.per_sec(),
                 row.sourced_vs_floor() * 100.0,
                 row.sourced_vs_ceiling() * 100.0,
+                optional_cell(row.ceiling_full.map(|c| c.per_sec()), 0),
+                row.full_ceiling_vs_floor().map_or_else(|| "–".to_owned(), |r| format!("{:.0}%", r * 100.0)),
             );
         }
     }
@@ -412,7 +425,17 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         let path = dir.path().join("ceiling.db");
         runtime.block_on(ceiling::create_schema(&path))?;
         let ceiling = ceiling::run(&path, clients, batch_mean, timing)?;
-        rows.push(Row { clients, sourced, store, store_appends_total, floor, ceiling });
+        let full = clients as f64;
+        let ceiling_full = if full > batch_mean {
+            eprintln!("[{clients} clients] SQLite ceiling at {clients} commands per commit…");
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("ceiling.db");
+            runtime.block_on(ceiling::create_schema(&path))?;
+            Some(ceiling::run(&path, clients, full, timing)?)
+        } else {
+            None
+        };
+        rows.push(Row { clients, sourced, store, store_appends_total, floor, ceiling, ceiling_full });
     }
     // Without WebSocket command cases, the latency runs at half of the best HTTP rate.
     let http_max = rows.iter().map(|r| r.sourced.per_sec()).fold(0.0, f64::max);

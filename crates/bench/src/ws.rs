@@ -94,6 +94,8 @@ pub struct LatencyRow {
     pub lag_recoveries: u64,
     /// Messages (events and replies) per write to a socket, over the whole run.
     pub messages_per_write: f64,
+    /// Events per event frame the subscribers received (1 with a frame per event).
+    pub events_per_frame: f64,
     /// The process's CPU microseconds over the window per delivery measured (commands,
     /// fan-out and the benchmark's own clients together), when the platform tells.
     pub cpu_us_per_delivery: Option<f64>,
@@ -367,11 +369,14 @@ async fn measure_latency(
     // Subscribers read until they have seen the last position, which is known once the
     // writers are done.
     let (last_tx, last_rx) = tokio::sync::watch::channel(None::<u64>);
+    // Room for every event each subscriber will get, with a margin, so that no buffer grows
+    // (and takes fresh pages from the kernel) while latency is measured.
+    let expected = (per_sec * (timing.warmup + timing.duration).as_secs_f64() * 1.25) as usize + 1024;
     let readers: Vec<_> = subs
         .into_iter()
         .map(|ws| {
             let last = last_rx.clone();
-            tokio::spawn(subscriber_loop(ws, last))
+            tokio::spawn(subscriber_loop(ws, last, expected))
         })
         .collect();
     let started = Instant::now();
@@ -417,6 +422,7 @@ async fn measure_latency(
     let mut expected: Vec<u64> = acked.iter().map(|a| a.position).collect();
     expected.sort_unstable();
     let (mut from_ack, mut from_sent, mut before_ack) = (Vec::new(), Vec::new(), 0u64);
+    let (mut all_events, mut all_frames) = (0u64, 0u64);
     for r in &received {
         match r {
             Err(e) => {
@@ -425,7 +431,9 @@ async fn measure_latency(
                     samples.push(e.clone());
                 }
             }
-            Ok(events) => {
+            Ok(Received { events, frames }) => {
+                all_events += events.len() as u64;
+                all_frames += frames;
                 // Every acknowledged command arrives once, in position order.
                 let positions: Vec<u64> = events.iter().map(|(p, _)| *p).collect();
                 if positions != expected {
@@ -467,6 +475,7 @@ async fn measure_latency(
         sent_p99_ms: ms(&from_sent, 0.99),
         lag_recoveries,
         messages_per_write: crate::ratio(messages as f64, flushes as f64),
+        events_per_frame: crate::ratio(all_events as f64, all_frames as f64),
         cpu_us_per_delivery: crate::cpu::micros_per(cpu_start, cpu_end, from_ack.len() as u64),
         errors,
         error_samples: samples,
@@ -550,12 +559,18 @@ async fn paced_writer(
 async fn subscriber_loop(
     mut ws: Ws,
     mut last: tokio::sync::watch::Receiver<Option<u64>>,
-) -> Result<Vec<(u64, Instant)>, String> {
-    let mut events = Vec::new();
+    expected: usize,
+) -> Result<Received, String> {
+    // Touched once here, before the writers start, so that the kernel's page zeroing is not
+    // counted in the window.
+    let mut events = vec![(0, Instant::now()); expected];
+    events.clear();
+    let position = memchr::memmem::Finder::new(POSITION_KEY);
     let mut seen = 0u64;
+    let mut frames = 0u64;
     loop {
         while let Some(frame) = ws.next().now_or_never() {
-            take_event(frame, &mut events, &mut seen)?;
+            frames += take_event(frame, &position, &mut events, &mut seen)?;
         }
         if let Some(l) = *last.borrow()
             && seen >= l
@@ -564,7 +579,7 @@ async fn subscriber_loop(
         }
         tokio::select! {
             biased;
-            frame = ws.next() => take_event(frame, &mut events, &mut seen)?,
+            frame = ws.next() => frames += take_event(frame, &position, &mut events, &mut seen)?,
             changed = last.changed() => {
                 if changed.is_err() {
                     return Err("the run ended early".into());
@@ -574,15 +589,23 @@ async fn subscriber_loop(
         }
     }
     let _ = ws.close(None).await;
-    Ok(events)
+    Ok(Received { events, frames })
 }
 
-/// One frame a subscriber received: an event's position and when it arrived.
+/// What one subscriber received: each event's position and arrival, and the frames they came in.
+struct Received {
+    events: Vec<(u64, Instant)>,
+    frames: u64,
+}
+
+/// One frame a subscriber received: its events' positions and when they arrived. Returns the
+/// number of event frames taken (0 or 1).
 fn take_event(
     frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    position: &memchr::memmem::Finder<'_>,
     events: &mut Vec<(u64, Instant)>,
     seen: &mut u64,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let at = Instant::now();
     match frame {
         Some(Ok(Message::Text(t))) => {
@@ -594,7 +617,7 @@ fn take_event(
             // no such key, and a wrong scan would fail the order check.
             let before = events.len();
             let mut rest = t;
-            while let Some(i) = rest.find(POSITION_KEY) {
+            while let Some(i) = position.find(rest.as_bytes()) {
                 rest = &rest[i + POSITION_KEY.len()..];
                 let p = leading_u64(rest).ok_or_else(|| format!("a bad position in {t}"))?;
                 *seen = (*seen).max(p);
@@ -603,9 +626,9 @@ fn take_event(
             if events.len() == before {
                 return Err(format!("an event frame without a position: {t}"));
             }
-            Ok(())
+            Ok(1)
         }
-        Some(Ok(_)) => Ok(()),
+        Some(Ok(_)) => Ok(0),
         other => Err(format!("a subscriber's connection failed: {other:?}")),
     }
 }
@@ -695,13 +718,13 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
         );
         let _ = writeln!(
             out,
-            "| subscribers | frames | target cmd/s | achieved cmd/s | deliveries | before ack | ack→event p50 ms | p99 ms | sent→event p50 ms | p99 ms | messages per write | store re-reads | CPU µs per delivery |"
+            "| subscribers | frames | target cmd/s | achieved cmd/s | deliveries | before ack | ack→event p50 ms | p99 ms | sent→event p50 ms | p99 ms | messages per write | events per frame | store re-reads | CPU µs per delivery |"
         );
-        let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in latency {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {} | {} |",
                 row.subscribers,
                 if row.batched { "batched" } else { "per event" },
                 row.target_per_sec,
@@ -713,14 +736,15 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
                 row.sent_p50_ms,
                 row.sent_p99_ms,
                 row.messages_per_write,
+                row.events_per_frame,
                 row.lag_recoveries,
                 crate::optional_cell(row.cpu_us_per_delivery, 2),
             );
         }
         let _ = writeln!(
             out,
-            "\n(messages per write: frames the server put on a socket per write, replies included; store \
-             re-reads: times a subscriber fell behind the live buffer and read the store to catch up)"
+            "\n(messages per write: frames the server put on a socket per write, replies included; events per \
+             frame: events a subscriber received per event frame; store re-reads: times a subscriber fell behind the live buffer and read the store to catch up)"
         );
     }
 }

@@ -30,6 +30,8 @@ fn smoke_run_counts_commands_without_errors() {
 
     assert!(row.ceiling.commands > 0 && row.ceiling.commits > 0, "{:?}", row.ceiling);
     assert_eq!(row.ceiling.batch_mean, mean_batch);
+    // One client allows no batch larger than one command.
+    assert_eq!(row.ceiling_full, None);
 
     let markdown = report.to_markdown();
     assert!(markdown.contains("| clients | Sourced cmd/s |"), "{markdown}");
@@ -57,6 +59,11 @@ fn smoke_run_counts_commands_without_errors() {
         assert!(row.acknowledged > 0 && row.achieved_per_sec > 0.0, "{row:?}");
         assert_eq!(row.deliveries, row.acknowledged * row.subscribers as u64, "{row:?}");
         assert!(row.before_ack <= row.deliveries, "{row:?}");
+        if row.batched {
+            assert!(row.events_per_frame >= 1.0, "{row:?}");
+        } else {
+            assert_eq!(row.events_per_frame, 1.0, "{row:?}");
+        }
         assert!(row.p50_ms <= row.p99_ms && row.sent_p50_ms <= row.sent_p99_ms, "{row:?}");
         // Sending precedes the acknowledgement, so each sample from sending is the larger.
         assert!(row.sent_p50_ms >= row.p50_ms && row.sent_p99_ms >= row.p99_ms && row.sent_p99_ms > 0.0, "{row:?}");

@@ -40,10 +40,13 @@ const SUB_NAME_BYTES_MAX: usize = 128;
 const WRITE_BATCH_MAX: usize = 64;
 /// When only subscription events are queued and the writer flushed less than this long ago,
 /// it waits out the rest before flushing, so that under load one write carries several
-/// events: each write is a system call and a TCP segment on both ends, and with many
-/// subscribers those dominated the server's CPU. Replies to commands never wait. The timer's
-/// resolution is 1 ms, so an event may wait up to about 2 ms.
-const EVENT_LINGER: Duration = Duration::from_millis(2);
+/// events: each write is a system call and a TCP segment on both ends. A subscription that
+/// woke less than this long ago waits likewise before taking more events. Replies to commands
+/// never wait. The timer's resolution is 1 ms, so an event may wait up to about 1.5 ms.
+/// Measured with 100 subscribers on 2 cores (docs/benchmarks.md, "Event linger"): 0.5 ms gave
+/// the same CPU per delivery as 2 ms and a lower p99, because under load events gather while
+/// the CPU is busy anyway.
+const EVENT_LINGER: Duration = Duration::from_micros(500);
 /// The connection's read buffer. tungstenite's default (128 KiB) is zero-filled on every read,
 /// which cost more CPU than anything else once a server fed 100 subscribers; larger messages
 /// still arrive whole (the buffer grows as a frame needs).
@@ -555,18 +558,17 @@ fn batch_frame(
     first: &sourced_engine::SharedEvent,
     held: &mut Option<Result<SubscriptionItem, sourced_store::StoreError>>,
 ) -> Result<String, String> {
-    let mut frame = String::with_capacity(1024);
-    frame.push_str(r#"{"op":"events","sub":"#);
-    frame.push_str(sub_json);
-    frame.push_str(r#","events":["#);
-    frame.push_str(&first.json()?);
-    let mut n = 1;
-    while n < BATCH_EVENTS_MAX && frame.len() < BATCH_FRAME_BYTES {
+    const HEAD: &str = r#"{"op":"events","sub":"#;
+    const MIDDLE: &str = r#","events":["#;
+    // The events first, then one allocation of the frame's exact size.
+    let mut events = vec![first.json()?];
+    let mut len = events[0].len();
+    while events.len() < BATCH_EVENTS_MAX && len < BATCH_FRAME_BYTES {
         match subscription.try_next() {
             Some(Ok(SubscriptionItem::Event(e))) => {
-                frame.push(',');
-                frame.push_str(&e.json()?);
-                n += 1;
+                let json = e.json()?;
+                len += json.len() + 1;
+                events.push(json);
             }
             Some(other) => {
                 *held = Some(other);
@@ -574,6 +576,16 @@ fn batch_frame(
             }
             None => break,
         }
+    }
+    let mut frame = String::with_capacity(HEAD.len() + sub_json.len() + MIDDLE.len() + len + 2);
+    frame.push_str(HEAD);
+    frame.push_str(sub_json);
+    frame.push_str(MIDDLE);
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            frame.push(',');
+        }
+        frame.push_str(event);
     }
     frame.push_str("]}");
     Ok(frame)
