@@ -36,7 +36,8 @@ use crate::problem::{Problem, from_engine};
 
 /// Longest subscription name.
 const SUB_NAME_BYTES_MAX: usize = 128;
-/// Most queued messages the writer puts on the socket before one flush.
+/// Once the writer has fed this many messages to the socket it takes no more queued items
+/// before a flush (the last item may bring up to [`WAKE_EVENTS_MAX`] more).
 const WRITE_BATCH_MAX: usize = 64;
 /// When only subscription events are queued and the writer flushed less than this long ago,
 /// it waits out the rest before flushing, so that under load one write carries several
@@ -51,11 +52,12 @@ const EVENT_LINGER: Duration = Duration::from_micros(500);
 /// which cost more CPU than anything else once a server fed 100 subscribers; larger messages
 /// still arrive whole (the buffer grows as a frame needs).
 const READ_BUFFER_BYTES: usize = 8 * 1024;
-/// Most events one `{"op":"events"}` frame carries (subscriptions opened with `"batch": true`).
-const BATCH_EVENTS_MAX: usize = 256;
-/// A batched frame takes no further event once it is this long; a single event longer than
+/// Most events a subscription takes at one wake: one `{"op":"events"}` frame (subscriptions
+/// opened with `"batch": true`), or one run of `{"op":"event"}` frames in one queue slot.
+const WAKE_EVENTS_MAX: usize = 256;
+/// A wake takes no further event once its events are this long; a single event longer than
 /// this still goes, alone.
-const BATCH_FRAME_BYTES: usize = 64 * 1024;
+const WAKE_EVENT_BYTES: usize = 64 * 1024;
 /// How long the writer tries to deliver its close frame to a client that has stopped reading.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -296,17 +298,38 @@ where
     conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// A message for the writer.
+/// A message for the writer, or a subscription's run of event frames taken at one wake.
 #[derive(Debug)]
 struct Outbound {
     message: Message,
+    /// Further frames that go out right after `message` (per-event frames of one wake; empty
+    /// otherwise, without allocating). One queue slot holds them all, so a subscription costs
+    /// the queue and the writer one hand-over per wake, whatever its framing.
+    more: Vec<Message>,
     /// A subscription's event (or caught-up marker): may wait [`EVENT_LINGER`] for company.
     event: bool,
 }
 
 impl Outbound {
     fn reply(message: Message) -> Outbound {
-        Outbound { message, event: false }
+        Outbound { message, more: Vec::new(), event: false }
+    }
+
+    fn event(message: Message) -> Outbound {
+        Outbound { message, more: Vec::new(), event: true }
+    }
+
+    /// Feeds every message to `sink`; returns how many.
+    async fn feed<S>(self, sink: &mut S) -> Result<usize, S::Error>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let n = 1 + self.more.len();
+        sink.feed(self.message).await?;
+        for m in self.more {
+            sink.feed(m).await?;
+        }
+        Ok(n)
     }
 }
 
@@ -324,8 +347,7 @@ where
         let mut closing = matches!(first.message, Message::Close(_));
         let written = tokio::time::timeout(slow, async {
             let mut only_events = first.event;
-            sink.feed(first.message).await?;
-            let mut n = 1;
+            let mut n = first.feed(&mut sink).await?;
             let mut lingered = false;
             // A message that ended a linger early, taken first by the loop below.
             let mut woke: Option<Outbound> = None;
@@ -334,8 +356,7 @@ where
                     let Some(m) = woke.take().or_else(|| queue.try_recv().ok()) else { break };
                     closing = matches!(m.message, Message::Close(_));
                     only_events &= m.event;
-                    sink.feed(m.message).await?;
-                    n += 1;
+                    n += m.feed(&mut sink).await?;
                 }
                 let linger_until = last_flush.map(|at| at + EVENT_LINGER);
                 match linger_until {
@@ -463,19 +484,21 @@ pub(crate) async fn execute_envelope(
     }
 }
 
-/// Feeds one subscription to the outbound queue until it fails or the client goes.
 /// How a subscription's events are framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Framing {
     /// One `{"op":"event","sub":…,"event":{…}}` frame per event (SPEC §3.2).
     PerEvent,
     /// `{"op":"events","sub":…,"events":[{…},…]}`: every event at hand when the subscription
-    /// wakes, in position order, up to [`BATCH_EVENTS_MAX`] and about [`BATCH_FRAME_BYTES`].
+    /// wakes, in position order, up to [`WAKE_EVENTS_MAX`] and about [`WAKE_EVENT_BYTES`].
     /// With many subscribers the cost per frame (queueing, WebSocket framing, the client's
     /// parse) dominates the cost per event; a client that can take arrays opts in.
     Batched,
 }
 
+/// Feeds one subscription to the outbound queue until it fails or the client goes. Each wake
+/// takes every event at hand (within [`WAKE_EVENTS_MAX`] and [`WAKE_EVENT_BYTES`]) and queues
+/// it as one item: one batched frame, or a run of per-event frames.
 async fn run_subscription(
     mut subscription: sourced_engine::Subscription,
     sub: String,
@@ -505,22 +528,25 @@ async fn run_subscription(
                 subscription.next().await
             }
         };
-        let msg = match item {
+        let outbound = match item {
             // The event's JSON is made once for all subscribers (`SharedEvent`), then framed.
-            Ok(SubscriptionItem::Event(e)) => {
-                let framed = match framing {
-                    Framing::PerEvent => e.json().map(|event| event_frame(&sub_json, &event)),
-                    Framing::Batched => batch_frame(&mut subscription, &sub_json, &e, &mut held),
-                };
-                match framed {
-                    Ok(frame) => frame,
-                    Err(err) => {
-                        let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
-                        return;
+            Ok(SubscriptionItem::Event(e)) => match at_hand(&mut subscription, &e, &mut held) {
+                Ok(events) => match framing {
+                    Framing::PerEvent => {
+                        let mut frames = events.iter().map(|e| Message::Text(event_frame(&sub_json, e).into()));
+                        let first = frames.next().expect("a wake takes at least its first event");
+                        Outbound { message: first, more: frames.collect(), event: true }
                     }
+                    Framing::Batched => Outbound::event(Message::Text(batch_frame(&sub_json, &events).into())),
+                },
+                Err(err) => {
+                    let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
+                    return;
                 }
+            },
+            Ok(SubscriptionItem::CaughtUp(p)) => {
+                Outbound::event(Message::Text(json!({"op": "caught-up", "sub": sub, "position": p}).to_string().into()))
             }
-            Ok(SubscriptionItem::CaughtUp(p)) => json!({"op": "caught-up", "sub": sub, "position": p}).to_string(),
             Err(e) => {
                 let _ = send(&out, error_frame(None, Some(&sub), &Problem::from(e))).await;
                 return;
@@ -530,10 +556,37 @@ async fn run_subscription(
             stats.subscription_lag_recoveries.fetch_add(subscription.lag_recoveries() - lagged, Ordering::Relaxed);
             lagged = subscription.lag_recoveries();
         }
-        if out.send(Outbound { message: Message::Text(msg.into()), event: true }).await.is_err() {
+        if out.send(outbound).await.is_err() {
             return;
         }
     }
+}
+
+/// The JSON of `first` and of the events the subscription has at hand (without waiting or
+/// reading the store), within [`WAKE_EVENTS_MAX`] and [`WAKE_EVENT_BYTES`]. An item that is not
+/// an event is left in `held`, to go out next.
+fn at_hand(
+    subscription: &mut sourced_engine::Subscription,
+    first: &sourced_engine::SharedEvent,
+    held: &mut Option<Result<SubscriptionItem, sourced_store::StoreError>>,
+) -> Result<Vec<Arc<str>>, String> {
+    let mut events = vec![first.json()?];
+    let mut len = events[0].len();
+    while events.len() < WAKE_EVENTS_MAX && len < WAKE_EVENT_BYTES {
+        match subscription.try_next() {
+            Some(Ok(SubscriptionItem::Event(e))) => {
+                let json = e.json()?;
+                len += json.len() + 1;
+                events.push(json);
+            }
+            Some(other) => {
+                *held = Some(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(events)
 }
 
 /// `{"op":"event","sub":…,"event":…}`, built with one allocation.
@@ -549,34 +602,11 @@ fn event_frame(sub_json: &str, event: &str) -> String {
     frame
 }
 
-/// `{"op":"events","sub":…,"events":[first, …]}` with `first` and the events the subscription
-/// has at hand (without waiting or reading the store), within the frame's limits. An item that
-/// is not an event is left in `held`, to go out after this frame.
-fn batch_frame(
-    subscription: &mut sourced_engine::Subscription,
-    sub_json: &str,
-    first: &sourced_engine::SharedEvent,
-    held: &mut Option<Result<SubscriptionItem, sourced_store::StoreError>>,
-) -> Result<String, String> {
+/// `{"op":"events","sub":…,"events":[…]}`, built with one allocation.
+fn batch_frame(sub_json: &str, events: &[Arc<str>]) -> String {
     const HEAD: &str = r#"{"op":"events","sub":"#;
     const MIDDLE: &str = r#","events":["#;
-    // The events first, then one allocation of the frame's exact size.
-    let mut events = vec![first.json()?];
-    let mut len = events[0].len();
-    while events.len() < BATCH_EVENTS_MAX && len < BATCH_FRAME_BYTES {
-        match subscription.try_next() {
-            Some(Ok(SubscriptionItem::Event(e))) => {
-                let json = e.json()?;
-                len += json.len() + 1;
-                events.push(json);
-            }
-            Some(other) => {
-                *held = Some(other);
-                break;
-            }
-            None => break,
-        }
-    }
+    let len: usize = events.iter().map(|e| e.len() + 1).sum();
     let mut frame = String::with_capacity(HEAD.len() + sub_json.len() + MIDDLE.len() + len + 2);
     frame.push_str(HEAD);
     frame.push_str(sub_json);
@@ -588,7 +618,7 @@ fn batch_frame(
         frame.push_str(event);
     }
     frame.push_str("]}");
-    Ok(frame)
+    frame
 }
 
 /// A parsed client frame.
@@ -872,7 +902,7 @@ mod tests {
         let (out, queue) = mpsc::channel::<Outbound>(64);
         for i in 0..10 {
             let message = Message::Text(format!("e{i}").into());
-            out.send(Outbound { message, event: true }).await.unwrap();
+            out.send(Outbound::event(message)).await.unwrap();
         }
         out.send(Outbound::reply(Message::Text("r".into()))).await.unwrap();
         let stats = Arc::new(LiveState::default());
@@ -885,7 +915,7 @@ mod tests {
         assert_eq!(stats.messages_written.load(Ordering::Relaxed), 11);
         // Events right after a write wait for company, then go out together.
         for i in 0..3 {
-            out.send(Outbound { message: Message::Text(format!("late{i}").into()), event: true }).await.unwrap();
+            out.send(Outbound::event(Message::Text(format!("late{i}").into()))).await.unwrap();
         }
         for i in 0..3 {
             assert_eq!(written.recv().await.unwrap(), Message::Text(format!("late{i}").into()));
@@ -894,6 +924,32 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(stats.messages_written.load(Ordering::Relaxed), 14);
         assert!(stats.flushes.load(Ordering::Relaxed) <= 4);
+    }
+
+    /// A subscription's run of per-event frames fills one queue slot and goes out in order,
+    /// before what was queued after it.
+    #[tokio::test]
+    async fn a_run_of_event_frames_takes_one_slot() {
+        let (tx, mut written) = mpsc::channel::<Message>(1024);
+        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
+            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
+            Ok::<_, axum::Error>(tx)
+        });
+        // Room for one item: the run must fit in it for the reply to be queued at all.
+        let (out, queue) = mpsc::channel::<Outbound>(1);
+        let more = (1..10).map(|i| Message::Text(format!("e{i}").into())).collect();
+        out.send(Outbound { message: Message::Text("e0".into()), more, event: true }).await.unwrap();
+        assert!(out.try_send(Outbound::reply(Message::Text("r".into()))).is_err(), "one slot, taken by the run");
+        let stats = Arc::new(LiveState::default());
+        let writer = tokio::spawn(write_loop(Box::pin(sink), queue, Duration::from_secs(5), stats.clone()));
+        out.send(Outbound::reply(Message::Text("r".into()))).await.unwrap();
+        for i in 0..10 {
+            assert_eq!(written.recv().await.unwrap(), Message::Text(format!("e{i}").into()));
+        }
+        assert_eq!(written.recv().await.unwrap(), Message::Text("r".into()));
+        drop(out);
+        writer.await.unwrap();
+        assert_eq!(stats.messages_written.load(Ordering::Relaxed), 11);
     }
 
     /// A reply that arrives while events linger goes out at once, with them. The clock is
@@ -910,10 +966,10 @@ mod tests {
         let (out, queue) = mpsc::channel::<Outbound>(64);
         let stats = Arc::new(LiveState::default());
         let writer = tokio::spawn(write_loop(Box::pin(sink), queue, Duration::from_secs(5), stats.clone()));
-        out.send(Outbound { message: Message::Text("e0".into()), event: true }).await.unwrap();
+        out.send(Outbound::event(Message::Text("e0".into()))).await.unwrap();
         let (_, first_at) = written.recv().await.unwrap();
         // Right after that write, the next event lingers for company.
-        out.send(Outbound { message: Message::Text("e1".into()), event: true }).await.unwrap();
+        out.send(Outbound::event(Message::Text("e1".into()))).await.unwrap();
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
