@@ -165,10 +165,10 @@ async fn measure_commands(case: WsCase, timing: Timing) -> anyhow::Result<WsRow>
         .map(|(index, ws)| tokio::spawn(connection_loop(ws, index, case.pipeline, window_start, window_end)))
         .collect();
     tokio::time::sleep_until(window_start.into()).await;
-    let (start_at, start) = (Instant::now(), server.store_stats());
+    let (start_at, start, cpu_start) = (Instant::now(), server.store_stats(), crate::cpu::process_seconds());
     tokio::time::sleep_until(window_end.into()).await;
-    let (end_at, end) = (Instant::now(), server.store_stats());
-    let mut total = LoadResult::default();
+    let (end_at, end, cpu_end) = (Instant::now(), server.store_stats(), crate::cpu::process_seconds());
+    let mut total = LoadResult { cpu_start, cpu_end, ..LoadResult::default() };
     for task in tasks {
         let r = task.await.context("a WebSocket load client panicked")?;
         total.measured += r.measured;
@@ -683,22 +683,23 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
         );
         let _ = writeln!(
             out,
-            "| connections × in flight | Sourced cmd/s | p50 ms | p99 ms | p999 ms | commits/s | mean batch | vs HTTP at 64 clients |"
+            "| connections × in flight | Sourced cmd/s | p50 ms | p99 ms | p999 ms | CPU µs/cmd | commits/s | mean batch | vs HTTP at 64 clients |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             let mean_batch = crate::optional_cell(row.store.mean_batch(), 2);
             let vs = http_64
                 .map_or_else(|| "–".to_owned(), |h| format!("{:.0}%", crate::ratio(row.sourced.per_sec(), h) * 100.0));
             let _ = writeln!(
                 out,
-                "| {} × {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} |",
+                "| {} × {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {} |",
                 row.case.connections,
                 row.case.pipeline,
                 row.sourced.per_sec(),
                 row.sourced.p50_ms,
                 row.sourced.p99_ms,
                 row.sourced.p999_ms,
+                crate::optional_cell(row.sourced.cpu_us, 0),
                 row.store.commits_per_sec(),
                 mean_batch,
                 vs,

@@ -97,16 +97,23 @@ pub struct CommandResult {
     pub warnings: Vec<Value>,
 }
 
-/// A command's result and the document it led to.
+/// A command's result and the aggregate it led to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommandOutcome {
     /// The reply.
     pub result: CommandResult,
-    /// The document at the result's version, as GET shows it (`_meta.deleted` set after a
-    /// delete).
-    pub document: Value,
+    /// The aggregate at the result's version (shared with the cache).
+    pub aggregate: Arc<Aggregate>,
     /// Whether this is the stored outcome of an earlier identical command (SPEC §2.4).
     pub replayed: bool,
+}
+
+impl CommandOutcome {
+    /// The document at the result's version, as GET shows it (`_meta.deleted` set after a
+    /// delete). Built on demand: the WebSocket's reply carries no document.
+    pub fn document(&self) -> Value {
+        self.aggregate.document(&self.result.target_id).unwrap_or(Value::Null)
+    }
 }
 
 /// Why the engine refused or failed a command.
@@ -278,9 +285,9 @@ impl Engine {
             match self.store.append(request).await {
                 Ok(AppendOutcome::Appended(events)) => {
                     self.hub.wake();
-                    let document = decision.next.document(&cmd.key.id).unwrap_or(Value::Null);
                     let version = decision.next.version;
-                    self.cache.put(&cmd.key, Arc::new(decision.next));
+                    let aggregate = Arc::new(decision.next);
+                    self.cache.put(&cmd.key, aggregate.clone());
                     return Ok(CommandOutcome {
                         result: CommandResult {
                             id: cmd.id,
@@ -290,7 +297,7 @@ impl Engine {
                             events,
                             warnings,
                         },
-                        document,
+                        aggregate,
                         replayed: false,
                     });
                 }
@@ -372,7 +379,7 @@ impl Engine {
                 events,
                 warnings,
             },
-            document: agg.document(&record.key.id).unwrap_or(Value::Null),
+            aggregate: Arc::new(agg),
             replayed: true,
         })
     }

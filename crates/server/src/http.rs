@@ -403,7 +403,7 @@ impl IntoResponse for WriteReply {
         let mut r = if self.minimal {
             StatusCode::NO_CONTENT.into_response()
         } else {
-            (self.status, axum::Json(self.outcome.document)).into_response()
+            (self.status, axum::Json(self.outcome.document())).into_response()
         };
         let h = r.headers_mut();
         h.insert(header::ETAG, etag(version));

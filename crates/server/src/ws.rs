@@ -221,7 +221,7 @@ where
                 let (engine, out, tenant) = (conn.engine.clone(), out.clone(), conn.tenant.clone());
                 tasks.spawn(async move {
                     let reply = run_command(&engine, envelope, tenant).await;
-                    let _ = send(&out, reply).await;
+                    let _ = out.send(Outbound::reply(Message::Text(reply.into()))).await;
                     drop(permit);
                 });
             }
@@ -433,22 +433,30 @@ fn error_frame(id: Option<Value>, sub: Option<&str>, problem: &Problem) -> Value
 }
 
 /// One command, as `POST /commands` runs it; the reply frame.
-async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> Value {
-    match execute_envelope(engine, envelope, tenant).await {
-        Ok((result, replayed)) => {
-            let mut m = Map::new();
-            m.insert("op".into(), Value::from("result"));
-            m.extend(result);
-            if replayed {
-                m.insert("replayed".into(), Value::Bool(true));
-            }
-            Value::Object(m)
-        }
-        Err(e) => {
-            let (id, problem) = *e;
-            error_frame(id, None, &problem)
-        }
+/// The reply frame to one command, as text: `{"op":"result", …the command result…}` (with
+/// `"replayed": true` on a retry), written straight from the result, or an error frame.
+async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
+    /// `{"op":"result", …}` without an intermediate `Value`.
+    #[derive(serde::Serialize)]
+    struct ResultFrame<'a> {
+        op: &'static str,
+        #[serde(flatten)]
+        result: &'a sourced_engine::CommandResult,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        replayed: bool,
     }
+    let failed = match execute_outcome(engine, envelope, tenant).await {
+        Ok(outcome) => {
+            let frame = ResultFrame { op: "result", result: &outcome.result, replayed: outcome.replayed };
+            match serde_json::to_string(&frame) {
+                Ok(text) => return text,
+                Err(e) => (Some(Value::from(outcome.result.id.to_string())), Problem::internal(&e)),
+            }
+        }
+        Err(e) => *e,
+    };
+    let (id, problem) = failed;
+    error_frame(id, None, &problem).to_string()
 }
 
 /// A command envelope that failed: the command id, if one was found, and the problem (boxed:
@@ -463,6 +471,20 @@ pub(crate) async fn execute_envelope(
     envelope: Value,
     tenant: Option<TenantId>,
 ) -> Result<(Map<String, Value>, bool), EnvelopeError> {
+    let outcome = execute_outcome(engine, envelope, tenant).await?;
+    match serde_json::to_value(&outcome.result) {
+        Ok(Value::Object(r)) => Ok((r, outcome.replayed)),
+        Ok(_) => Ok((Map::new(), outcome.replayed)),
+        Err(e) => Err(Box::new((Some(Value::from(outcome.result.id.to_string())), Problem::internal(&e)))),
+    }
+}
+
+/// One command envelope through the pipeline: its outcome, or the problem.
+async fn execute_outcome(
+    engine: &Engine,
+    envelope: Value,
+    tenant: Option<TenantId>,
+) -> Result<sourced_engine::CommandOutcome, EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
     let defaults = EnvelopeDefaults {
         tenant_fixed: tenant.is_some(),
@@ -473,15 +495,11 @@ pub(crate) async fn execute_envelope(
         Ok(c) => c,
         Err(e) => return Err(Box::new((id, Problem::from(e)))),
     };
-    let cmd_id = Value::from(cmd.id.to_string());
-    match engine.execute(cmd, None).await {
-        Ok(outcome) => match serde_json::to_value(&outcome.result) {
-            Ok(Value::Object(r)) => Ok((r, outcome.replayed)),
-            Ok(_) => Ok((Map::new(), outcome.replayed)),
-            Err(e) => Err(Box::new((Some(cmd_id), Problem::internal(&e)))),
-        },
-        Err(e) => Err(Box::new((Some(cmd_id), from_engine(e, false)))),
-    }
+    let cmd_id = cmd.id;
+    engine
+        .execute(cmd, None)
+        .await
+        .map_err(|e| Box::new((Some(Value::from(cmd_id.to_string())), from_engine(e, false))))
 }
 
 /// How a subscription's events are framed.

@@ -146,6 +146,11 @@ async fn a_retried_command_returns_the_same_result() {
     let mut ws = connect(server.addr(), None).await;
     send(&mut ws, create(&uuid(7), "r1", json!({"n": 1}))).await;
     let mut first = recv(&mut ws).await;
+    // The result frame: `op`, then the command result's fields (SPEC §2.5, §3.2); no `replayed`.
+    let keys: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["op", "id", "targetName", "targetId", "version", "events", "warnings"], "{first}");
+    assert_eq!(first["op"], "result");
+    assert_eq!(first["events"][0]["data"], json!({"n": 1}), "{first}");
     // Again on another connection, as a client would after a reconnect.
     let mut ws2 = connect(server.addr(), None).await;
     send(&mut ws2, create(&uuid(7), "r1", json!({"n": 1}))).await;
