@@ -757,6 +757,7 @@ fn filter(v: Option<Value>) -> Result<SubscriptionFilter, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
 
     use sourced_engine::{EngineConfig, SystemClock};
     use sourced_store::sqlite::{SqliteOptions, SqliteStore};
@@ -768,19 +769,27 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    type TestSink = Pin<Box<dyn Sink<Message, Error = axum::Error> + Send>>;
+
+    /// A sink that hands every message written to it to the returned receiver.
+    fn recording_sink() -> (TestSink, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel::<Message>(1024);
+        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
+            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
+            Ok::<_, axum::Error>(tx)
+        });
+        (Box::pin(sink), rx)
+    }
+
     fn harness(limits: WsLimits) -> Harness {
         let dir = tempfile::TempDir::new().unwrap();
         let store = SqliteStore::open(&dir.path().join("t.db"), SqliteOptions::default()).unwrap();
         let engine = Engine::new(Arc::new(store), EngineConfig::default(), Arc::new(SystemClock));
         let (to_server, rx) = mpsc::channel(16);
-        let (tx, from_server) = mpsc::channel(1024);
+        let (sink, from_server) = recording_sink();
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
-            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
-            Ok::<_, axum::Error>(tx)
-        });
         let conn = Connection { engine, limits, stats: Arc::default(), tenant: None };
-        tokio::spawn(serve(Box::pin(sink), Box::pin(stream), conn));
+        tokio::spawn(serve(sink, Box::pin(stream), conn));
         Harness { to_server, from_server, _dir: dir }
     }
 
@@ -912,11 +921,7 @@ mod tests {
     /// Messages queued together go out in one write; a reply among events does not wait.
     #[tokio::test]
     async fn queued_messages_share_one_write() {
-        let (tx, mut written) = mpsc::channel::<Message>(1024);
-        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
-            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
-            Ok::<_, axum::Error>(tx)
-        });
+        let (sink, mut written) = recording_sink();
         let (out, queue) = mpsc::channel::<Outbound>(64);
         for i in 0..10 {
             let message = Message::Text(format!("e{i}").into());
@@ -924,7 +929,7 @@ mod tests {
         }
         out.send(Outbound::reply(Message::Text("r".into()))).await.unwrap();
         let stats = Arc::new(LiveState::default());
-        let writer = tokio::spawn(write_loop(Box::pin(sink), queue, Duration::from_secs(5), stats.clone()));
+        let writer = tokio::spawn(write_loop(sink, queue, Duration::from_secs(5), stats.clone()));
         for i in 0..10 {
             assert_eq!(written.recv().await.unwrap(), Message::Text(format!("e{i}").into()));
         }
@@ -948,18 +953,14 @@ mod tests {
     /// before what was queued after it.
     #[tokio::test]
     async fn a_run_of_event_frames_takes_one_slot() {
-        let (tx, mut written) = mpsc::channel::<Message>(1024);
-        let sink = futures_util::sink::unfold(tx, |tx, m: Message| async move {
-            tx.send(m).await.map_err(|_| axum::Error::new("closed"))?;
-            Ok::<_, axum::Error>(tx)
-        });
+        let (sink, mut written) = recording_sink();
         // Room for one item: the run must fit in it for the reply to be queued at all.
         let (out, queue) = mpsc::channel::<Outbound>(1);
         let more = (1..10).map(|i| Message::Text(format!("e{i}").into())).collect();
         out.send(Outbound { message: Message::Text("e0".into()), more, event: true }).await.unwrap();
         assert!(out.try_send(Outbound::reply(Message::Text("r".into()))).is_err(), "one slot, taken by the run");
         let stats = Arc::new(LiveState::default());
-        let writer = tokio::spawn(write_loop(Box::pin(sink), queue, Duration::from_secs(5), stats.clone()));
+        let writer = tokio::spawn(write_loop(sink, queue, Duration::from_secs(5), stats.clone()));
         out.send(Outbound::reply(Message::Text("r".into()))).await.unwrap();
         for i in 0..10 {
             assert_eq!(written.recv().await.unwrap(), Message::Text(format!("e{i}").into()));
