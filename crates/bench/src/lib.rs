@@ -400,7 +400,7 @@ impl Report {
                 row.sourced_vs_floor() * 100.0,
                 row.sourced_vs_ceiling() * 100.0,
                 optional_cell(row.ceiling_full.map(|c| c.per_sec()), 0),
-                row.full_ceiling_vs_floor().map_or_else(|| "–".to_owned(), |r| format!("{:.0}%", r * 100.0)),
+                optional_percent(row.full_ceiling_vs_floor()),
             );
         }
     }
@@ -420,21 +420,17 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         eprintln!("[{clients} clients] HTTP floor…");
         let floor = runtime.block_on(measure_floor(clients, timing))?;
         let batch_mean = store.mean_batch().unwrap_or(1.0).max(1.0);
-        eprintln!("[{clients} clients] SQLite ceiling at {batch_mean:.2} commands per commit…");
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("ceiling.db");
-        runtime.block_on(ceiling::create_schema(&path))?;
-        let ceiling = ceiling::run(&path, clients, batch_mean, timing)?;
-        let full = clients as f64;
-        let ceiling_full = if full > batch_mean {
-            eprintln!("[{clients} clients] SQLite ceiling at {clients} commands per commit…");
+        // Each ceiling on a fresh database holding the store's schema.
+        let measure_ceiling = |batch: f64| -> anyhow::Result<CeilingMeasure> {
+            eprintln!("[{clients} clients] SQLite ceiling at {batch:.2} commands per commit…");
             let dir = tempfile::tempdir()?;
             let path = dir.path().join("ceiling.db");
             runtime.block_on(ceiling::create_schema(&path))?;
-            Some(ceiling::run(&path, clients, full, timing)?)
-        } else {
-            None
+            ceiling::run(&path, clients, batch, timing)
         };
+        let ceiling = measure_ceiling(batch_mean)?;
+        let full = clients as f64;
+        let ceiling_full = if full > batch_mean { Some(measure_ceiling(full)?) } else { None };
         rows.push(Row { clients, sourced, store, store_appends_total, floor, ceiling, ceiling_full });
     }
     // Without WebSocket command cases, the latency runs at half of the best HTTP rate.
@@ -477,6 +473,11 @@ async fn measure_floor(clients: usize, timing: load::Timing) -> anyhow::Result<H
 /// dash.
 pub(crate) fn optional_cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// A fraction as a whole percentage, or "–" when it is missing.
+pub(crate) fn optional_percent(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "–".to_owned(), |f| format!("{:.0}%", f * 100.0))
 }
 
 /// The run's problems under its tables, when there are any.

@@ -688,8 +688,7 @@ pub(crate) fn write_markdown(out: &mut String, rows: &[WsRow], latency: &[Latenc
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows {
             let mean_batch = crate::optional_cell(row.store.mean_batch(), 2);
-            let vs = http_64
-                .map_or_else(|| "–".to_owned(), |h| format!("{:.0}%", crate::ratio(row.sourced.per_sec(), h) * 100.0));
+            let vs = crate::optional_percent(http_64.map(|h| crate::ratio(row.sourced.per_sec(), h)));
             let _ = writeln!(
                 out,
                 "| {} × {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {} | {} |",

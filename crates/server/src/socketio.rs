@@ -35,7 +35,7 @@ use sourced_engine::Engine;
 use crate::config::WsLimits;
 use crate::http::tenant_header;
 use crate::problem::Problem;
-use crate::ws::{LiveState, execute_envelope};
+use crate::ws::{LiveState, ResultReply, execute_envelope};
 
 /// The event a client emits a command envelope on.
 pub const COMMANDS_EVENT: &str = "commands";
@@ -139,11 +139,12 @@ async fn run_command(
         Ok(_permit) => match envelope(data) {
             Err(p) => error_reply(None, &p),
             Ok(envelope) => match execute_envelope(&engine, envelope, tenant).await {
-                Ok((mut result, replayed)) => {
-                    if replayed {
-                        result.insert("replayed".into(), Value::Bool(true));
-                    }
-                    Value::Object(result)
+                Ok(outcome) => {
+                    let reply = ResultReply::new(None, &outcome);
+                    serde_json::to_value(&reply).unwrap_or_else(|e| {
+                        let (id, problem) = reply.unserialisable(&e);
+                        error_reply(id, &problem)
+                    })
                 }
                 Err(e) => {
                     let (id, problem) = *e;

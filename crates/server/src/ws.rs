@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
 use sourced_core::{AggregateId, Command, EnvelopeDefaults, Position, TenantId, TypeName};
-use sourced_engine::{Engine, Start, SubscriptionFilter, SubscriptionItem};
+use sourced_engine::{CommandOutcome, Engine, Start, SubscriptionFilter, SubscriptionItem};
 
 use crate::config::WsLimits;
 use crate::http::{AppState, tenant_header};
@@ -432,30 +432,42 @@ fn error_frame(id: Option<Value>, sub: Option<&str>, problem: &Problem) -> Value
     Value::Object(m)
 }
 
-/// One command, as `POST /commands` runs it; the reply frame.
-/// The reply frame to one command, as text: `{"op":"result", …the command result…}` (with
-/// `"replayed": true` on a retry), written straight from the result, or an error frame.
-async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
-    /// `{"op":"result", …}` without an intermediate `Value`.
-    #[derive(serde::Serialize)]
-    struct ResultFrame<'a> {
-        op: &'static str,
-        #[serde(flatten)]
-        result: &'a sourced_engine::CommandResult,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        replayed: bool,
+/// The reply to one command that went through, as the WebSocket (`op: "result"`) and
+/// Socket.IO (no `op`) send it: the command result's fields, and `"replayed": true` on a retry.
+/// Serialised straight from the result, without an intermediate `Value`.
+#[derive(serde::Serialize)]
+pub(crate) struct ResultReply<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    op: Option<&'static str>,
+    #[serde(flatten)]
+    result: &'a sourced_engine::CommandResult,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
+}
+
+impl<'a> ResultReply<'a> {
+    pub(crate) fn new(op: Option<&'static str>, outcome: &'a CommandOutcome) -> ResultReply<'a> {
+        ResultReply { op, result: &outcome.result, replayed: outcome.replayed }
     }
-    let failed = match execute_outcome(engine, envelope, tenant).await {
+
+    /// The command id and the problem, for a reply that could not be serialised.
+    pub(crate) fn unserialisable(&self, e: &serde_json::Error) -> (Option<Value>, Problem) {
+        (Some(Value::from(self.result.id.to_string())), Problem::internal(e))
+    }
+}
+
+/// One command, as `POST /commands` runs it; the reply frame as text.
+async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
+    let (id, problem) = match execute_envelope(engine, envelope, tenant).await {
         Ok(outcome) => {
-            let frame = ResultFrame { op: "result", result: &outcome.result, replayed: outcome.replayed };
-            match serde_json::to_string(&frame) {
+            let reply = ResultReply::new(Some("result"), &outcome);
+            match serde_json::to_string(&reply) {
                 Ok(text) => return text,
-                Err(e) => (Some(Value::from(outcome.result.id.to_string())), Problem::internal(&e)),
+                Err(e) => reply.unserialisable(&e),
             }
         }
         Err(e) => *e,
     };
-    let (id, problem) = failed;
     error_frame(id, None, &problem).to_string()
 }
 
@@ -464,27 +476,13 @@ async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>)
 pub(crate) type EnvelopeError = Box<(Option<Value>, Problem)>;
 
 /// One command envelope through the pipeline of `POST /commands` (shared by the WebSocket and
-/// Socket.IO APIs): the command result's fields and whether it was a replay, or the problem.
-/// `tenant` is the one the connection fixes, if any.
+/// Socket.IO APIs): its outcome, or the problem. `tenant` is the one the connection fixes, if
+/// any.
 pub(crate) async fn execute_envelope(
     engine: &Engine,
     envelope: Value,
     tenant: Option<TenantId>,
-) -> Result<(Map<String, Value>, bool), EnvelopeError> {
-    let outcome = execute_outcome(engine, envelope, tenant).await?;
-    match serde_json::to_value(&outcome.result) {
-        Ok(Value::Object(r)) => Ok((r, outcome.replayed)),
-        Ok(_) => Ok((Map::new(), outcome.replayed)),
-        Err(e) => Err(Box::new((Some(Value::from(outcome.result.id.to_string())), Problem::internal(&e)))),
-    }
-}
-
-/// One command envelope through the pipeline: its outcome, or the problem.
-async fn execute_outcome(
-    engine: &Engine,
-    envelope: Value,
-    tenant: Option<TenantId>,
-) -> Result<sourced_engine::CommandOutcome, EnvelopeError> {
+) -> Result<CommandOutcome, EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
     let defaults = EnvelopeDefaults {
         tenant_fixed: tenant.is_some(),

@@ -82,6 +82,8 @@ async fn socket_io_client_sends_commands_and_receives_outcomes() {
     assert_eq!(create["events"][0]["data"], json!({"customer": "ada", "total": 0}));
     assert_eq!(create["warnings"], json!([]));
     assert!(create.get("replayed").is_none() && create.get("error").is_none(), "{create}");
+    // The WebSocket's `op` belongs to its frames, not to this reply.
+    assert!(create.get("op").is_none(), "{create}");
     assert_eq!(reply("patch")["version"], 2);
 
     // A conflicting patch: `{"id", "error": problem}`, the same problem as over HTTP.
