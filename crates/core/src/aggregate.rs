@@ -65,20 +65,45 @@ pub struct Decision {
 /// and decision both use it. `created` sets the document, `deleted` marks the aggregate, and
 /// every other event type carries an RFC 6902 patch applied to the document (`{}` when none).
 pub fn evolve(state: Option<&Value>, event_type: &str, data: &Value) -> Result<(Option<Value>, bool), String> {
+    evolve_with(state, event_type, data, None).map_err(|e| e.to_string())
+}
+
+/// [`evolve`] for a decision: a patch event is applied with [`patch::apply_bounded`], so a
+/// custom command's patch costs no more than a client's. Replay uses [`evolve`] (what was
+/// stored was bounded when it was accepted); both reach the same state when neither fails.
+pub(crate) fn evolve_bounded(
+    state: Option<&Value>,
+    event_type: &str,
+    data: &Value,
+    limits: &Limits,
+) -> Result<(Option<Value>, bool), DomainError> {
+    evolve_with(state, event_type, data, Some(limits))
+}
+
+fn evolve_with(
+    state: Option<&Value>,
+    event_type: &str,
+    data: &Value,
+    limits: Option<&Limits>,
+) -> Result<(Option<Value>, bool), DomainError> {
+    let failed = |message: String| DomainError::PatchFailed { index: 0, pointer: String::new(), path: String::new(), message };
     match event_type {
         CREATED => {
             if data.is_object() {
                 Ok((Some(data.clone()), false))
             } else {
-                Err("a created event's data must be an object".to_owned())
+                Err(failed("a created event's data must be an object".to_owned()))
             }
         }
         DELETED => Ok((state.cloned(), true)),
         _ => {
-            let p: json_patch::Patch =
-                serde_json::from_value(data.clone()).map_err(|e| format!("event data is not a JSON Patch: {e}"))?;
+            let p: json_patch::Patch = serde_json::from_value(data.clone())
+                .map_err(|e| failed(format!("event data is not a JSON Patch: {e}")))?;
             let base = state.cloned().unwrap_or_else(|| Value::Object(Map::new()));
-            let next = patch::apply(&base, &p).map_err(|e| e.to_string())?;
+            let next = match limits {
+                Some(l) => patch::apply_bounded(&base, &p, l)?,
+                None => patch::apply(&base, &p)?,
+            };
             Ok((Some(next), false))
         }
     }
@@ -185,21 +210,21 @@ pub fn decide(agg: &Aggregate, cmd: &Command, limits: &Limits, now: DateTime<Utc
                 strip_id(&mut next);
                 // The state is the diff applied to the current one, not the body itself, so that
                 // it is exactly what the fold will rebuild (key order included).
-                patched(patch::diff(current, &next), current)?
+                patched(patch::diff(current, &next), current, limits)?
             }
         }
         CommandKind::Patch => {
             let current = ensure_live(agg)?;
             let p = patch::parse_patch(&cmd.body, limits)?;
             patch::check_protected(&p)?;
-            patched(p, current)?
+            patched(p, current, limits)?
         }
         CommandKind::MergePatch => {
             let current = ensure_live(agg)?;
             patch::check_document_shape(&cmd.body, Some(id))?;
             let mut merge = cmd.body.clone();
             strip_id(&mut merge);
-            patched(patch::merge_to_patch(current, &merge), current)?
+            patched(patch::merge_to_patch(current, &merge), current, limits)?
         }
         CommandKind::Delete => {
             let current = ensure_live(agg)?;
@@ -253,8 +278,8 @@ fn created(body: &Value, id: &str) -> Result<(Change, Value, bool), DomainError>
     Ok((Change { event_type: CREATED.to_owned(), data: doc.clone() }, doc, false))
 }
 
-fn patched(p: json_patch::Patch, current: &Value) -> Result<(Change, Value, bool), DomainError> {
-    let next = patch::apply(current, &p)?;
+fn patched(p: json_patch::Patch, current: &Value, limits: &Limits) -> Result<(Change, Value, bool), DomainError> {
+    let next = patch::apply_bounded(current, &p, limits)?;
     if &next == current {
         return Err(DomainError::NoOp);
     }

@@ -113,6 +113,8 @@ impl Command {
         let Value::Object(mut env) = envelope else {
             return Err(invalid("", "the command envelope must be a JSON object"));
         };
+        // PostgreSQL cannot store U+0000 in jsonb: refused on every path, on every backend.
+        crate::json::check_members(&env, "")?;
         let body = env.shift_remove("body").unwrap_or(Value::Null);
         let env = env;
         let mut v = Vec::new();
@@ -310,6 +312,7 @@ impl Command {
         if !merge.is_object() {
             return Err(invalid("/body", "a merge patch must be a JSON object"));
         }
+        crate::json::check_strings(&merge, "/body")?;
         self.kind = CommandKind::MergePatch;
         self.body = merge;
         self.fingerprint = content_fingerprint(

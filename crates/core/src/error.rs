@@ -69,7 +69,10 @@ pub enum DomainError {
     PatchFailed {
         /// Index of the failing operation in the patch array.
         index: usize,
-        /// JSON Pointer of the operation's `path`.
+        /// JSON Pointer, relative to the command envelope, of the member that made the operation
+        /// fail (`/body/2/from`), or empty when the patch did not come from the command.
+        pointer: String,
+        /// The JSON Pointer that operation names (its `path`, or its `from` when that failed).
         path: String,
         /// Why it failed.
         message: String,
@@ -119,6 +122,10 @@ pub enum DomainError {
     /// The resulting document is not acceptable (422): every violation listed.
     #[error("invalid document: {}", summarize(.0))]
     InvalidDocument(Vec<Violation>),
+    /// A value cannot be stored exactly as sent (422): a number a 64-bit float or integer cannot
+    /// hold, `-0`, or U+0000 in a string. Refused, never altered; every place listed.
+    #[error("cannot be stored as sent: {}", summarize(.0))]
+    UnstorableValue(Vec<Violation>),
     /// A configured limit was exceeded (413 for sizes, 422 otherwise).
     #[error("{message}")]
     LimitExceeded {

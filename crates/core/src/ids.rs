@@ -82,11 +82,13 @@ impl TenantId {
     pub fn parse(s: &str) -> Result<Self, Violation> {
         let ok = !s.is_empty()
             && s.len() <= TENANT_LEN_MAX
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && s != "."
+            && s != "..";
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(Violation::new("/tenant", format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}}")))
+            Err(Violation::new("/tenant", format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}} and not be '.' or '..'")))
         }
     }
 
@@ -120,6 +122,11 @@ impl AggregateId {
         let ok = !s.is_empty()
             && s.len() <= AGGREGATE_ID_LEN_MAX
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b));
+        // `.` and `..` are path segments that URLs resolve away (RFC 3986 §5.2.4): such an
+        // aggregate could only be reached as `%2e%2e`.
+        if s == "." || s == ".." {
+            return Err(Violation::new("/targetId", "'.' and '..' cannot be aggregate ids (URLs resolve them away)"));
+        }
         if ok {
             Ok(Self(s.to_owned()))
         } else {

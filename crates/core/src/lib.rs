@@ -9,6 +9,7 @@ pub mod command;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod json;
 pub mod limits;
 pub mod patch;
 pub mod query;

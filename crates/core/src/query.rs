@@ -206,13 +206,22 @@ pub fn parse_value(parameter: &str, raw: &str) -> Result<Value, QueryError> {
     if raw.len() > VALUE_BYTES_MAX {
         return Err(QueryError::new(parameter, format!("a filter value has at most {VALUE_BYTES_MAX} bytes")));
     }
-    match serde_json::from_str::<Value>(raw) {
+    let v = match serde_json::from_str::<Value>(raw) {
         Ok(Value::Array(_) | Value::Object(_)) => {
-            Err(QueryError::new(parameter, "a filter value is a number, a string, true, false or null"))
+            return Err(QueryError::new(parameter, "a filter value is a number, a string, true, false or null"));
         }
-        Ok(v) => Ok(v),
-        Err(_) => Ok(Value::String(raw.to_owned())),
+        Ok(v) => v,
+        Err(_) => Value::String(raw.to_owned()),
+    };
+    if v.as_str().is_some_and(|s| s.contains('\0')) {
+        return Err(nul(parameter));
     }
+    Ok(v)
+}
+
+/// No stored string holds U+0000 (it is refused on the way in), and PostgreSQL cannot bind one.
+fn nul(parameter: &str) -> QueryError {
+    QueryError::new(parameter, "a filter value may not contain U+0000 (NUL); no stored string holds one")
 }
 
 /// Splits an `in` list on commas outside double-quoted strings.
@@ -270,6 +279,9 @@ impl Filter {
             "prefix" => {
                 if raw.is_empty() || raw.len() > VALUE_BYTES_MAX {
                     return Err(QueryError::new(key, format!("a prefix has 1 to {VALUE_BYTES_MAX} bytes")));
+                }
+                if raw.contains('\0') {
+                    return Err(nul(key));
                 }
                 Filter::Prefix { field, prefix: raw.to_owned() }
             }

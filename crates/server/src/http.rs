@@ -240,17 +240,14 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value> {
+/// Parses a client's JSON body, nested at most `depth_max` deep (the core's limit on bodies
+/// plus the levels of the envelope around them), refusing what could not be stored as sent
+/// (`sourced_core::json`).
+pub(crate) fn parse_json(bytes: &[u8], depth_max: usize) -> Result<Value> {
     if bytes.is_empty() {
         return Err(Problem::bad_request("the request body is empty; a JSON value is required", vec![]));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        Problem::bad_request(
-            format!("the body is not valid JSON: {e}"),
-            vec![Violation::new("", format!("line {}, column {}: {e}", e.line(), e.column()))],
-        )
-        .with_type("invalid-json", "The body is not valid JSON")
-    })
+    sourced_core::json::parse(bytes, depth_max).map_err(Problem::from)
 }
 
 /// The media type of the body, lower-case, without parameters.
@@ -277,12 +274,19 @@ fn unsupported_media(got: Option<String>, allowed: &[&str]) -> Problem {
     .with("accepted", allowed.to_vec())
 }
 
-async fn json_body(body: Body, headers: &HeaderMap, s: &AppState) -> Result<Value> {
+/// A JSON body: `envelope` says whether it is a whole command envelope (one level above the
+/// command body the depth limit is about) or the command body itself.
+async fn json_body(body: Body, headers: &HeaderMap, s: &AppState, envelope: bool) -> Result<Value> {
     let media = media_type(headers);
     if !media.as_deref().is_some_and(is_json) {
         return Err(unsupported_media(media, &["application/json"]));
     }
-    parse_json(&read_body(body, headers, s.http.body_bytes_max).await?)
+    parse_json(&read_body(body, headers, s.http.body_bytes_max).await?, body_depth(s) + usize::from(envelope))
+}
+
+/// How deep a command body may be nested.
+fn body_depth(s: &AppState) -> usize {
+    s.engine.config().limits.json_depth_max
 }
 
 /// An entity tag naming a version: `"N"`, also `W/"N"` and a bare `N`.
@@ -380,7 +384,8 @@ fn decode_cursor(kind: &str, raw: &str) -> Result<Value> {
         || Problem::bad_request("invalid cursor: pass back the 'next' value of a page of this listing", vec![]);
     let bytes = URL_SAFE_NO_PAD.decode(raw.as_bytes()).map_err(|_| invalid())?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
-    if v.get("k").and_then(Value::as_str) != Some(kind) {
+    // A cursor is the client's text like any other: one with a NUL could not be bound.
+    if v.get("k").and_then(Value::as_str) != Some(kind) || sourced_core::json::check_strings(&v, "").is_err() {
         return Err(invalid());
     }
     v.get("v").cloned().ok_or_else(invalid)
@@ -458,7 +463,7 @@ async fn create(
     body: Body,
 ) -> Result<WriteReply> {
     let ty = type_name(&ty)?;
-    let doc = json_body(body, &headers, &s).await?;
+    let doc = json_body(body, &headers, &s, false).await?;
     let mut env = envelope("create", &ty, None);
     env.insert("body".into(), doc);
     let outcome = exec(&s, build(&headers, env)?, false).await?;
@@ -489,7 +494,7 @@ async fn replace(
         expected = Some(ExpectedVersion::NoStream);
     }
     let precondition = expected.is_some();
-    let doc = json_body(body, &headers, &s).await?;
+    let doc = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
     env.insert("body".into(), doc);
     let outcome = exec(&s, build(&headers, env)?, precondition).await?;
@@ -519,7 +524,7 @@ async fn patch(
         Some("application/json") => None,
         _ => return Err(unsupported_media(media, ACCEPTED)),
     };
-    let value = parse_json(&read_body(body, &headers, s.http.body_bytes_max).await?)?;
+    let value = parse_json(&read_body(body, &headers, s.http.body_bytes_max).await?, body_depth(&s))?;
     let merge = merge.unwrap_or(value.is_object());
     let mut env = with_version(envelope("patch", &key.type_name, Some(&key.id)), expected);
     let cmd = if merge {
@@ -554,7 +559,7 @@ async fn custom_command(
 ) -> Result<Response> {
     let key = key(&headers, &ty, &id)?;
     let expected = if_match(&headers)?;
-    let payload = json_body(body, &headers, &s).await?;
+    let payload = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
     env.insert("name".into(), Value::from(command));
     env.insert("body".into(), payload);
@@ -564,7 +569,7 @@ async fn custom_command(
 }
 
 async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response> {
-    let mut env = json_body(body, &headers, &s).await?;
+    let mut env = json_body(body, &headers, &s, true).await?;
     if let Some(key) = idempotency_key(&headers)?
         && let Value::Object(m) = &mut env
     {
@@ -939,14 +944,6 @@ async fn feed(
     let items = s.engine.store().read_all(&tenant(&headers)?, Position(after), limit).await?;
     let last = items.last().map_or(after, |e| e.position.0);
     Ok(axum::Json(json!({"items": items, "next": encode_cursor("feed", json!(last))})).into_response())
-}
-
-impl Problem {
-    fn with_type(mut self, slug: &'static str, title: &'static str) -> Self {
-        self.slug = slug;
-        self.title = title;
-        self
-    }
 }
 
 #[cfg(test)]

@@ -103,8 +103,8 @@ impl From<DomainError> for Problem {
                 Problem::new(StatusCode::CONFLICT, "already-exists", "The aggregate already exists", detail)
                     .with("currentVersion", version.0)
             }
-            DomainError::PatchFailed { index, path, message } => {
-                let v = Violation::new(format!("/{index}"), format!("{path}: {message}"));
+            DomainError::PatchFailed { index, pointer, message, .. } => {
+                let v = Violation::new(pointer, message);
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "patch-failed", "The patch cannot be applied", detail)
                     .with("violations", violations_json(&[v]))
                     .with("operation", index)
@@ -164,6 +164,13 @@ impl From<DomainError> for Problem {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-document", "The document is invalid", detail)
                     .with("violations", violations_json(&v))
             }
+            DomainError::UnstorableValue(v) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unstorable-value",
+                "A value cannot be stored exactly as sent",
+                detail,
+            )
+            .with("violations", violations_json(&v)),
             DomainError::LimitExceeded { kind, limit, actual, .. } => {
                 let (status, slug, title) = match kind {
                     LimitKind::DocumentSize => {
@@ -201,6 +208,30 @@ impl Problem {
         self.slug = slug;
         self.title = title;
         self
+    }
+}
+
+impl From<sourced_core::json::JsonError> for Problem {
+    fn from(e: sourced_core::json::JsonError) -> Self {
+        use sourced_core::json::JsonError;
+        match e {
+            JsonError::Syntax(e) => Problem::bad_request(
+                format!("the body is not valid JSON: {e}"),
+                vec![Violation::new("", format!("line {}, column {}: {e}", e.line(), e.column()))],
+            )
+            .with_slug("invalid-json", "The body is not valid JSON"),
+            JsonError::DuplicateKeys(v) => Problem::bad_request(
+                format!(
+                    "a member name appears twice in one object (I-JSON, RFC 7493 §2.3: which one would count \
+                     is ambiguous): {}",
+                    v.iter().map(|v| v.pointer.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                v,
+            )
+            .with_slug("invalid-json", "The body is not valid JSON"),
+            JsonError::Refused(d) => d.into(),
+            other => Problem::bad_request(other.to_string(), vec![]),
+        }
     }
 }
 

@@ -136,7 +136,7 @@ async fn run_command(
             .with("limit", inflight_max);
             error_reply(envelope_id(data.as_ref().ok()), &p)
         }
-        Ok(_permit) => match envelope(data) {
+        Ok(_permit) => match envelope(data, engine.config().limits.json_depth_max + 1) {
             Err(p) => error_reply(None, &p),
             Ok(envelope) => match execute_envelope(&engine, envelope, tenant).await {
                 Ok(outcome) => {
@@ -165,15 +165,21 @@ async fn run_command(
 }
 
 /// The envelope from the event's data: an object, or a string holding one (as some clients
-/// of the original service sent it).
-fn envelope(data: Result<Value, socketioxide::ParserError>) -> Result<Value, Problem> {
+/// of the original service sent it). Only the string form is read by our own JSON reader
+/// (`sourced_core::json`: duplicate names and inexact numbers refused); an object was parsed by
+/// socketioxide, which keeps the last of duplicate names and rounds numbers as `serde_json` does.
+/// U+0000 and the depth limit are checked on both forms (by the envelope parser and the core).
+fn envelope(data: Result<Value, socketioxide::ParserError>, depth_max: usize) -> Result<Value, Problem> {
     let bad = |detail: String| Problem::bad_request(detail, vec![]);
     match data {
         Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+        Ok(Value::String(s)) => match sourced_core::json::parse(s.as_bytes(), depth_max) {
             Ok(v @ Value::Object(_)) => Ok(v),
             Ok(_) => Err(bad("the 'commands' string must hold a JSON object (the command envelope)".into())),
-            Err(e) => Err(bad(format!("the 'commands' string is not valid JSON: {e}"))),
+            Err(sourced_core::json::JsonError::Syntax(e)) => {
+                Err(bad(format!("the 'commands' string is not valid JSON: {e}")))
+            }
+            Err(e) => Err(Problem::from(e)),
         },
         Ok(_) => Err(bad("'commands' takes one argument, the command envelope (a JSON object)".into())),
         Err(e) => Err(bad(format!("'commands' takes one argument, the command envelope: {e}"))),

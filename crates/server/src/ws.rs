@@ -201,7 +201,9 @@ where
                 }
             },
         };
-        let frame = match Frame::parse(text.as_str()) {
+        // A frame holds the envelope, which holds the body the depth limit is about: two levels more.
+        let depth_max = conn.engine.config().limits.json_depth_max + 2;
+        let frame = match Frame::parse(text.as_str(), depth_max) {
             Ok(f) => f,
             Err(e) => {
                 let (id, problem) = *e;
@@ -660,10 +662,15 @@ enum Frame {
 type FrameError = Box<(Option<Value>, Problem)>;
 
 impl Frame {
-    fn parse(text: &str) -> Result<Frame, FrameError> {
+    fn parse(text: &str, depth_max: usize) -> Result<Frame, FrameError> {
         let bad = |detail: String| Box::new((None, Problem::bad_request(detail, vec![])));
-        let v: Value = serde_json::from_str(text).map_err(|e| {
-            let p = Problem::bad_request(format!("the frame is not valid JSON: {e}"), vec![]);
+        let v: Value = sourced_core::json::parse(text.as_bytes(), depth_max).map_err(|e| {
+            let p = match e {
+                sourced_core::json::JsonError::Syntax(e) => {
+                    Problem::bad_request(format!("the frame is not valid JSON: {e}"), vec![])
+                }
+                other => Problem::from(other),
+            };
             Box::new((None, p))
         })?;
         let Value::Object(mut m) = v else { return Err(bad("a frame must be a JSON object".into())) };

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use super::expr::{Bindings, ExprError};
 use super::rules::Severity;
 use super::{ArtifactSet, CustomCommand, OpValue, TypeArtifacts};
-use crate::aggregate::{Aggregate, Change, Decision, decide as decide_generic, evolve};
+use crate::aggregate::{Aggregate, Change, Decision, decide as decide_generic, evolve_bounded};
 use crate::command::{Command, CommandKind};
 use crate::error::{DomainError, Violation};
 use crate::limits::Limits;
@@ -210,10 +210,15 @@ fn decide_custom(
             ops.push(Value::Object(o));
         }
         let data = Value::Array(ops);
-        let (next, _) = evolve(Some(&state), &spec.event, &data).map_err(|message| DomainError::PatchFailed {
-            index: 0,
-            path: String::new(),
-            message: format!("event {}: {message}", spec.event),
+        let (next, _) = evolve_bounded(Some(&state), &spec.event, &data, limits).map_err(|e| match e {
+            // The patch is the command definition's, not the client's: no pointer into the command.
+            DomainError::PatchFailed { index, path, message, .. } => DomainError::PatchFailed {
+                index,
+                pointer: String::new(),
+                path,
+                message: format!("event {}: {message}", spec.event),
+            },
+            other => other,
         })?;
         state = next.unwrap_or(Value::Null);
         changes.push(Change { event_type: spec.event.clone(), data });

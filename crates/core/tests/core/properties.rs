@@ -125,3 +125,37 @@ proptest! {
         let _ = decide(&agg, &cmd, &Limits::default(), chrono::DateTime::from_timestamp(0, 0).unwrap());
     }
 }
+
+/// Any JSON value, with numbers and strings of every kind a client's serializer writes.
+fn wire_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        "\\PC{0,6}".prop_map(Value::from),
+        "[\"\\\\/\t\n\u{1}\u{7f}é😀]{0,4}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map("[a-c\"\\\\~/é]{0,3}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    /// What any serializer writes (compact or pretty) comes back from the faithful reader as
+    /// the same value: the reader never refuses a number that it would keep, nor gives up on
+    /// text the parser accepts.
+    #[test]
+    fn the_faithful_reader_takes_what_serializers_write(v in wire_value()) {
+        for text in [serde_json::to_string(&v).unwrap(), serde_json::to_string_pretty(&v).unwrap()] {
+            let back = sourced_core::json::parse(text.as_bytes(), 64);
+            prop_assert!(back.is_ok(), "{text}: {:?}", back.err());
+            prop_assert_eq!(back.unwrap(), v.clone());
+        }
+    }
+}

@@ -13,6 +13,7 @@ mod scenarios;
 mod concurrency;
 mod conformance;
 mod crash;
+mod faithful;
 mod http_api;
 mod idempotency;
 mod postgres;
