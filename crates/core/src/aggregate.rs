@@ -86,7 +86,8 @@ fn evolve_with(
     data: &Value,
     limits: Option<&Limits>,
 ) -> Result<(Option<Value>, bool), DomainError> {
-    let failed = |message: String| DomainError::PatchFailed { index: 0, pointer: String::new(), path: String::new(), message };
+    let failed =
+        |message: String| DomainError::PatchFailed { index: 0, pointer: String::new(), path: String::new(), message };
     match event_type {
         CREATED => {
             if data.is_object() {

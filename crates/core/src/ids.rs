@@ -88,7 +88,10 @@ impl TenantId {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(Violation::new("/tenant", format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}} and not be '.' or '..'")))
+            Err(Violation::new(
+                "/tenant",
+                format!("tenant must match [A-Za-z0-9._-]{{1,{TENANT_LEN_MAX}}} and not be '.' or '..'"),
+            ))
         }
     }
 

@@ -64,9 +64,10 @@ pub fn parse(text: &[u8], depth_max: usize) -> Result<Value, JsonError> {
         // scan checks can be wrong in it… except that the scan gave up. It never gives up on
         // text the parser accepts (a test feeds both the same inputs), so this is unreachable
         // in practice; refuse rather than store something unchecked.
-        Scan::Malformed | Scan::TooDeep => Err(JsonError::Refused(DomainError::InvalidDocument(vec![
-            Violation::new("", "the JSON text could not be checked"),
-        ]))),
+        Scan::Malformed | Scan::TooDeep => Err(JsonError::Refused(DomainError::InvalidDocument(vec![Violation::new(
+            "",
+            "the JSON text could not be checked",
+        )]))),
     }
 }
 

@@ -7,7 +7,6 @@ use serde_json::Value;
 use crate::error::{DomainError, LimitKind, Violation};
 use crate::limits::Limits;
 
-
 /// Top-level keys of a document that only the server writes (SPEC §2.2).
 pub const SERVER_OWNED_KEYS: &[&str] = &["id", "_meta"];
 
@@ -179,8 +178,7 @@ fn apply_ops(doc: &Value, patch: &Patch, copy_budget: Option<usize>) -> Result<V
             }
         }
         // The whole document is a private copy, discarded on failure: no undo log is needed.
-        json_patch::patch_unsafe(&mut next, std::slice::from_ref(op))
-            .map_err(|e| patch_failed(index, op, &e.kind))?;
+        json_patch::patch_unsafe(&mut next, std::slice::from_ref(op)).map_err(|e| patch_failed(index, op, &e.kind))?;
     }
     Ok(next)
 }

@@ -166,6 +166,9 @@ impl ArtifactSet {
         let mut rule_targets: BTreeMap<TypeName, Vec<rules::RuleTargets>> = BTreeMap::new();
         let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
         let mut indexes_files: BTreeMap<TypeName, String> = BTreeMap::new();
+        // Commands whose file exists but has problems of its own: other files that name them
+        // are not told the command is missing (its file's problems say what is wrong).
+        let mut broken_commands: std::collections::BTreeSet<(TypeName, String)> = Default::default();
         for (path, text) in files {
             let mut p = |location: String, message: String| {
                 problems.push(Problem { file: path.clone(), location, message });
@@ -181,9 +184,9 @@ impl ArtifactSet {
                 ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
                 ["types", t, "indexes.yaml" | "indexes.yml" | "indexes.json"] => (*t, Kind::Indexes),
                 ["types", t, "commands", file] => match command_name(file) {
-                    Some(name) => (*t, Kind::Command(name)),
-                    None => {
-                        p(String::new(), "a command file is <name>.yaml, <name>.yml or <name>.json".into());
+                    Ok(name) => (*t, Kind::Command(name)),
+                    Err(message) => {
+                        p(String::new(), message);
                         continue;
                     }
                 },
@@ -229,7 +232,7 @@ impl ArtifactSet {
             match kind {
                 Kind::Schema => match Schema::compile(&doc) {
                     Ok(s) => entry.schema = Some(s),
-                    Err(e) => local.push(e),
+                    Err(e) => local.extend(e),
                 },
                 Kind::Rules => {
                     let (r, targets, e) = rules::parse(&doc, limits);
@@ -254,7 +257,10 @@ impl ArtifactSet {
                         Ok(c) => {
                             v.insert(c);
                         }
-                        Err(e) => local.extend(e),
+                        Err(e) => {
+                            broken_commands.insert((t.clone(), v.key().clone()));
+                            local.extend(e);
+                        }
                     },
                 },
             }
@@ -268,7 +274,8 @@ impl ArtifactSet {
                 for (i, tr) in l.transitions.iter().enumerate() {
                     for name in &tr.on {
                         let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
-                        if !generic && !a.commands.contains_key(name) {
+                        let broken = broken_commands.contains(&(t.clone(), name.clone()));
+                        if !generic && !broken && !a.commands.contains_key(name) {
                             problems.push(Problem {
                                 file: lifecycle_files.get(t).cloned().unwrap_or_default(),
                                 location: format!("/transitions/{i}/on"),
@@ -282,7 +289,8 @@ impl ArtifactSet {
             for r in rule_targets.get(t).into_iter().flatten() {
                 for name in &r.on {
                     let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
-                    if !generic && !a.commands.contains_key(name) {
+                    let broken = broken_commands.contains(&(t.clone(), name.clone()));
+                    if !generic && !broken && !a.commands.contains_key(name) {
                         problems.push(Problem {
                             file: rules_files.get(t).cloned().unwrap_or_default(),
                             location: format!("/rules/{}/on", r.index),
@@ -342,17 +350,33 @@ fn parse_indexes(doc: &Value) -> Result<Vec<crate::query::FieldPath>, Vec<(Strin
     if problems.is_empty() { Ok(fields) } else { Err(problems) }
 }
 
-fn command_name(file: &str) -> Option<String> {
-    let stem =
-        file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")).or_else(|| file.strip_suffix(".json"))?;
-    let ok = !stem.is_empty()
+fn command_name(file: &str) -> Result<String, String> {
+    let Some(stem) =
+        file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")).or_else(|| file.strip_suffix(".json"))
+    else {
+        return Err(format!("'{file}': a command file is <name>.yaml, <name>.yml or <name>.json"));
+    };
+    let shape = !stem.is_empty()
         && stem.len() <= 64
         && stem.as_bytes()[0].is_ascii_lowercase()
-        && stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b))
-        && stem != "events"
-        && stem != "diff";
-    ok.then(|| stem.to_owned())
+        && stem.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+    if !shape {
+        return Err(format!(
+            "'{stem}' is not a command name: it must match [a-z][a-z0-9_-]{{0,63}} (the file name is the name)"
+        ));
+    }
+    if RESERVED_COMMAND_NAMES.contains(&stem) {
+        return Err(format!(
+            "'{stem}' cannot be a command name: POST /{{type}}/{{id}}/{stem} is one of the service's own routes \
+             (reserved: {})",
+            RESERVED_COMMAND_NAMES.join(", ")
+        ));
+    }
+    Ok(stem.to_owned())
 }
+
+/// Names a custom command cannot take: the routes under `/{type}/{id}/`.
+const RESERVED_COMMAND_NAMES: &[&str] = &["events", "diff"];
 
 /// Parses YAML or JSON (by extension) into JSON; the error carries `line L column C`.
 fn parse_document(path: &str, text: &str) -> Result<Value, (String, String)> {
@@ -428,8 +452,8 @@ fn parse_command(name: &str, doc: &Value, limits: &ExprLimits) -> Result<CustomC
     let mut problems = Vec::new();
     let payload = match raw.payload.as_ref().map(Schema::compile) {
         Some(Ok(s)) => Some(s),
-        Some(Err((pointer, m))) => {
-            problems.push((format!("/payload{pointer}"), m));
+        Some(Err(all)) => {
+            problems.extend(all.into_iter().map(|(pointer, m)| (format!("/payload{pointer}"), m)));
             None
         }
         None => None,

@@ -20,19 +20,49 @@ impl std::fmt::Debug for Schema {
     }
 }
 
+/// The meta-schema validator of the draft `schema` names, when it names one the library
+/// bundles (or none: then 2020-12, as [`Schema::compile`] builds it). `validator_for` panics on
+/// a `$schema` it does not know; such a schema is left to the build, which refuses it clearly.
+fn meta_validator(schema: &Value) -> Option<jsonschema::meta::MetaValidator<'static>> {
+    const BUNDLED: &[&str] = &[
+        "http://json-schema.org/draft-04/schema",
+        "http://json-schema.org/draft-06/schema",
+        "http://json-schema.org/draft-07/schema",
+        "https://json-schema.org/draft/2019-09/schema",
+        "https://json-schema.org/draft/2020-12/schema",
+    ];
+    match schema.get("$schema") {
+        None => Some(jsonschema::draft202012::meta::validator()),
+        Some(Value::String(uri)) if BUNDLED.contains(&uri.trim_end_matches('#')) => {
+            jsonschema::meta::validator_for(schema).ok()
+        }
+        Some(_) => None,
+    }
+}
+
 /// Most violations reported for one document.
 pub const VIOLATIONS_MAX: usize = 100;
 
 impl Schema {
     /// Compiles a schema (draft 2020-12 unless it names another with `$schema`); `format` is
     /// asserted. No remote references are fetched. The error is the JSON Pointer of the
-    /// offending keyword inside the schema (empty for the whole) and a message.
-    pub fn compile(source: &Value) -> Result<Schema, (String, String)> {
+    /// offending keyword inside the schema (empty for the whole) and a message, for every
+    /// keyword the draft's meta-schema refuses (at most [`VIOLATIONS_MAX`]).
+    pub fn compile(source: &Value) -> Result<Schema, Vec<(String, String)>> {
+        let problem =
+            |e: &jsonschema::ValidationError<'_>| (e.instance_path().to_string(), format!("invalid JSON Schema: {e}"));
+        // Building stops at the first bad keyword; the meta-schema lists them all.
+        if let Some(meta) = meta_validator(source) {
+            let all: Vec<_> = meta.iter_errors(source).take(VIOLATIONS_MAX).map(|e| problem(&e)).collect();
+            if !all.is_empty() {
+                return Err(all);
+            }
+        }
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .should_validate_formats(true)
             .build(source)
-            .map_err(|e| (e.instance_path().to_string(), format!("invalid JSON Schema: {e}")))?;
+            .map_err(|e| vec![problem(&e)])?;
         Ok(Schema { source: Arc::new(source.clone()), validator: Arc::new(validator) })
     }
 
@@ -77,6 +107,16 @@ mod tests {
     #[test]
     fn invalid_schemas_are_refused() {
         assert!(Schema::compile(&json!({"type": "nonsense"})).is_err());
+        // Every bad keyword, not only the first the builder meets.
+        let bad = json!({
+            "type": "strin", "minimum": "x", "required": 5, "properties": {"a": {"type": 3}},
+            "maxLength": -1, "enum": 1, "pattern": 7
+        });
+        let all = Schema::compile(&bad).err().unwrap();
+        assert!(all.len() >= 7, "{all:?}");
+        // A meta-schema the library does not bundle must not panic the meta check.
+        let strange = json!({"$schema": "https://example.com/my-meta", "type": "object"});
+        let _ = Schema::compile(&strange);
         assert!(Schema::compile(&json!({"minimum": "ten"})).is_err());
     }
 }

@@ -128,7 +128,8 @@ async fn a_patch_of_copies_is_refused_before_it_costs_more_than_the_limit() {
     assert!(p["detail"].as_str().unwrap().contains("copy"), "{p}");
     assert_eq!(app.get("/doc/big").await.ok(200)["_meta"]["version"], 1);
     // Copies within the budget still apply.
-    let ok = json!([{"op": "copy", "from": "/a/0", "path": "/first"}, {"op": "copy", "from": "/first", "path": "/again"}]);
+    let ok =
+        json!([{"op": "copy", "from": "/a/0", "path": "/first"}, {"op": "copy", "from": "/first", "path": "/again"}]);
     assert_eq!(app.patch("/doc/big", None, &ok).await.ok(200)["again"], 1234567);
 }
 
@@ -138,7 +139,11 @@ async fn a_failed_operation_names_the_member_that_failed() {
     app.call("PUT", "/doc/p", &[], Some(r#"{"a":1}"#)).await.ok(201);
     let cases = [
         (json!([{"op": "copy", "from": "/nope", "path": "/b"}]), "/body/0/from", "'from'"),
-        (json!([{"op": "add", "path": "/b", "value": 1}, {"op": "move", "from": "/x", "path": "/c"}]), "/body/1/from", "'from'"),
+        (
+            json!([{"op": "add", "path": "/b", "value": 1}, {"op": "move", "from": "/x", "path": "/c"}]),
+            "/body/1/from",
+            "'from'",
+        ),
         (json!([{"op": "remove", "path": "/nope"}]), "/body/0/path", "'path'"),
         (json!([{"op": "test", "path": "/a", "value": 2}]), "/body/0/path", "test"),
     ];
