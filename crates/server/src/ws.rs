@@ -848,6 +848,22 @@ mod tests {
             assert_eq!(e["error"]["status"], 400, "{e}");
             assert!(e["error"]["detail"].as_str().unwrap().contains(needle), "{needle}: {e}");
         }
+        // Frames are read by the faithful reader: what could not be stored as sent is refused.
+        let command = |body: &str| {
+            format!(r#"{{"op":"command","command":{{"type":"create","targetName":"order","body":{body}}}}}"#)
+        };
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        for (text, status, slug) in [
+            (command(r#"{"a":1,"a":2}"#), 400, "invalid-json"),
+            (command(r#"{"a":123456789012345678901234567890}"#), 422, "unstorable-value"),
+            (command(r#"{"a":"\u0000"}"#), 422, "unstorable-value"),
+            (command(&deep), 422, "too-deep"),
+        ] {
+            h.to_server.send(Ok(Message::Text(text.into()))).await.unwrap();
+            let e = h.recv_json().await;
+            assert_eq!(e["error"]["status"], status, "{e}");
+            assert_eq!(e["error"]["type"], format!("urn:sourced:problem:{slug}"), "{e}");
+        }
         h.send(json!({"op": "ping"})).await;
         assert_eq!(h.recv_json().await, json!({"op": "pong"}));
     }
