@@ -293,6 +293,7 @@ async fn time_commands(engine: &Engine, key: &StreamKey, count: usize) -> anyhow
             tenant: tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("unused").expect("an id"),
+            generated_command_id: sourced_engine::fresh::command_id(),
         };
         let command = Command::from_envelope_value(envelope, defaults).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();

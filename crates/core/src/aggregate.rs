@@ -61,10 +61,19 @@ pub struct Decision {
     pub next: Aggregate,
 }
 
+/// What one event leads to: the document after it and whether the aggregate is deleted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evolved {
+    /// The document (none before the first `created`).
+    pub state: Option<Value>,
+    /// Whether a `deleted` event was applied.
+    pub deleted: bool,
+}
+
 /// The state a change leads to, from the state before it. The one fold of the system: replay
 /// and decision both use it. `created` sets the document, `deleted` marks the aggregate, and
 /// every other event type carries an RFC 6902 patch applied to the document (`{}` when none).
-pub fn evolve(state: Option<&Value>, event_type: &str, data: &Value) -> Result<(Option<Value>, bool), String> {
+pub fn evolve(state: Option<&Value>, event_type: &str, data: &Value) -> Result<Evolved, String> {
     evolve_with(state, event_type, data, None).map_err(|e| e.to_string())
 }
 
@@ -76,7 +85,7 @@ pub(crate) fn evolve_bounded(
     event_type: &str,
     data: &Value,
     limits: &Limits,
-) -> Result<(Option<Value>, bool), DomainError> {
+) -> Result<Evolved, DomainError> {
     evolve_with(state, event_type, data, Some(limits))
 }
 
@@ -85,18 +94,18 @@ fn evolve_with(
     event_type: &str,
     data: &Value,
     limits: Option<&Limits>,
-) -> Result<(Option<Value>, bool), DomainError> {
+) -> Result<Evolved, DomainError> {
     let failed =
         |message: String| DomainError::PatchFailed { index: 0, pointer: String::new(), path: String::new(), message };
     match event_type {
         CREATED => {
             if data.is_object() {
-                Ok((Some(data.clone()), false))
+                Ok(Evolved { state: Some(data.clone()), deleted: false })
             } else {
                 Err(failed("a created event's data must be an object".to_owned()))
             }
         }
-        DELETED => Ok((state.cloned(), true)),
+        DELETED => Ok(Evolved { state: state.cloned(), deleted: true }),
         _ => {
             let p: json_patch::Patch = serde_json::from_value(data.clone())
                 .map_err(|e| failed(format!("event data is not a JSON Patch: {e}")))?;
@@ -105,7 +114,7 @@ fn evolve_with(
                 Some(l) => patch::apply_bounded(&base, &p, l)?,
                 None => patch::apply(&base, &p)?,
             };
-            Ok((Some(next), false))
+            Ok(Evolved { state: Some(next), deleted: false })
         }
     }
 }
@@ -134,7 +143,7 @@ impl Aggregate {
     }
 
     fn apply_change(&mut self, event_type: &str, data: &Value, at: DateTime<Utc>) -> Result<(), String> {
-        let (state, deleted) = evolve(self.state.as_ref(), event_type, data)?;
+        let Evolved { state, deleted } = evolve(self.state.as_ref(), event_type, data)?;
         self.state = state;
         self.deleted = deleted;
         self.version = self.version.next();

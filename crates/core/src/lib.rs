@@ -15,8 +15,9 @@ pub mod patch;
 pub mod query;
 pub mod timestamp;
 pub mod version;
+pub mod violation;
 
-pub use aggregate::{Aggregate, Change, Decision, FoldError, decide, evolve, new_events};
+pub use aggregate::{Aggregate, Change, Decision, Evolved, FoldError, decide, evolve, new_events};
 pub use command::{Command, CommandKind, EnvelopeDefaults};
 pub use error::{DomainError, LimitKind, Violation};
 pub use event::{NewEvent, RecordedEvent};

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+pub mod fresh;
 pub mod rebuild;
 pub mod subscriptions;
 

@@ -408,7 +408,7 @@ mod tests {
     }
 
     use crate::{Engine, EngineConfig, SystemClock};
-    use sourced_core::{Command, EnvelopeDefaults};
+    use sourced_core::Command;
     use sourced_store::sqlite::{SqliteOptions, SqliteStore};
 
     fn engine(dir: &tempfile::TempDir, live_buffer_events: usize) -> Engine {
@@ -419,11 +419,7 @@ mod tests {
 
     async fn create(engine: &Engine, id: &str) {
         let env = serde_json::json!({"type": "create", "targetName": "order", "targetId": id, "body": {}});
-        let defaults = EnvelopeDefaults {
-            tenant: TenantId::default_tenant(),
-            tenant_fixed: false,
-            generated_id: AggregateId::generate(),
-        };
+        let defaults = crate::fresh::envelope_defaults(TenantId::default_tenant(), false);
         engine.execute(Command::from_envelope_value(env, defaults).unwrap(), None).await.unwrap();
     }
 

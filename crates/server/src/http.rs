@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use sourced_core::aggregate::document;
 use sourced_core::query;
 use sourced_core::{
-    AggregateId, Command, CommandId, EnvelopeDefaults, ExpectedVersion, Position, StreamKey, TenantId, TypeName,
-    Version, Violation, ids::RESERVED_TYPE_NAMES,
+    AggregateId, Command, CommandId, ExpectedVersion, Position, StreamKey, TenantId, TypeName, Version, Violation,
+    ids::RESERVED_TYPE_NAMES,
 };
 use sourced_engine::{CommandOutcome, Engine};
 use sourced_store::{DocumentRow, DocumentText, ListCursor, ListQuery};
@@ -428,8 +428,7 @@ fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> R
     if let Some(id) = idempotency_key(headers)? {
         envelope.insert("id".into(), Value::from(id.to_string()));
     }
-    let defaults =
-        EnvelopeDefaults { tenant: tenant(headers)?, tenant_fixed: true, generated_id: AggregateId::generate() };
+    let defaults = sourced_engine::fresh::envelope_defaults(tenant(headers)?, true);
     Ok(Command::from_envelope_value(Value::Object(envelope), defaults)?)
 }
 
@@ -584,11 +583,10 @@ async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body)
         }
     }
     let header_tenant = tenant_header(&headers)?;
-    let defaults = EnvelopeDefaults {
-        tenant_fixed: header_tenant.is_some(),
-        tenant: header_tenant.unwrap_or_else(TenantId::default_tenant),
-        generated_id: AggregateId::generate(),
-    };
+    let defaults = sourced_engine::fresh::envelope_defaults(
+        header_tenant.clone().unwrap_or_else(TenantId::default_tenant),
+        header_tenant.is_some(),
+    );
     let cmd = Command::from_envelope_value(env, defaults)?;
     let outcome = s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, false))?;
     let mut r = axum::Json(&outcome.result).into_response();

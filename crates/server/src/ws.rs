@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
-use sourced_core::{AggregateId, Command, EnvelopeDefaults, Position, TenantId, TypeName};
+use sourced_core::{AggregateId, Command, Position, TenantId, TypeName};
 use sourced_engine::{CommandOutcome, Engine, Start, SubscriptionFilter, SubscriptionItem};
 
 use crate::config::WsLimits;
@@ -486,11 +486,9 @@ pub(crate) async fn execute_envelope(
     tenant: Option<TenantId>,
 ) -> Result<CommandOutcome, EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
-    let defaults = EnvelopeDefaults {
-        tenant_fixed: tenant.is_some(),
-        tenant: tenant.unwrap_or_else(TenantId::default_tenant),
-        generated_id: AggregateId::generate(),
-    };
+    let tenant_fixed = tenant.is_some();
+    let defaults =
+        sourced_engine::fresh::envelope_defaults(tenant.unwrap_or_else(TenantId::default_tenant), tenant_fixed);
     let cmd = match Command::from_envelope_value(envelope, defaults) {
         Ok(c) => c,
         Err(e) => return Err(Box::new((id, Problem::from(e)))),

@@ -210,7 +210,7 @@ fn decide_custom(
             ops.push(Value::Object(o));
         }
         let data = Value::Array(ops);
-        let (next, _) = evolve_bounded(Some(&state), &spec.event, &data, limits).map_err(|e| match e {
+        let next = evolve_bounded(Some(&state), &spec.event, &data, limits).map_err(|e| match e {
             // The patch is the command definition's, not the client's: no pointer into the command.
             DomainError::PatchFailed { index, path, message, .. } => DomainError::PatchFailed {
                 index,
@@ -220,7 +220,7 @@ fn decide_custom(
             },
             other => other,
         })?;
-        state = next.unwrap_or(Value::Null);
+        state = next.state.unwrap_or(Value::Null);
         changes.push(Change { event_type: spec.event.clone(), data });
     }
     patch::check_document_shape(&state, None)?;

@@ -87,6 +87,7 @@ fn cmd(env: Value) -> Command {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("l1").unwrap(),
+            generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         },
     )
     .unwrap()
@@ -203,6 +204,7 @@ fn expressions_that_fail_at_run_time_refuse_cleanly() {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("x").unwrap(),
+            generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         },
     )
     .unwrap();

@@ -20,7 +20,7 @@ fn given(events: &[(&str, Value)]) -> Given {
     let mut agg = Aggregate::default();
     for (i, (ty, data)) in events.iter().enumerate() {
         let e = RecordedEvent {
-            id: sourced_core::CommandId::generate().event_id(0),
+            id: sourced_core::CommandId(uuid::Uuid::from_u128(2)).event_id(0),
             position: sourced_core::Position(i as u64 + 1),
             tenant: TenantId::default_tenant(),
             target_name: sourced_core::TypeName::parse("order").unwrap(),
@@ -60,6 +60,7 @@ impl Given {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("o1").unwrap(),
+            generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         };
         let result = Command::from_envelope(&envelope, defaults).and_then(|cmd| {
             let d = decide(&self.agg, &cmd, &self.limits, t0())?;
@@ -75,6 +76,7 @@ impl Given {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("o1").unwrap(),
+            generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         };
         let env = json!({"type": "patch", "targetName": "order", "targetId": "o1", "body": []});
         let result = Command::from_envelope(&env, defaults).and_then(|c| c.into_merge_patch(merge)).and_then(|cmd| {

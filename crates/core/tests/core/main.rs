@@ -5,3 +5,4 @@ mod artifacts;
 mod conformance;
 mod given_when_then;
 mod properties;
+mod purity;

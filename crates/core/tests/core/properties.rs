@@ -52,6 +52,7 @@ proptest! {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("x").unwrap(),
+        generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         };
         let now = chrono::DateTime::from_timestamp(0, 0).unwrap();
         let mut agg = Aggregate::default();
@@ -67,7 +68,7 @@ proptest! {
                     // The decided state is the one the fold reaches from the events.
                     let mut folded = agg.state.clone();
                     for c in &dec.changes {
-                        folded = sourced_core::evolve(folded.as_ref(), &c.event_type, &c.data).unwrap().0;
+                        folded = sourced_core::evolve(folded.as_ref(), &c.event_type, &c.data).unwrap().state;
                     }
                     prop_assert_eq!(folded.as_ref(), dec.next.state.as_ref());
                     prop_assert_eq!(dec.next.version, agg.version.next());
@@ -88,6 +89,7 @@ proptest! {
             tenant: TenantId::default_tenant(),
             tenant_fixed: false,
             generated_id: AggregateId::parse("x").unwrap(),
+        generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
         };
         let now = chrono::DateTime::from_timestamp(0, 0).unwrap();
         let agg = Aggregate { version: Version(1), state: Some(doc), ..Aggregate::default() };
@@ -104,7 +106,8 @@ proptest! {
             if let Ok(dec) = decide(&agg, &cmd, &Limits::default(), now) {
                 let mut folded = agg.clone();
                 for c in &dec.changes {
-                    let (state, deleted) = sourced_core::evolve(folded.state.as_ref(), &c.event_type, &c.data).unwrap();
+                    let sourced_core::aggregate::Evolved { state, deleted } =
+                        sourced_core::evolve(folded.state.as_ref(), &c.event_type, &c.data).unwrap();
                     folded.state = state;
                     folded.deleted = deleted;
                 }
@@ -119,7 +122,7 @@ proptest! {
     fn arbitrary_patches_never_panic(doc in object(), ops in prop::collection::vec(value(), 0..5)) {
         let cmd = Command::from_envelope(
             &json!({"type": "patch", "targetName": "t", "targetId": "x", "body": ops}),
-            EnvelopeDefaults { tenant: TenantId::default_tenant(), tenant_fixed: false, generated_id: AggregateId::parse("x").unwrap() },
+            EnvelopeDefaults { tenant: TenantId::default_tenant(), tenant_fixed: false, generated_id: AggregateId::parse("x").unwrap(), generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)) },
         ).unwrap();
         let agg = Aggregate { version: Version(1), state: Some(doc), ..Aggregate::default() };
         let _ = decide(&agg, &cmd, &Limits::default(), chrono::DateTime::from_timestamp(0, 0).unwrap());

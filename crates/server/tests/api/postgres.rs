@@ -128,11 +128,7 @@ async fn a_subscription_hears_commands_of_another_process() {
     let tenant = sourced_core::TenantId::default_tenant();
     let create = |engine: Engine, id: String| async move {
         let env = json!({"type": "create", "targetName": "order", "targetId": id, "body": {"n": 1}});
-        let defaults = sourced_core::EnvelopeDefaults {
-            tenant: sourced_core::TenantId::default_tenant(),
-            tenant_fixed: false,
-            generated_id: sourced_core::AggregateId::generate(),
-        };
+        let defaults = sourced_engine::fresh::envelope_defaults(sourced_core::TenantId::default_tenant(), false);
         let command = sourced_core::Command::from_envelope_value(env, defaults).expect("a valid command");
         engine.execute(command, None).await.expect("executed");
     };
