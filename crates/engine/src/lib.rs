@@ -221,113 +221,99 @@ impl Engine {
     /// append, so a retry never writes twice). Every failure is confirmed against a fresh load
     /// and the command records before it is reported.
     pub async fn execute(&self, cmd: Command, principal: Option<&str>) -> Result<CommandOutcome, EngineError> {
-        let mut attempt = 0;
-        // Whether the aggregate must come from the store rather than the cache or a guess.
-        let mut fresh = false;
+        let client_exact = matches!(cmd.expected, Some(ExpectedVersion::Exact(_) | ExpectedVersion::NoStream));
+        let mut retry = Retry::default();
         loop {
-            let agg = self.aggregate_for(&cmd, fresh).await?;
-            if self.config.require_version && cmd.expected.is_none() && agg.version > Version::ZERO {
-                if !fresh {
-                    fresh = true;
-                    continue;
-                }
-                return self.refuse(&cmd, EngineError::VersionRequired).await;
-            }
-            if let Some(expected) = cmd.expected
-                && !expected.matches(agg.head())
-            {
-                if !fresh {
-                    fresh = true;
-                    continue;
-                }
-                let e = EngineError::Conflict { expected, actual: agg.head(), client_version: true };
-                return self.refuse(&cmd, e).await;
-            }
-            let now = timestamp::truncate(self.clock.now());
-            let artifacts = self.artifacts();
-            let principal_json = principal.map(Value::from);
-            let checked = match artifacts::decide::decide(
-                &artifacts,
-                &agg,
-                &cmd,
-                &self.config.limits,
-                now,
-                principal_json.as_ref(),
-            ) {
-                Ok(c) => c,
-                // A refusal may come from a stale or guessed state: confirm it on a fresh one.
-                Err(_) if !fresh => {
-                    fresh = true;
-                    continue;
-                }
-                Err(e) => return self.refuse(&cmd, e.into()).await,
-            };
-            let (decision, warnings) = (checked.decision, checked.warnings);
-            // Warnings are stored with the command record so a retry returns them too.
-            let extra = if warnings.is_empty() { Value::Null } else { serde_json::json!({"warnings": warnings}) };
-            let request = AppendRequest {
-                key: cmd.key.clone(),
-                // Always the version the decision was made on: any write in between must be
-                // detected (SPEC §2.3 step 7).
-                expected: ExpectedVersion::Exact(agg.version),
-                events: new_events(&cmd, &decision.changes, principal),
-                timestamp: now,
-                document: DocumentWrite {
-                    state: decision.next.state.clone().unwrap_or(Value::Null),
-                    deleted: decision.next.deleted,
-                },
-                command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra },
-                snapshot: snapshot_due(agg.version, decision.next.version, self.config.snapshot_every)
-                    .then(|| {
-                        decision.next.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at })
-                    })
-                    .flatten(),
-            };
-            match self.store.append(request).await {
-                Ok(AppendOutcome::Appended(events)) => {
-                    self.hub.wake();
-                    let version = decision.next.version;
-                    let aggregate = Arc::new(decision.next);
-                    self.cache.put(&cmd.key, aggregate.clone());
-                    return Ok(CommandOutcome {
-                        result: CommandResult {
-                            id: cmd.id,
-                            target_name: cmd.key.type_name.clone(),
-                            target_id: cmd.key.id.clone(),
-                            version,
-                            events,
-                            warnings,
-                        },
-                        aggregate,
-                        replayed: false,
-                    });
-                }
-                Ok(AppendOutcome::Duplicate(record)) => return self.replay(&cmd, record).await,
-                Err(StoreError::Conflict { actual, .. }) => {
+            let (setback, error) = match self.pass(&cmd, principal, retry.fresh).await? {
+                Pass::Appended(outcome) => return Ok(outcome),
+                Pass::Duplicate(record) => return self.replay(&cmd, record).await,
+                Pass::Refused(error) => (Setback::Refused, error),
+                Pass::LostRace { decided_on, actual } => {
                     self.cache.remove(&cmd.key);
-                    let client_exact =
-                        matches!(cmd.expected, Some(ExpectedVersion::Exact(_) | ExpectedVersion::NoStream));
-                    if client_exact && fresh {
-                        let expected = cmd.expected.unwrap_or(ExpectedVersion::Exact(agg.version));
-                        let e = EngineError::Conflict { expected, actual, client_version: true };
-                        return self.refuse(&cmd, e).await;
-                    }
-                    if fresh {
-                        attempt += 1;
-                    }
-                    if attempt > self.config.conflict_retries_max {
-                        let e = EngineError::Conflict {
-                            expected: ExpectedVersion::Exact(agg.version),
+                    let error = match cmd.expected {
+                        Some(expected) if client_exact => {
+                            EngineError::Conflict { expected, actual, client_version: true }
+                        }
+                        _ => EngineError::Conflict {
+                            expected: ExpectedVersion::Exact(decided_on),
                             actual,
                             client_version: false,
-                        };
-                        return self.refuse(&cmd, e).await;
-                    }
-                    fresh = true;
-                    tracing::debug!(command = %cmd.id, attempt, "lost a race, deciding again");
+                        },
+                    };
+                    (Setback::LostRace, error)
                 }
-                Err(e) => return Err(e.into()),
+            };
+            match retry.next(setback, client_exact, self.config.conflict_retries_max) {
+                Verdict::Again(next) => {
+                    tracing::debug!(command = %cmd.id, ?setback, races_lost = next.races_lost, "deciding again");
+                    retry = next;
+                }
+                Verdict::Report => return self.refuse(&cmd, error).await,
             }
+        }
+    }
+
+    /// One pass of the pipeline: load (from the store when `fresh`), check the client's
+    /// version, decide, append with the version the decision was made on.
+    async fn pass(&self, cmd: &Command, principal: Option<&str>, fresh: bool) -> Result<Pass, EngineError> {
+        let agg = self.aggregate_for(cmd, fresh).await?;
+        if self.config.require_version && cmd.expected.is_none() && agg.version > Version::ZERO {
+            return Ok(Pass::Refused(EngineError::VersionRequired));
+        }
+        if let Some(expected) = cmd.expected
+            && !expected.matches(agg.head())
+        {
+            return Ok(Pass::Refused(EngineError::Conflict { expected, actual: agg.head(), client_version: true }));
+        }
+        let now = timestamp::truncate(self.clock.now());
+        let artifacts = self.artifacts();
+        let principal_json = principal.map(Value::from);
+        let checked =
+            match artifacts::decide::decide(&artifacts, &agg, cmd, &self.config.limits, now, principal_json.as_ref()) {
+                Ok(c) => c,
+                Err(e) => return Ok(Pass::Refused(e.into())),
+            };
+        let (decision, warnings) = (checked.decision, checked.warnings);
+        // Warnings are stored with the command record so a retry returns them too.
+        let extra = if warnings.is_empty() { Value::Null } else { serde_json::json!({"warnings": warnings}) };
+        let request = AppendRequest {
+            key: cmd.key.clone(),
+            // Always the version the decision was made on: any write in between must be
+            // detected (SPEC §2.3 step 7).
+            expected: ExpectedVersion::Exact(agg.version),
+            events: new_events(cmd, &decision.changes, principal),
+            timestamp: now,
+            document: DocumentWrite {
+                state: decision.next.state.clone().unwrap_or(Value::Null),
+                deleted: decision.next.deleted,
+            },
+            command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra },
+            snapshot: snapshot_due(agg.version, decision.next.version, self.config.snapshot_every)
+                .then(|| decision.next.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
+                .flatten(),
+        };
+        match self.store.append(request).await {
+            Ok(AppendOutcome::Appended(events)) => {
+                self.hub.wake();
+                let version = decision.next.version;
+                let aggregate = Arc::new(decision.next);
+                self.cache.put(&cmd.key, aggregate.clone());
+                Ok(Pass::Appended(CommandOutcome {
+                    result: CommandResult {
+                        id: cmd.id,
+                        target_name: cmd.key.type_name.clone(),
+                        target_id: cmd.key.id.clone(),
+                        version,
+                        events,
+                        warnings,
+                    },
+                    aggregate,
+                    replayed: false,
+                }))
+            }
+            Ok(AppendOutcome::Duplicate(record)) => Ok(Pass::Duplicate(record)),
+            Err(StoreError::Conflict { actual, .. }) => Ok(Pass::LostRace { decided_on: agg.version, actual }),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -430,8 +416,91 @@ impl Engine {
     }
 }
 
+/// What one pass of [`Engine::execute`] came to.
+enum Pass {
+    /// The events are appended.
+    Appended(CommandOutcome),
+    /// The store holds a record of this command id: its outcome is the answer.
+    Duplicate(CommandRecord),
+    /// The command was refused on the aggregate this pass loaded.
+    Refused(EngineError),
+    /// Another write reached the stream between the load and the append.
+    LostRace {
+        /// The version the decision was made on.
+        decided_on: Version,
+        /// Where the stream is.
+        actual: StreamHead,
+    },
+}
+
+/// A pass that ended without an answer, as the retry rule sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setback {
+    Refused,
+    LostRace,
+}
+
+/// Where a command's execution stands (SPEC §2.3 step 7): whether the aggregate comes from the
+/// store, and how many races a fresh decision has lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Retry {
+    fresh: bool,
+    races_lost: u32,
+}
+
+/// What the rule says after a setback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Decide again, from this state.
+    Again(Retry),
+    /// Report the setback (unless the command turns out to be already carried out).
+    Report,
+}
+
+impl Retry {
+    /// The retry rule. A setback on a cached or guessed aggregate is confirmed on a fresh load;
+    /// a refusal on a fresh one is reported; a race lost on a fresh one is reported when the
+    /// client named the exact version it expected, else decided again at most `retries_max`
+    /// times.
+    fn next(self, setback: Setback, client_exact: bool, retries_max: u32) -> Verdict {
+        match setback {
+            _ if !self.fresh => Verdict::Again(Retry { fresh: true, ..self }),
+            Setback::Refused => Verdict::Report,
+            Setback::LostRace if client_exact || self.races_lost >= retries_max => Verdict::Report,
+            Setback::LostRace => Verdict::Again(Retry { fresh: true, races_lost: self.races_lost + 1 }),
+        }
+    }
+}
+
 /// Whether an append taking an aggregate from version `before` to `after` stores a snapshot:
 /// when it crosses (or reaches) a multiple of `every` (never when `every` is 0).
 pub fn snapshot_due(before: Version, after: Version, every: u64) -> bool {
     every > 0 && before.0 / every < after.0 / every
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Retry, Setback, Verdict};
+
+    #[test]
+    fn the_retry_rule() {
+        let cached = Retry::default();
+        let fresh = |races_lost| Retry { fresh: true, races_lost };
+        let again = Verdict::Again;
+        // (state, setback, client named the exact version, verdict), with 2 retries allowed.
+        for (state, setback, exact, want) in [
+            (cached, Setback::Refused, false, again(fresh(0))),
+            (cached, Setback::Refused, true, again(fresh(0))),
+            (cached, Setback::LostRace, false, again(fresh(0))),
+            (cached, Setback::LostRace, true, again(fresh(0))),
+            (fresh(0), Setback::Refused, false, Verdict::Report),
+            (fresh(0), Setback::LostRace, true, Verdict::Report),
+            (fresh(0), Setback::LostRace, false, again(fresh(1))),
+            (fresh(1), Setback::LostRace, false, again(fresh(2))),
+            (fresh(2), Setback::LostRace, false, Verdict::Report),
+            (fresh(2), Setback::Refused, false, Verdict::Report),
+        ] {
+            assert_eq!(state.next(setback, exact, 2), want, "{state:?} {setback:?} exact={exact}");
+        }
+    }
 }
