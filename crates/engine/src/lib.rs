@@ -8,6 +8,7 @@ mod cache;
 pub mod fresh;
 pub mod rebuild;
 pub mod subscriptions;
+pub mod transfer;
 
 use std::sync::{Arc, RwLock};
 
@@ -19,7 +20,7 @@ use cache::AggregateCache;
 use sourced_core::aggregate::FOLD_VERSION;
 use sourced_core::artifacts::{self, ArtifactSet};
 use sourced_core::{
-    Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits,
+    Aggregate, AggregateId, Command, CommandId, CommandKind, DomainError, ExpectedVersion, FoldError, Limits, NewEvent,
     RecordedEvent, StreamHead, StreamKey, TenantId, TypeName, Version, new_events, timestamp,
 };
 use sourced_store::{
@@ -276,22 +277,19 @@ impl Engine {
         let (decision, warnings) = (checked.decision, checked.warnings);
         // Warnings are stored with the command record so a retry returns them too.
         let extra = if warnings.is_empty() { Value::Null } else { serde_json::json!({"warnings": warnings}) };
-        let request = AppendRequest {
-            key: cmd.key.clone(),
-            // Always the version the decision was made on: any write in between must be
-            // detected (SPEC §2.3 step 7).
-            expected: ExpectedVersion::Exact(agg.version),
-            events: new_events(cmd, &decision.changes, principal),
-            timestamp: now,
-            document: DocumentWrite {
-                state: decision.next.state.clone().unwrap_or(Value::Null),
-                deleted: decision.next.deleted,
-            },
-            command: CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra },
-            snapshot: snapshot_due(agg.version, decision.next.version, self.config.snapshot_every)
-                .then(|| decision.next.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
-                .flatten(),
-        };
+        let events = new_events(cmd, &decision.changes, principal);
+        let record = CommandWrite { id: cmd.id, fingerprint: cmd.fingerprint.clone(), extra };
+        // Always from the version the decision was made on: any write in between must be
+        // detected (SPEC §2.3 step 7).
+        let request = append_request(
+            cmd.key.clone(),
+            agg.version,
+            &decision.next,
+            events,
+            now,
+            record,
+            self.config.snapshot_every,
+        );
         match self.store.append(request).await {
             Ok(AppendOutcome::Appended(events)) => {
                 self.hub.wake();
@@ -469,6 +467,31 @@ impl Retry {
             Setback::LostRace if client_exact || self.races_lost >= retries_max => Verdict::Report,
             Setback::LostRace => Verdict::Again(Retry { fresh: true, races_lost: self.races_lost + 1 }),
         }
+    }
+}
+
+/// The one builder of an append (live commands and import): events taking a stream from
+/// version `before` to the aggregate `after`, expected exactly at `before`, with `after`'s
+/// read-model row, the command record and, by the live rule ([`snapshot_due`]), a snapshot.
+pub(crate) fn append_request(
+    key: StreamKey,
+    before: Version,
+    after: &Aggregate,
+    events: Vec<NewEvent>,
+    timestamp: DateTime<Utc>,
+    command: CommandWrite,
+    snapshot_every: u64,
+) -> AppendRequest {
+    AppendRequest {
+        key,
+        expected: ExpectedVersion::Exact(before),
+        events,
+        timestamp,
+        document: DocumentWrite { state: after.state.clone().unwrap_or(Value::Null), deleted: after.deleted },
+        command,
+        snapshot: snapshot_due(before, after.version, snapshot_every)
+            .then(|| after.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
+            .flatten(),
     }
 }
 
