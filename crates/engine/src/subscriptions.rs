@@ -11,6 +11,12 @@
 //!   visible to `read_all`) or after (then the hub sends it after the receiver exists, so the
 //!   receiver has it). Events seen both ways are dropped by position: only positions above the
 //!   last one delivered pass.
+//! - A subscription from now ([`Start::Now`]) reads the store's head ([`EventStore::head`], O(1),
+//!   no event read) *after* its receiver exists, at its first poll: every event at or below
+//!   the head was committed before, and every event above it is committed after that read began
+//!   and so reaches the receiver (the SQLite writer moves the head before the listener hears
+//!   of the commit; on PostgreSQL the head is the committed counter, and the feed passes every
+//!   later commit to the hub). With a fed hub it goes live at once, reading no event at all.
 //! - When the receiver lags (the shared live buffer overwrote events it had not taken), the
 //!   subscription takes a fresh receiver and goes back to reading the store from its last
 //!   position; the store is the truth, the hub only a shortcut. Memory per subscription is one
@@ -20,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::broadcast;
 
@@ -79,9 +85,6 @@ enum Live {
 #[derive(Debug)]
 pub struct Hub {
     sender: broadcast::Sender<Live>,
-    /// The highest position committed as far as the hub knows (0 before the first commit
-    /// when the store reports none).
-    head: AtomicU64,
     /// Whether the store feeds the hub with events (else the engine sends wake-ups).
     fed: AtomicBool,
 }
@@ -90,7 +93,7 @@ impl Hub {
     /// A hub whose live buffer keeps `capacity` events (clamped to 1 ..= [`LIVE_BUFFER_EVENTS_MAX`]).
     pub fn new(capacity: usize) -> Arc<Hub> {
         let (sender, _) = broadcast::channel(capacity.clamp(1, LIVE_BUFFER_EVENTS_MAX));
-        Arc::new(Hub { sender, head: AtomicU64::new(0), fed: AtomicBool::new(false) })
+        Arc::new(Hub { sender, fed: AtomicBool::new(false) })
     }
 
     /// Registers the hub as the store's commit listener; `false` when the store cannot feed it.
@@ -123,8 +126,7 @@ impl CommitListener for Hub {
         self.sender.receiver_count() > 0
     }
 
-    fn committed(&self, head: Position, events: Vec<RecordedEvent>) {
-        self.head.fetch_max(head.0, Ordering::SeqCst);
+    fn committed(&self, _head: Position, events: Vec<RecordedEvent>) {
         for e in events {
             // No receiver is not an error: a subscription that starts later reads the store.
             let _ = self.sender.send(Live::Event(Arc::new(SharedEvent::new(e))));
@@ -188,7 +190,7 @@ pub struct Subscription {
     filter: SubscriptionFilter,
     /// The last position delivered or passed over (this tenant's events only).
     last: Position,
-    /// `Start::Now` not resolved yet.
+    /// `Start::Now` not resolved yet (the store's head is read at the first poll).
     start_now: bool,
     /// The current store page, not yet looked at.
     page: VecDeque<RecordedEvent>,
@@ -222,13 +224,8 @@ impl Subscription {
         let (last, start_now) = match start {
             Start::Beginning => (Position(0), false),
             Start::After(p) => (p, false),
-            // The head read after the receiver exists: anything committed later is in the
-            // receiver or in the first catch-up read.
-            Start::Now => match hub.head.load(Ordering::SeqCst) {
-                // Unknown until the first commit since start (or no listener): read to the end.
-                0 => (Position(0), true),
-                head => (Position(head), false),
-            },
+            // The head is read later, after the receiver exists: see the module documentation.
+            Start::Now => (Position(0), true),
         };
         Subscription {
             store,
@@ -259,7 +256,12 @@ impl Subscription {
     /// (it resumes from its last position).
     pub async fn next(&mut self) -> Result<SubscriptionItem, StoreError> {
         if self.start_now {
-            self.skip_to_head().await?;
+            self.last = self.store.head().await?;
+            self.start_now = false;
+            if self.hub.is_fed() {
+                // Everything after the head reaches the receiver: nothing to read.
+                self.phase = Phase::Live;
+            }
         }
         loop {
             if let Some(item) = self.next_in_page() {
@@ -364,21 +366,6 @@ impl Subscription {
             Err(broadcast::error::RecvError::Closed) => Some(Err(StoreError::Closed)),
         }
     }
-
-    /// Resolves [`Start::Now`] on a store that does not report its head: reads the tenant's
-    /// feed to its end without delivering it (pages of bounded size).
-    async fn skip_to_head(&mut self) -> Result<(), StoreError> {
-        loop {
-            let page = self.store.read_all(&self.tenant, self.last, sourced_store::READ_LIMIT_MAX).await?;
-            if let Some(e) = page.last() {
-                self.last = e.position;
-            }
-            if page.len() < sourced_store::READ_LIMIT_MAX {
-                self.start_now = false;
-                return Ok(());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -481,6 +468,28 @@ mod tests {
         for p in 5..=10 {
             assert_eq!(next_event(&mut sub).await, p);
         }
+    }
+
+    /// A subscription from now on a store with history (reopened: no commit since) reads no
+    /// event, and still gets the next one live.
+    #[tokio::test]
+    async fn a_subscription_from_now_reads_no_history() {
+        let dir = tempfile::TempDir::new().unwrap();
+        {
+            let engine = engine(&dir, 64);
+            for i in 0..300 {
+                create(&engine, &format!("old{i}")).await;
+            }
+            engine.store().close().await;
+        }
+        let engine = engine(&dir, 64);
+        assert_eq!(engine.store().head().await.unwrap(), Position(300));
+        let mut sub = engine.subscribe(TenantId::default_tenant(), SubscriptionFilter::default(), Start::Now);
+        assert_eq!(sub.next().await.unwrap(), SubscriptionItem::CaughtUp(Position(300)));
+        assert_eq!(engine.store().stats().events_read, 0, "no event of the history was read");
+        create(&engine, "new").await;
+        assert_eq!(next_event(&mut sub).await, 301);
+        assert_eq!(engine.store().stats().events_read, 0, "the live event came through the hub");
     }
 
     #[tokio::test]

@@ -31,7 +31,8 @@
 //!   needs `COLLATE "C"` on the id column;
 //! - JSON comes back as written, keys in the order written (`serde_json`'s `preserve_order`);
 //!   timestamps come back truncated to microseconds;
-//! - `stats()` counts the appends and events committed since the store was opened.
+//! - `stats()` counts the appends and events committed since the store was opened, and the
+//!   events reads returned; `head()` reads none.
 //!
 //! Concurrency here comes from many appends in flight at once within one task ([`join_all`]),
 //! which is what a backend sees from many clients: the functions borrow the store, so they
@@ -83,6 +84,7 @@ macro_rules! contract_tests {
             versions_are_contiguous_and_positions_increase,
             expected_version_variants,
             conflict_writes_nothing,
+            head_is_the_last_committed_position_and_reads_no_event,
             duplicate_command_id_returns_record,
             duplicate_command_ids_in_flight_together,
             read_model_row_follows_appends,
@@ -305,6 +307,38 @@ pub async fn expected_version_variants(store: &dyn EventStore) {
     let c = key("t1", "order", "c");
     assert_eq!(last_version(&appended(store, request(&c, Any, next_cmd(), 1, 1)).await), 1);
     assert_eq!(stream(store, &a).await.len(), 9);
+}
+
+/// The head is the last committed position (0 when empty), moves with each commit and not
+/// with a refused append, and reading it reads no event (while reads count what they return).
+pub async fn head_is_the_last_committed_position_and_reads_no_event(store: &dyn EventStore) {
+    assert_eq!(store.head().await.expect("head"), Position(0), "an empty store");
+    let mut last = Position(0);
+    for step in 0..6u64 {
+        let k = key(["t1", "t2"][(step % 2) as usize], "order", &format!("h{}", step % 3));
+        let events =
+            appended(store, request(&k, ExpectedVersion::Any, cmd(1_900 + u128::from(step)), 2, step as i64)).await;
+        last = events.last().expect("events").position;
+        assert_eq!(store.head().await.expect("head"), last, "after step {step}");
+    }
+    let k = key("t1", "order", "h0");
+    conflict(store, request(&k, ExpectedVersion::NoStream, cmd(1_999), 1, 9)).await;
+    assert_eq!(store.head().await.expect("head"), last, "a refused append does not move the head");
+
+    let read_before = store.stats().events_read;
+    for _ in 0..10 {
+        assert_eq!(store.head().await.expect("head"), last);
+    }
+    assert_eq!(store.stats().events_read, read_before, "head() reads no event");
+    let t1 = store.read_all(&tenant("t1"), Position(0), 1_000).await.expect("read_all");
+    let global = store.read_global(Position(0), 1_000).await.expect("read_global");
+    assert_eq!(global.last().map(|e| e.position), Some(last));
+    assert_eq!(
+        store.stats().events_read,
+        read_before + (t1.len() + global.len()) as u64,
+        "reads count the events they return"
+    );
+    assert!(store.read_all(&tenant("t1"), last, 1_000).await.expect("read_all").is_empty(), "nothing after the head");
 }
 
 /// A conflict leaves no trace: no events, no read-model change, no command record, no

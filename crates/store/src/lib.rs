@@ -240,6 +240,9 @@ pub struct StoreStats {
     pub appends: u64,
     /// Events committed.
     pub events: u64,
+    /// Events returned by reads ([`EventStore::read_stream`], [`EventStore::read_all`],
+    /// [`EventStore::read_global`]); what a subscription or an export cost the store.
+    pub events_read: u64,
 }
 
 /// Why a store operation failed.
@@ -355,6 +358,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The record of a processed command, if the tenant has one.
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// The position of the last committed event (0 for an empty store), without reading any
+    /// event: every event at or below it is committed and visible to reads, and an append
+    /// acknowledged before the call is at or below it. O(1): what a subscription "from now"
+    /// starts after (SPEC §6).
+    async fn head(&self) -> Result<Position, StoreError>;
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -1,6 +1,16 @@
 //! The PostgreSQL backend: several Sourced processes share one database (SPEC §7.1); each
 //! process has one writer task that commits concurrent appends in batches (group commit), and
-//! a connection pool (deadpool) for reads.
+//! a connection pool (deadpool) for reads. Feed reads (`read_all`, `read_global`: subscriptions
+//! catching up, exports) have a small pool of their own, so long catch-ups and the writer (or
+//! a GET) never wait for each other's connections.
+//!
+//! # Durability
+//!
+//! An append is acknowledged after its `COMMIT` returns, which makes it durable only when the
+//! session's `synchronous_commit` is on. Every connection of the store is opened with
+//! `-c synchronous_commit=on` appended to its options, whatever the URL or the server's
+//! configuration says, and [`PostgresStore::connect`] checks with `SHOW` that it holds and
+//! refuses to start when it does not (a connection pooler that drops startup options, say).
 //!
 //! # Global order: serialized position assignment
 //!
@@ -197,6 +207,9 @@ pub struct PostgresOptions {
     /// How long a batch waits for the position counter's lock (held by another process's
     /// batch) before it fails as [`StoreError::Unavailable`]; 1 ..= [`TIMEOUT_MS_MAX`].
     pub lock_timeout_ms: u64,
+    /// Connections of the feed reads' own pool (`read_all`, `read_global`), besides
+    /// `pool_size`; 1 ..= [`POOL_SIZE_MAX`].
+    pub feed_pool_size: usize,
 }
 
 impl Default for PostgresOptions {
@@ -207,6 +220,7 @@ impl Default for PostgresOptions {
             queue_capacity: 4_096,
             connect_timeout_ms: 5_000,
             lock_timeout_ms: 10_000,
+            feed_pool_size: 2,
         }
     }
 }
@@ -219,6 +233,9 @@ impl PostgresOptions {
         }
         if !(2..=POOL_SIZE_MAX).contains(&self.pool_size) {
             problems.push(format!("pool_size must be 2..={POOL_SIZE_MAX}, not {}", self.pool_size));
+        }
+        if !(1..=POOL_SIZE_MAX).contains(&self.feed_pool_size) {
+            problems.push(format!("feed_pool_size must be 1..={POOL_SIZE_MAX}, not {}", self.feed_pool_size));
         }
         if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
             problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
@@ -237,6 +254,8 @@ impl PostgresOptions {
 /// The PostgreSQL event store (see the module documentation).
 pub struct PostgresStore {
     pool: Pool,
+    /// The feed reads' own connections (see the module documentation).
+    feed_pool: Pool,
     /// `None` once closed: later appends get [`StoreError::Closed`].
     writer: Mutex<Option<Writer>>,
     counters: Arc<Counters>,
@@ -293,6 +312,8 @@ struct Counters {
     commits: AtomicU64,
     appends: AtomicU64,
     events: AtomicU64,
+    /// Events returned by reads.
+    events_read: AtomicU64,
     /// Appends handed to the writer's queue.
     accepted: AtomicU64,
     /// Appends the writer has answered.
@@ -322,18 +343,27 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("sourced");
         }
+        // Last, so that it wins over any `-c synchronous_commit=…` of the URL's (see Durability).
+        let url_options = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{url_options} -c synchronous_commit=on").trim_start());
         let listen_config = config.clone();
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(connect_timeout))
-            .create_timeout(Some(connect_timeout))
-            .recycle_timeout(Some(connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let build = |config: tokio_postgres::Config, size: usize| {
+            let manager =
+                Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(connect_timeout))
+                .create_timeout(Some(connect_timeout))
+                .recycle_timeout(Some(connect_timeout))
+                .build()
+                .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))
+        };
+        let pool = build(config.clone(), options.pool_size)?;
+        let feed_pool = build(config, options.feed_pool_size)?;
         let (schema, head) = {
             let mut client = pool.get().await.map_err(pool_err)?;
+            check_synchronous_commit(&show_synchronous_commit(&client).await?)?;
             let schema = migrate(&mut client).await?;
             (schema, select_head(&client).await.map_err(pg_err)?)
         };
@@ -343,7 +373,28 @@ impl PostgresStore {
         let task =
             tokio::spawn(write_loop(pool.clone(), receiver, options.clone(), Arc::clone(&counters), Arc::clone(&feed)));
         tracing::debug!("opened the PostgreSQL store");
-        Ok(PostgresStore { pool, writer: Mutex::new(Some(Writer { sender, task })), counters, feed })
+        Ok(PostgresStore { pool, feed_pool, writer: Mutex::new(Some(Writer { sender, task })), counters, feed })
+    }
+
+    /// `synchronous_commit` as the store's connections run with it (`SHOW`): `on`, whatever
+    /// the URL asked (see the module documentation).
+    pub async fn synchronous_commit(&self) -> Result<String, StoreError> {
+        let (writer, feed) = (self.client().await?, self.feed_pool.get().await.map_err(pool_err)?);
+        let (writer, feed) = (show_synchronous_commit(&writer).await?, show_synchronous_commit(&feed).await?);
+        if writer != feed {
+            return Err(StoreError::Backend(format!(
+                "synchronous_commit is {writer} on one pool, {feed} on the other"
+            )));
+        }
+        Ok(writer)
+    }
+
+    /// Counts the events a read returned.
+    fn counted(&self, events: Result<Vec<RecordedEvent>, StoreError>) -> Result<Vec<RecordedEvent>, StoreError> {
+        if let Ok(events) = &events {
+            self.counters.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
+        }
+        events
     }
 
     /// Appends handed to the writer and not answered yet (queued, or in the batch being
@@ -472,7 +523,7 @@ impl EventStore for PostgresStore {
             .map(|r| decode_event(r, key.tenant.clone(), key.type_name.clone(), key.id.clone(), [0, 1, 2, 3, 4, 5, 6]))
             .collect::<Result<Vec<_>, _>>()?;
         crate::check_stream_read(key, after, &events)?;
-        Ok(events)
+        self.counted(Ok(events))
     }
 
     async fn read_all(
@@ -485,7 +536,7 @@ impl EventStore for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let client = self.client().await?;
+        let client = self.feed_pool.get().await.map_err(pool_err)?;
         let stmt = client
             .prepare_cached(
                 "SELECT position, version, event_id, event_type, data::text, metadata::text, ts, type, agg_id
@@ -504,15 +555,15 @@ impl EventStore for PostgresStore {
             events.push(decode_event(r, tenant.clone(), type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
         }
         crate::check_feed_read(after, &events)?;
-        Ok(events)
+        self.counted(Ok(events))
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let client = self.client().await?;
-        read_global(&client, after, limit).await
+        let client = self.feed_pool.get().await.map_err(pool_err)?;
+        self.counted(read_global(&client, after, limit).await)
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
@@ -692,6 +743,13 @@ impl EventStore for PostgresStore {
         row.map(|r| decode_command(&r)).transpose()
     }
 
+    async fn head(&self) -> Result<Position, StoreError> {
+        // One row, read without a lock (the writers' `FOR UPDATE` does not block it): the
+        // counter as of the last commit.
+        let client = self.client().await?;
+        Ok(Position(select_head(&client).await.map_err(pg_err)?))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let writer_stopped = match self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").as_ref() {
             None => return Err(StoreError::Closed),
@@ -716,6 +774,7 @@ impl EventStore for PostgresStore {
         }
         self.feed.stop().await;
         self.pool.close();
+        self.feed_pool.close();
     }
 
     fn stats(&self) -> StoreStats {
@@ -723,6 +782,7 @@ impl EventStore for PostgresStore {
             commits: self.counters.commits.load(Ordering::Relaxed),
             appends: self.counters.appends.load(Ordering::Relaxed),
             events: self.counters.events.load(Ordering::Relaxed),
+            events_read: self.counters.events_read.load(Ordering::Relaxed),
         }
     }
 
@@ -785,6 +845,29 @@ async fn migrate(client: &mut Object) -> Result<String, StoreError> {
     }
     tx.commit().await.map_err(pg_err)?;
     Ok(schema)
+}
+
+/// The session's `synchronous_commit`.
+async fn show_synchronous_commit(client: &ClientWrapper) -> Result<String, StoreError> {
+    let rows = client.simple_query("SHOW synchronous_commit").await.map_err(pg_err)?;
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| StoreError::Backend("SHOW synchronous_commit returned no row".into()))
+}
+
+/// Refuses a session whose commits are not durable when they return (see Durability).
+fn check_synchronous_commit(value: &str) -> Result<(), StoreError> {
+    if value == "on" {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "PostgreSQL runs Sourced's connections with synchronous_commit={value}, although they ask for on: \
+             acknowledged writes would not be durable, so Sourced does not start"
+        )))
+    }
 }
 
 /// The highest position committed (the counter; committed transactions only).
@@ -1969,16 +2052,33 @@ mod tests {
             queue_capacity: 0,
             connect_timeout_ms: 0,
             lock_timeout_ms: TIMEOUT_MS_MAX + 1,
+            feed_pool_size: 0,
         };
         match bad.validate() {
             Err(StoreError::InvalidRequest(m)) => {
-                for name in
-                    ["batch_appends_max", "pool_size", "queue_capacity", "connect_timeout_ms", "lock_timeout_ms"]
-                {
+                for name in [
+                    "batch_appends_max",
+                    "pool_size",
+                    "queue_capacity",
+                    "connect_timeout_ms",
+                    "lock_timeout_ms",
+                    "feed_pool_size",
+                ] {
                     assert!(m.contains(name), "{m}");
                 }
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_synchronous_commit_on_is_durable_enough() {
+        assert!(check_synchronous_commit("on").is_ok());
+        for value in ["off", "local", "remote_write"] {
+            match check_synchronous_commit(value) {
+                Err(StoreError::Backend(m)) => assert!(m.contains(&format!("synchronous_commit={value}")), "{m}"),
+                other => panic!("{value}: {other:?}"),
+            }
         }
     }
 }

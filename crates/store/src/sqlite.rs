@@ -11,7 +11,20 @@
 //! (`synchronous=FULL`).
 //!
 //! Reads go to read-only connections, each behind a mutex, on tokio's blocking pool. WAL
-//! lets them read the last committed state while the writer commits.
+//! lets them read the last committed state while the writer commits. Feed reads (`read_all`,
+//! `read_global`: subscriptions catching up, exports) have connections of their own, so a long
+//! catch-up never holds the connection a GET or a command's read needs.
+//!
+//! The head (the last committed position) is kept in memory: loaded at open, moved by the
+//! writer after each commit and before the commit listener or any caller hears of it, so
+//! [`EventStore::head`] reads no event.
+//!
+//! The WAL is bounded: a checkpointer thread copies it back into the database (PASSIVE, never
+//! waiting for readers) every few commits; when the WAL file outgrows
+//! [`SqliteOptions::wal_bytes_max`] the writer itself runs a TRUNCATE checkpoint, waiting at
+//! most [`WAL_TRUNCATE_WAIT_MS`] for readers and trying again a few commits later if they are
+//! still in the way; and the writer's last act at shutdown is a TRUNCATE checkpoint, so a
+//! closed store leaves an empty WAL.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -109,6 +122,12 @@ pub const READERS_MAX: usize = 64;
 pub const BATCH_APPENDS_MAX: usize = 65_536;
 /// Most appends that may wait for the writer.
 pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
+/// Smallest WAL bound a store may be given.
+pub const WAL_BYTES_MIN: u64 = 64 * 1024;
+/// How long the writer's TRUNCATE checkpoint waits for readers before it gives up (for now).
+pub const WAL_TRUNCATE_WAIT_MS: u64 = 100;
+/// Commits after which a TRUNCATE checkpoint that readers blocked is tried again.
+const WAL_TRUNCATE_RETRY_COMMITS: u32 = 16;
 
 /// Tuning of a [`SqliteStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,11 +139,17 @@ pub struct SqliteOptions {
     /// Most appends waiting for the writer; a caller beyond it waits for room (back-pressure);
     /// 1 ..= [`QUEUE_CAPACITY_MAX`].
     pub queue_capacity: usize,
+    /// Read-only connections of the feed reads (`read_all`, `read_global`), apart from the
+    /// others; 1 ..= [`READERS_MAX`].
+    pub feed_readers: usize,
+    /// Size of the WAL file past which the writer truncates it (see the module documentation);
+    /// at least [`WAL_BYTES_MIN`]. Also SQLite's `journal_size_limit`.
+    pub wal_bytes_max: u64,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self { batch_appends_max: 512, readers: 4, queue_capacity: 4_096 }
+        Self { batch_appends_max: 512, readers: 4, queue_capacity: 4_096, feed_readers: 2, wal_bytes_max: 64 << 20 }
     }
 }
 
@@ -140,6 +165,12 @@ impl SqliteOptions {
         if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
             problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
         }
+        if !(1..=READERS_MAX).contains(&self.feed_readers) {
+            problems.push(format!("feed_readers must be 1..={READERS_MAX}, not {}", self.feed_readers));
+        }
+        if self.wal_bytes_max < WAL_BYTES_MIN || i64::try_from(self.wal_bytes_max).is_err() {
+            problems.push(format!("wal_bytes_max must be {WAL_BYTES_MIN}..={}, not {}", i64::MAX, self.wal_bytes_max));
+        }
         if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
     }
 }
@@ -150,6 +181,8 @@ pub struct SqliteStore {
     /// `None` once closed: later appends get [`StoreError::Closed`].
     writer: Mutex<Option<Writer>>,
     readers: Arc<ReaderPool>,
+    /// The feed reads' own connections (see the module documentation).
+    feed_readers: Arc<ReaderPool>,
     counters: Arc<Counters>,
     /// Hears every commit, from the writer thread (see [`CommitListener`]).
     listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
@@ -221,6 +254,11 @@ struct Counters {
     commits: AtomicU64,
     appends: AtomicU64,
     events: AtomicU64,
+    /// Events returned by reads.
+    events_read: AtomicU64,
+    /// The last committed position; moved by the writer only, after a commit and before
+    /// anyone hears of it.
+    head: AtomicU64,
     /// Appends handed to the writer's queue.
     accepted: AtomicU64,
     /// Appends the writer has answered.
@@ -245,6 +283,8 @@ impl SqliteStore {
             return Err(StoreError::Backend(format!("{} cannot use WAL (journal mode is {mode})", path.display())));
         }
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err)?;
+        let wal_bytes_max = i64::try_from(options.wal_bytes_max).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "journal_size_limit", wal_bytes_max).map_err(sql_err)?;
         tune(&conn)?;
         migrate(&mut conn)?;
         let next_position = load_next_position(&conn)?;
@@ -254,7 +294,9 @@ impl SqliteStore {
             .map_err(sql_err)?;
 
         let readers = Arc::new(ReaderPool::open(path, options.readers)?);
+        let feed_readers = Arc::new(ReaderPool::open(path, options.feed_readers)?);
         let counters = Arc::new(Counters::default());
+        counters.head.store(next_position - 1, Ordering::SeqCst);
         // Checkpoints run on their own thread and connection, not inside the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         let checkpointer_conn = Connection::open(path).map_err(sql_err)?;
@@ -270,10 +312,11 @@ impl SqliteStore {
             let counters = Arc::clone(&counters);
             let listener = Arc::clone(&listener);
             let batch_appends_max = options.batch_appends_max;
+            let wal = Wal { path: wal_path(path), bytes_max: options.wal_bytes_max };
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
                 .spawn(move || {
-                    let writer = WriterState { counters: &counters, checkpoint, listener: &listener };
+                    let writer = WriterState { counters: &counters, checkpoint, listener: &listener, wal };
                     write_loop(conn, receiver, batch_appends_max, next_position, writer)
                 })
                 .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
@@ -283,6 +326,7 @@ impl SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(Writer { sender, thread, checkpointer })),
             readers,
+            feed_readers,
             counters,
             listener,
             indexes: Arc::new(std::sync::RwLock::new(indexes)),
@@ -372,10 +416,27 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = Arc::clone(&self.readers);
+        Self::read_on(&self.readers, f).await
+    }
+
+    /// Runs `f` on a connection of `pool`, on tokio's blocking pool.
+    async fn read_on<T, F>(pool: &Arc<ReaderPool>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(pool);
         tokio::task::spawn_blocking(move || pool.with(f))
             .await
             .map_err(|e| StoreError::Backend(format!("a SQLite read task failed: {e}")))?
+    }
+
+    /// Counts the events a read returned.
+    fn counted(&self, events: Result<Vec<RecordedEvent>, StoreError>) -> Result<Vec<RecordedEvent>, StoreError> {
+        if let Ok(events) = &events {
+            self.counters.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
+        }
+        events
     }
 
     /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
@@ -444,7 +505,7 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let key = key.clone();
-        self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await
+        self.counted(self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await)
     }
 
     async fn read_all(
@@ -458,7 +519,7 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let tenant = tenant.clone();
-        self.read(move |conn| read_all(conn, &tenant, after, limit)).await
+        self.counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -466,7 +527,7 @@ impl EventStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.read(move |conn| read_global(conn, after, limit)).await
+        self.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
@@ -656,6 +717,10 @@ impl EventStore for SqliteStore {
         self.read(move |conn| select_command(conn, &tenant, id)).await
     }
 
+    async fn head(&self) -> Result<Position, StoreError> {
+        Ok(Position(self.counters.head.load(Ordering::SeqCst)))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let writer_stopped = match self.writer.lock().expect("the SQLite writer mutex is poisoned").as_ref() {
             None => return Err(StoreError::Closed),
@@ -675,9 +740,11 @@ impl EventStore for SqliteStore {
     async fn close(&self) {
         let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned").take();
         let readers = Arc::clone(&self.readers);
+        let feed_readers = Arc::clone(&self.feed_readers);
         let stopped = tokio::task::spawn_blocking(move || {
             Self::stop_writer(writer);
             readers.close();
+            feed_readers.close();
         })
         .await;
         if let Err(e) = stopped {
@@ -690,6 +757,7 @@ impl EventStore for SqliteStore {
             commits: self.counters.commits.load(Ordering::Relaxed),
             appends: self.counters.appends.load(Ordering::Relaxed),
             events: self.counters.events.load(Ordering::Relaxed),
+            events_read: self.counters.events_read.load(Ordering::Relaxed),
         }
     }
 
@@ -751,9 +819,11 @@ fn write_loop(
     mut next_position: u64,
     writer: WriterState<'_>,
 ) {
-    let WriterState { counters, checkpoint, listener } = writer;
+    let WriterState { counters, checkpoint, listener, wal } = writer;
     let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
     let mut commits_since_checkpoint = 0u32;
+    // Commits to wait before the next TRUNCATE attempt (after readers blocked one).
+    let mut truncate_backoff = 0u32;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
         while batch.len() < batch_appends_max {
@@ -764,6 +834,9 @@ fn write_loop(
         }
         let results = commit_batch(&mut conn, &batch, &mut next_position, counters);
         debug_assert_eq!(results.len(), batch.len());
+        // The head moves before anyone hears of the commit: a subscription that takes its hub
+        // receiver and then reads the head misses nothing (engine/src/subscriptions.rs).
+        counters.head.store(next_position.saturating_sub(1), Ordering::SeqCst);
         // Committed and durable: the listener hears it before any caller does, in commit
         // (= position) order, since this thread is the only one that commits.
         if let Some(listener) = listener.get() {
@@ -781,8 +854,59 @@ fn write_loop(
             // Full means a checkpoint is already due: nothing to add.
             let _ = checkpoint.try_send(());
         }
+        if truncate_backoff > 0 {
+            truncate_backoff -= 1;
+        } else if wal.len() > wal.bytes_max && !truncate_wal(&conn, Duration::from_millis(WAL_TRUNCATE_WAIT_MS)) {
+            truncate_backoff = WAL_TRUNCATE_RETRY_COMMITS;
+        }
+    }
+    // Nothing writes any more: leave an empty WAL behind (readers still open are idle).
+    if !truncate_wal(&conn, Duration::from_millis(BUSY_TIMEOUT_MS)) {
+        tracing::warn!("the SQLite WAL could not be truncated at shutdown");
     }
     tracing::debug!("the SQLite writer has stopped");
+}
+
+/// The WAL file and its bound.
+struct Wal {
+    path: PathBuf,
+    bytes_max: u64,
+}
+
+impl Wal {
+    /// The WAL file's size (0 when absent).
+    fn len(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+}
+
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Copies the whole WAL into the database and truncates it to 0 bytes, waiting at most `wait`
+/// for readers of older snapshots; `false` when they (or a checkpoint running elsewhere) were
+/// still in the way, or it failed.
+fn truncate_wal(conn: &Connection, wait: Duration) -> bool {
+    if let Err(e) = conn.busy_timeout(wait) {
+        tracing::warn!(error = %e, "cannot set the SQLite busy timeout");
+        return false;
+    }
+    let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+    if let Err(e) = conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)) {
+        tracing::warn!(error = %e, "cannot set the SQLite busy timeout");
+    }
+    match done {
+        Ok(busy) => busy == 0,
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "a SQLite TRUNCATE checkpoint failed");
+            false
+        }
+    }
 }
 
 /// What the writer thread shares with the rest of the store.
@@ -790,6 +914,7 @@ struct WriterState<'a> {
     counters: &'a Counters,
     checkpoint: std::sync::mpsc::SyncSender<()>,
     listener: &'a OnceLock<Arc<dyn CommitListener>>,
+    wal: Wal,
 }
 
 /// The events one commit stored, in position order, for the commit listener.
@@ -822,21 +947,15 @@ fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> V
 
 /// Commits between two checkpoint requests.
 const CHECKPOINT_EVERY_COMMITS: u32 = 32;
-/// WAL frames past which the checkpointer waits for readers to move on (RESTART) instead of
-/// copying what it can (PASSIVE), so the WAL cannot grow without bound.
-const WAL_FRAMES_RESTART: i64 = 64 * 1024;
 
 /// The checkpointer thread: copies committed WAL frames into the database file with its own
-/// connection, so the writer never pays for it (the writer runs with `wal_autocheckpoint=0`).
+/// connection, so the writer rarely pays for it (the writer runs with `wal_autocheckpoint=0`).
+/// PASSIVE only: it never waits for readers; bounding the WAL is the writer's (see
+/// [`truncate_wal`]).
 fn checkpoint_loop(conn: Connection, requests: std::sync::mpsc::Receiver<()>) {
-    let mut mode = "PASSIVE";
     while requests.recv().is_ok() {
-        let sql = format!("PRAGMA wal_checkpoint({mode})");
-        match conn.query_row(&sql, [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
-            Ok((_busy, log, done)) => {
-                mode = if log - done > WAL_FRAMES_RESTART { "RESTART" } else { "PASSIVE" };
-            }
-            Err(e) => tracing::warn!(error = %e, "a SQLite checkpoint failed; the next one will retry"),
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+            tracing::warn!(error = %e, "a SQLite checkpoint failed; the next one will retry");
         }
     }
 }
@@ -1528,10 +1647,13 @@ mod tests {
     #[test]
     fn options_are_checked() {
         assert!(SqliteOptions::default().validate().is_ok());
-        let bad = SqliteOptions { batch_appends_max: 0, readers: 0, queue_capacity: 0 };
+        let bad =
+            SqliteOptions { batch_appends_max: 0, readers: 0, queue_capacity: 0, feed_readers: 0, wal_bytes_max: 1 };
         match bad.validate() {
             Err(StoreError::InvalidRequest(m)) => {
-                assert!(m.contains("batch_appends_max") && m.contains("readers") && m.contains("queue_capacity"), "{m}")
+                for option in ["batch_appends_max", "readers", "queue_capacity", "feed_readers", "wal_bytes_max"] {
+                    assert!(m.contains(option), "{option}: {m}");
+                }
             }
             other => panic!("{other:?}"),
         }

@@ -940,3 +940,22 @@ impl Proxy {
         self.port
     }
 }
+
+/// Every connection of the store commits synchronously (an acknowledged append is durable),
+/// even when its URL asks otherwise (issue 14, item 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_commit_synchronously_whatever_the_url_says() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let url =
+        with_param(&server_url(), &format!("options=-csearch_path%3D{}%20-csynchronous_commit%3Doff", scratch.schema));
+    // The URL does what it says for a plain connection…
+    let plain = admin(&url).await.expect("connect");
+    let row = plain.query_one("SHOW synchronous_commit", &[]).await.expect("show");
+    assert_eq!(row.get::<_, String>(0), "off", "the URL asks for asynchronous commits");
+    // …and not for the store's connections.
+    let store = PostgresStore::connect(&url, PostgresOptions::default()).await.expect("connect");
+    assert_eq!(store.synchronous_commit().await.expect("show"), "on");
+    appended(&store, request(&key("t1", "sync"), ExpectedVersion::NoStream, cmd(77), 1)).await;
+    assert_eq!(store.head().await.expect("head"), Position(1));
+    store.close().await;
+}

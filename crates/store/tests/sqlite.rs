@@ -14,7 +14,7 @@ use sourced_core::{
 };
 use sourced_store::contract::{self, join_all};
 use sourced_store::sqlite::{SqliteOptions, SqliteStore};
-use sourced_store::{AppendOutcome, AppendRequest, CommandWrite, DocumentWrite, EventStore, StoreError};
+use sourced_store::{AppendOutcome, AppendRequest, CommandWrite, DocumentWrite, EventStore, StoreError, StoreStats};
 
 /// A fresh store in a temporary directory that lives as long as the store.
 async fn fresh() -> (Box<dyn EventStore>, TempDir) {
@@ -139,7 +139,8 @@ async fn reopening_keeps_everything_and_positions_continue() {
     assert_eq!(feed(&store).await, before);
     assert_eq!(store.get_document(&key("a")).await.expect("get_document"), document);
     assert_eq!(store.get_command(&key("a").tenant, cmd(3)).await.expect("get_command"), record);
-    assert_eq!(store.stats(), Default::default(), "counters start again at open");
+    let read = before.len() as u64;
+    assert_eq!(store.stats(), StoreStats { events_read: read, ..Default::default() }, "counters start again at open");
     // The command record survives the restart (SPEC §2.4).
     match store.append(request(&key("a"), ExpectedVersion::Any, cmd(3), 1)).await {
         Ok(AppendOutcome::Duplicate(r)) => assert_eq!(Some(r), record),
@@ -288,7 +289,8 @@ async fn model_check_in_batches() {
     for seed in [1, 2, 3] {
         // The queue holds a whole group, so the appends reach the writer in the order issued
         // (senders that wait for room may be let in in any order).
-        let options = SqliteOptions { batch_appends_max: 8, readers: 1, queue_capacity: 32 };
+        let options =
+            SqliteOptions { batch_appends_max: 8, readers: 1, queue_capacity: 32, ..SqliteOptions::default() };
         let (store, _dir) = open_fresh(options);
         contract::model_check(&store, seed, 800, 24).await;
         store.close().await;
@@ -409,7 +411,8 @@ async fn more_reads_than_readers_all_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_makes_appends_wait() {
     const APPENDS: usize = 100;
-    let (store, _dir) = open_fresh(SqliteOptions { batch_appends_max: 3, readers: 1, queue_capacity: 2 });
+    let (store, _dir) =
+        open_fresh(SqliteOptions { batch_appends_max: 3, readers: 1, queue_capacity: 2, ..SqliteOptions::default() });
     let keys: Vec<StreamKey> = (0..4).map(|i| key(&format!("s{i}"))).collect();
     let requests: Vec<_> =
         (0..APPENDS).map(|i| request(&keys[i % 4], ExpectedVersion::Any, cmd(i as u128), 1 + i % 2)).collect();
@@ -425,4 +428,104 @@ async fn a_full_queue_makes_appends_wait() {
     let stats = store.stats();
     assert_eq!(stats.appends, APPENDS as u64);
     assert!(stats.commits >= (APPENDS as u64).div_ceil(3), "batches hold at most 3 appends");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The WAL (issue 14, item 8)
+
+/// The WAL file beside `db` (0 when absent).
+fn wal_len(db: &Path) -> u64 {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    std::fs::metadata(Path::new(&name)).map_or(0, |m| m.len())
+}
+
+/// An append of one event carrying about 4 KiB, so the WAL grows by a few pages a commit.
+fn bulky(n: u128) -> AppendRequest {
+    let mut req = request(&key(&format!("w{n}")), ExpectedVersion::NoStream, cmd(50_000 + n), 1);
+    req.events[0].data = json!({"pad": "x".repeat(4_096)});
+    req
+}
+
+fn wal_options(wal_bytes_max: u64) -> SqliteOptions {
+    SqliteOptions { wal_bytes_max, ..SqliteOptions::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_or_dropping_the_store_truncates_the_wal() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = dir.path().join("sourced.db");
+    for close in [true, false] {
+        let store = SqliteStore::open(&db, SqliteOptions::default()).expect("open");
+        for n in 0..50 {
+            appended(&store, bulky(n + if close { 0 } else { 1_000 })).await;
+        }
+        assert!(wal_len(&db) > 0, "the appends went through the WAL");
+        if close {
+            store.close().await;
+        } else {
+            drop(store);
+        }
+        assert_eq!(wal_len(&db), 0, "the WAL is empty or gone once the store is closed (close: {close})");
+    }
+    let store = SqliteStore::open(&db, SqliteOptions::default()).expect("reopen");
+    assert_eq!(feed(&store).await.len(), 100, "everything was copied into the database");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_within_its_bound_under_sustained_writes() {
+    const BOUND: u64 = 256 * 1024;
+    let (store, dir) = open_fresh(wal_options(BOUND));
+    let db = store.path().to_owned();
+    let store: Arc<SqliteStore> = Arc::new(store);
+    // Short reads all along, as subscriptions and GETs make them.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                store.read_all(&TenantId::parse("t1").expect("tenant"), Position(0), 16).await.expect("read_all");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut largest = 0;
+    for n in 0..600 {
+        appended(store.as_ref(), bulky(n)).await;
+        largest = largest.max(wal_len(&db));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    reader.await.expect("the reader");
+    // 600 commits of a few pages each went through a WAL that never held much more than its
+    // bound (a truncation that readers delayed is retried a few commits later).
+    assert!(largest <= BOUND + 1024 * 1024, "the WAL reached {largest} bytes, bound {BOUND}");
+    store.close().await;
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_delays_the_wal_truncation_but_not_writes() {
+    const BOUND: u64 = 256 * 1024;
+    let (store, _dir) = open_fresh(wal_options(BOUND));
+    let db = store.path().to_owned();
+    appended(&store, bulky(0)).await;
+    // A read transaction that stays open: its snapshot pins the WAL.
+    let held = side_connection(&db);
+    held.execute_batch("BEGIN").expect("begin");
+    let n: i64 = held.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).expect("read");
+    assert_eq!(n, 1);
+    for n in 1..300 {
+        appended(&store, bulky(n)).await;
+    }
+    let pinned = wal_len(&db);
+    assert!(pinned > 4 * BOUND, "the held read keeps the WAL from being truncated: {pinned} bytes");
+    assert_eq!(store.stats().appends, 300, "every write went through while the read was held");
+    held.execute_batch("COMMIT").expect("end the read");
+    for n in 300..340 {
+        appended(&store, bulky(n)).await;
+    }
+    let after = wal_len(&db);
+    assert!(after <= 1024 * 1024 && after < pinned, "the WAL is truncated once the read ends: {after} bytes");
+    store.close().await;
 }

@@ -241,3 +241,35 @@ async fn an_sse_client_that_stops_reading_is_disconnected() {
     assert!(ended.is_err() || !rest.is_empty(), "{ended:?}");
     server.shutdown().await;
 }
+
+/// `after=now` on a restarted server (history in the store, no commit since the start) reads
+/// none of the history, and still gets the next live event (issue 14, item 2).
+#[tokio::test]
+async fn sse_from_now_after_a_restart_reads_no_history() {
+    let backend = crate::common::TestBackend::new().await;
+    let server = sourced_server::start(backend.config()).await.unwrap();
+    let mut c = sourced_client::Client::connect(server.addr()).await.unwrap();
+    for i in 0..30 {
+        write(&mut c, "order", &format!("h{i}")).await;
+    }
+    drop(c);
+    server.shutdown().await;
+
+    let server = sourced_server::start(backend.config()).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut now = SseStream::open(server.addr(), "/events?after=now", &[]).await;
+        let marker = now.next().await;
+        assert_eq!((marker.event.as_str(), &marker.data), ("caught-up", &json!({"position": 30})));
+        streams.push(now);
+    }
+    assert_eq!(server.store_stats().events_read, 0, "no event of the history was read");
+    let mut c = sourced_client::Client::connect(server.addr()).await.unwrap();
+    write(&mut c, "order", "live").await;
+    for now in &mut streams {
+        let e = now.next().await;
+        assert_eq!((e.data["position"].as_u64(), e.data["targetId"].as_str()), (Some(31), Some("live")), "{e:?}");
+    }
+    assert_eq!(server.store_stats().events_read, 0, "the live event came through the hub");
+    server.shutdown().await;
+}

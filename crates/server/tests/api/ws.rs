@@ -406,3 +406,38 @@ async fn a_client_that_stops_reading_is_closed_and_memory_stays_bounded() {
     assert_eq!(recv(&mut writer).await, json!({"op": "pong"}));
     server.shutdown().await;
 }
+
+/// `"after": "now"` on a restarted server (history in the store, no commit since the start)
+/// reads none of the history, and still gets the next live event (issue 14, item 2).
+#[tokio::test]
+async fn subscribing_from_now_after_a_restart_reads_no_history() {
+    const HISTORY: u64 = 40;
+    let backend = crate::common::TestBackend::new().await;
+    let server = sourced_server::start(backend.config()).await.unwrap();
+    let mut writer = connect(server.addr(), None).await;
+    for i in 0..HISTORY {
+        send(&mut writer, create(&uuid(i), &format!("h{i}"), json!({"pad": "x".repeat(1_000)}))).await;
+        assert_eq!(recv(&mut writer).await["op"], "result");
+    }
+    drop(writer);
+    server.shutdown().await;
+
+    let server = sourced_server::start(backend.config()).await.unwrap();
+    let mut subscribers = Vec::new();
+    for s in 0..4 {
+        let mut ws = connect(server.addr(), None).await;
+        send(&mut ws, json!({"op": "subscribe", "sub": format!("n{s}"), "after": "now"})).await;
+        assert_eq!(recv(&mut ws).await, json!({"op": "caught-up", "sub": format!("n{s}"), "position": HISTORY}));
+        subscribers.push(ws);
+    }
+    assert_eq!(server.store_stats().events_read, 0, "no event of the history was read");
+    let mut writer = connect(server.addr(), None).await;
+    send(&mut writer, create(&uuid(HISTORY), "live", json!({}))).await;
+    assert_eq!(recv(&mut writer).await["op"], "result");
+    for ws in &mut subscribers {
+        let m = recv(ws).await;
+        assert_eq!((m["op"].as_str(), m["event"]["position"].as_u64()), (Some("event"), Some(HISTORY + 1)), "{m}");
+    }
+    assert_eq!(server.store_stats().events_read, 0, "the live event came through the hub");
+    server.shutdown().await;
+}
