@@ -289,28 +289,221 @@ fn body_depth(s: &AppState) -> usize {
     s.engine.config().limits.json_depth_max
 }
 
-/// An entity tag naming a version: `"N"`, also `W/"N"` and a bare `N`.
-fn parse_etag(raw: &str) -> Option<Version> {
-    let t = raw.trim();
-    let t = t.strip_prefix("W/").unwrap_or(t);
-    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
-    t.parse::<u64>().ok().map(Version)
-}
-
 fn etag(v: Version) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{v}\"")).expect("a number is a valid header value")
 }
 
-/// `If-Match` as an expected version: `*` means the aggregate exists.
-fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
-    let s = v.to_str().unwrap_or("");
-    if s.trim() == "*" {
-        return Ok(Some(ExpectedVersion::Exists));
+/// One entity tag of a precondition header (RFC 9110 §8.8.3): its opaque part without the
+/// quotes, and whether it is weak (`W/"…"`).
+#[derive(Debug, PartialEq, Eq)]
+struct EntityTag {
+    weak: bool,
+    opaque: String,
+}
+
+/// The value of `If-Match` or `If-None-Match`: `*`, or a list of entity tags (every line of the
+/// header, as one list).
+#[derive(Debug, PartialEq, Eq)]
+enum Tags {
+    Any,
+    List(Vec<EntityTag>),
+}
+
+/// What a precondition is evaluated against: whether the target has a current representation
+/// and its entity tag (a document: its version; a collection: none).
+#[derive(Clone, Copy)]
+struct Current {
+    exists: bool,
+    version: Option<Version>,
+}
+
+impl Current {
+    fn document(version: Option<Version>, deleted: bool) -> Current {
+        Current { exists: version.is_some() && !deleted, version }
     }
-    parse_etag(s).map(|v| Some(ExpectedVersion::Exact(v))).ok_or_else(|| {
-        Problem::bad_request(format!("If-Match must be one entity tag of a version, like \"3\", not {s:?}"), vec![])
-    })
+}
+
+impl Tags {
+    /// Whether the target matches: `*` when it exists; a tag when its opaque part is the
+    /// version's (`strong`: only a strong tag can match, as `If-Match` compares; else weak, as
+    /// `If-None-Match` does).
+    fn matches(&self, current: Current, strong: bool) -> bool {
+        match self {
+            Tags::Any => current.exists,
+            Tags::List(tags) => {
+                current.version.is_some_and(|v| tags.iter().any(|t| !(strong && t.weak) && t.opaque == v.0.to_string()))
+            }
+        }
+    }
+}
+
+/// Parses one precondition header, all its lines as one list (RFC 9110 §5.3): `*` alone, or
+/// comma-separated entity tags `"…"` / `W/"…"` (empty elements are allowed, as lists allow).
+fn parse_tags(headers: &HeaderMap, name: header::HeaderName, shown: &str) -> Result<Option<Tags>> {
+    let mut lines = headers.get_all(&name).iter().peekable();
+    if lines.peek().is_none() {
+        return Ok(None);
+    }
+    let malformed = |why: String| {
+        Problem::bad_request(
+            format!(
+                "invalid {shown} header: {why}; it must be * or a list of entity tags like \"3\" or W/\"3\" (the \
+                 ETag of a document is its version in double quotes)"
+            ),
+            vec![],
+        )
+        .with("header", shown)
+    };
+    let mut any = false;
+    let mut tags = Vec::new();
+    for line in lines {
+        let mut rest = line.as_bytes();
+        loop {
+            rest = rest.trim_ascii_start();
+            if let Some(r) = rest.strip_prefix(b",") {
+                rest = r;
+                continue;
+            }
+            if rest.is_empty() {
+                break;
+            }
+            if let Some(r) = rest.strip_prefix(b"*") {
+                any = true;
+                rest = r;
+            } else {
+                let (weak, r) = match rest.strip_prefix(b"W/") {
+                    Some(r) => (true, r),
+                    None => (false, rest),
+                };
+                let Some(r) = r.strip_prefix(b"\"") else {
+                    return Err(malformed(format!(
+                        "{:?} is not a quoted entity tag",
+                        String::from_utf8_lossy(line.as_bytes())
+                    )));
+                };
+                // etagc: %x21 / %x23-7E / obs-text
+                let end =
+                    r.iter().position(|&b| b == b'"').ok_or_else(|| malformed("a tag has no closing quote".into()))?;
+                let opaque = &r[..end];
+                if opaque.iter().any(|&b| b < 0x21 || b == 0x7f) {
+                    return Err(malformed("a tag holds a space or a control character".into()));
+                }
+                tags.push(EntityTag { weak, opaque: String::from_utf8_lossy(opaque).into_owned() });
+                rest = &r[end + 1..];
+            }
+            rest = rest.trim_ascii_start();
+            match rest.first() {
+                None => break,
+                Some(b',') => rest = &rest[1..],
+                Some(_) => {
+                    return Err(malformed(format!(
+                        "{:?}: list elements are separated by commas",
+                        String::from_utf8_lossy(line.as_bytes())
+                    )));
+                }
+            }
+        }
+    }
+    match (any, tags.is_empty()) {
+        (true, true) => Ok(Some(Tags::Any)),
+        (true, false) => Err(malformed("* cannot be combined with entity tags".into())),
+        (false, false) => Ok(Some(Tags::List(tags))),
+        (false, true) => Err(malformed("it is empty".into())),
+    }
+}
+
+/// The preconditions of a request (RFC 9110 §13.1): `If-Match` and `If-None-Match`.
+#[derive(Debug)]
+struct Preconditions {
+    if_match: Option<Tags>,
+    if_none_match: Option<Tags>,
+}
+
+/// How a precondition evaluated on a read came out.
+enum ReadCondition {
+    /// Serve the representation.
+    Proceed,
+    /// `If-None-Match` matched on GET/HEAD: 304.
+    NotModified,
+}
+
+impl Preconditions {
+    fn read(headers: &HeaderMap) -> Result<Preconditions> {
+        Ok(Preconditions {
+            if_match: parse_tags(headers, header::IF_MATCH, "If-Match")?,
+            if_none_match: parse_tags(headers, header::IF_NONE_MATCH, "If-None-Match")?,
+        })
+    }
+
+    /// RFC 9110 §13.2.2 in order: If-Match false → 412; then If-None-Match true → 304 on a read
+    /// (`safe`), 412 on anything else.
+    fn evaluate(&self, current: Current, safe: bool) -> Result<ReadCondition> {
+        if let Some(m) = &self.if_match
+            && !m.matches(current, true)
+        {
+            return Err(precondition_failed("If-Match", current));
+        }
+        if let Some(n) = &self.if_none_match
+            && n.matches(current, false)
+        {
+            if safe {
+                return Ok(ReadCondition::NotModified);
+            }
+            return Err(precondition_failed("If-None-Match", current));
+        }
+        Ok(ReadCondition::Proceed)
+    }
+
+    /// The expected version a write carries. Conditions the engine checks atomically become its
+    /// expected version directly (`*`, one version); others are evaluated against the current
+    /// document, which is then pinned (`Exact` of what was seen), so a write in between is 412
+    /// too. `None` without preconditions.
+    async fn expected(&self, s: &AppState, key: &StreamKey) -> Result<Option<ExpectedVersion>> {
+        match (&self.if_match, &self.if_none_match) {
+            (None, None) => return Ok(None),
+            (Some(Tags::Any), None) => return Ok(Some(ExpectedVersion::Exists)),
+            (None, Some(Tags::Any)) => return Ok(Some(ExpectedVersion::NoStream)),
+            (Some(Tags::List(tags)), None) => {
+                let mut versions = tags
+                    .iter()
+                    .filter(|t| !t.weak)
+                    .filter_map(|t| t.opaque.parse::<u64>().ok().filter(|v| *v >= 1 && v.to_string() == t.opaque));
+                if let (Some(v), None) = (versions.next(), versions.next()) {
+                    return Ok(Some(ExpectedVersion::Exact(Version(v))));
+                }
+            }
+            _ => {}
+        }
+        let row = s.engine.store().get_document_text(key).await?;
+        let current = Current::document(row.as_ref().map(|r| r.version), row.as_ref().is_some_and(|r| r.deleted));
+        self.evaluate(current, false)?;
+        Ok(Some(ExpectedVersion::Exact(current.version.unwrap_or(Version::ZERO))))
+    }
+}
+
+fn precondition_failed(shown: &str, current: Current) -> Problem {
+    let detail = match current.version {
+        Some(v) => format!("{shown} does not hold: the current ETag is \"{v}\""),
+        None => format!("{shown} does not hold: there is no current document"),
+    };
+    let p = Problem::new(StatusCode::PRECONDITION_FAILED, "precondition-failed", "The precondition failed", detail)
+        .with("header", shown);
+    match current.version {
+        Some(v) => p.with("currentVersion", v.0),
+        None => p,
+    }
+}
+
+/// The preconditions of a write to a document, as its expected version.
+async fn write_preconditions(s: &AppState, headers: &HeaderMap, key: &StreamKey) -> Result<Option<ExpectedVersion>> {
+    Preconditions::read(headers)?.expected(s, key).await
+}
+
+/// A 304 for a read whose `If-None-Match` matched, with the ETag.
+fn not_modified(v: Version) -> Response {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    r.headers_mut().insert(header::ETAG, etag(v));
+    r
 }
 
 /// The `Idempotency-Key` header as a command id.
@@ -463,6 +656,8 @@ async fn create(
     body: Body,
 ) -> Result<WriteReply> {
     let ty = type_name(&ty)?;
+    // The target is the collection: it exists and has no entity tag.
+    Preconditions::read(&headers)?.evaluate(Current { exists: true, version: None }, false)?;
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = envelope("create", &ty, None);
     env.insert("body".into(), doc);
@@ -483,16 +678,7 @@ async fn replace(
     body: Body,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let mut expected = if_match(&headers)?;
-    if let Some(v) = headers.get(header::IF_NONE_MATCH) {
-        if v.to_str().map(str::trim).ok() != Some("*") {
-            return Err(Problem::bad_request("on PUT, If-None-Match accepts only *", vec![]));
-        }
-        if expected.is_some() {
-            return Err(Problem::bad_request("If-Match and If-None-Match cannot be combined", vec![]));
-        }
-        expected = Some(ExpectedVersion::NoStream);
-    }
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
@@ -514,7 +700,7 @@ async fn patch(
     body: Body,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
     let media = media_type(&headers);
     let merge = match media.as_deref() {
@@ -545,7 +731,7 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
     let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
@@ -558,7 +744,7 @@ async fn custom_command(
     body: Body,
 ) -> Result<Response> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let payload = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
     env.insert("name".into(), Value::from(command));
@@ -616,8 +802,9 @@ async fn get_document(
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["version", "at"])?;
     let key = key(&headers, &ty, &id)?;
+    let conditions = Preconditions::read(&headers)?;
     if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
-        return time_travel(&s, &key, &pairs).await;
+        return time_travel(&s, &key, &pairs, &conditions).await;
     }
     let row = s.engine.store().get_document_text(&key).await?;
     let Some(row) = row else {
@@ -626,13 +813,8 @@ async fn get_document(
     if row.deleted {
         return Err(sourced_core::DomainError::Deleted { version: row.version }.into());
     }
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let hit = inm.split(',').any(|t| t.trim() == "*" || parse_etag(t) == Some(row.version));
-        if hit {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            r.headers_mut().insert(header::ETAG, etag(row.version));
-            return Ok(r);
-        }
+    if let ReadCondition::NotModified = conditions.evaluate(Current::document(Some(row.version), false), true)? {
+        return Ok(not_modified(row.version));
     }
     let mut r =
         ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document_json(&row)).into_response();
@@ -686,7 +868,12 @@ fn version_param(pairs: &[(String, String)], name: &str) -> Result<Option<Versio
 
 /// The aggregate at a version (`version=N`) or a time (`at=RFC 3339`), folded from its events
 /// (SPEC §3.1, time travel).
-async fn time_travel(s: &AppState, key: &StreamKey, pairs: &[(String, String)]) -> Result<Response> {
+async fn time_travel(
+    s: &AppState,
+    key: &StreamKey,
+    pairs: &[(String, String)],
+    conditions: &Preconditions,
+) -> Result<Response> {
     let agg = match (version_param(pairs, "version")?, param(pairs, "at")) {
         (Some(_), Some(_)) => return Err(Problem::bad_request("give version or at, not both", vec![])),
         (Some(v), None) => {
@@ -721,6 +908,9 @@ async fn time_travel(s: &AppState, key: &StreamKey, pairs: &[(String, String)]) 
     }
     if agg.deleted {
         return Err(sourced_core::DomainError::Deleted { version: agg.version }.into());
+    }
+    if let ReadCondition::NotModified = conditions.evaluate(Current::document(Some(agg.version), false), true)? {
+        return Ok(not_modified(agg.version));
     }
     let doc = agg.document(&key.id).unwrap_or(Value::Null);
     let mut r = axum::Json(doc).into_response();

@@ -39,7 +39,10 @@ const ERRORS: &[(u16, &str)] = &[
     ),
     (409, "version conflict, or the aggregate already exists"),
     (410, "the aggregate was deleted"),
-    (412, "If-Match does not match the current version"),
+    (
+        412,
+        "a precondition does not hold: If-Match matches no current ETag (strong comparison), or If-None-Match matches one",
+    ),
     (413, "body or resulting document too large"),
     (415, "unsupported Content-Type"),
     (422, "schema, payload, rule, lifecycle, patch or expression violation; every one listed"),
@@ -418,7 +421,7 @@ fn idempotency_key() -> Value {
 }
 
 fn if_match() -> Value {
-    json!({"name": "If-Match", "in": "header", "required": false, "description": "expected version: \"N\", or * (exists)",
+    json!({"name": "If-Match", "in": "header", "required": false, "description": "* (the document exists) or entity tags, one of which must be the current ETag \"N\" (strong comparison; a weak W/ tag never matches)",
         "schema": {"type": "string"}})
 }
 
@@ -495,9 +498,9 @@ fn document_item(type_param: Option<&Value>, doc_schema: &Value, t: &str) -> Val
         &["ETag", "Location"],
     );
     let if_none_match_put = json!({"name": "If-None-Match", "in": "header", "required": false,
-        "description": "* : create only", "schema": {"const": "*"}});
+        "description": "* (create only: 412 when the document exists) or entity tags (412 when one is the current ETag, weak comparison)", "schema": {"type": "string"}});
     let if_none_match_get = json!({"name": "If-None-Match", "in": "header", "required": false,
-        "description": "entity tags: 304 when one matches", "schema": {"type": "string"}});
+        "description": "* or entity tags: 304 when one matches the current ETag (weak comparison)", "schema": {"type": "string"}});
     json!({
         "get": {
             "operationId": op_id("get", t), "tags": ["documents"],

@@ -11,6 +11,7 @@ mod reload;
 mod scenarios;
 
 mod concurrency;
+mod conditional;
 mod conformance;
 mod crash;
 mod faithful;
