@@ -217,8 +217,24 @@ fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
     Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
 }
 
-/// Reads the whole body, refusing one over the limit with 413 before or while reading.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
+/// Reads the whole body, refusing one over the limit with 413 before or while reading, and one
+/// that takes longer than `BODY_READ_TIMEOUT_MS` with 408 (and the connection is closed).
+async fn read_body(body: Body, headers: &HeaderMap, limits: &HttpLimits) -> Result<Bytes> {
+    let limit = limits.body_bytes_max;
+    let after = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+    match tokio::time::timeout(after, read_body_within(body, headers, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "The request body was not sent in time",
+            format!("the request body did not arrive within {} ms (BODY_READ_TIMEOUT_MS)", limits.body_read_timeout_ms),
+        )
+        .with("timeoutMs", limits.body_read_timeout_ms)),
+    }
+}
+
+async fn read_body_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -281,7 +297,7 @@ async fn json_body(body: Body, headers: &HeaderMap, s: &AppState, envelope: bool
     if !media.as_deref().is_some_and(is_json) {
         return Err(unsupported_media(media, &["application/json"]));
     }
-    parse_json(&read_body(body, headers, s.http.body_bytes_max).await?, body_depth(s) + usize::from(envelope))
+    parse_json(&read_body(body, headers, &s.http).await?, body_depth(s) + usize::from(envelope))
 }
 
 /// How deep a command body may be nested.
@@ -710,7 +726,7 @@ async fn patch(
         Some("application/json") => None,
         _ => return Err(unsupported_media(media, ACCEPTED)),
     };
-    let value = parse_json(&read_body(body, &headers, s.http.body_bytes_max).await?, body_depth(&s))?;
+    let value = parse_json(&read_body(body, &headers, &s.http).await?, body_depth(&s))?;
     let merge = merge.unwrap_or(value.is_object());
     let mut env = with_version(envelope("patch", &key.type_name, Some(&key.id)), expected);
     let cmd = if merge {

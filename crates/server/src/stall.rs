@@ -1,20 +1,30 @@
-//! A deadline on blocked writes, for responses that stream (SSE). hyper pulls a streaming body
-//! only while it can write, so a client that stops reading leaves the stream idle but holds its
-//! connection, task and subscription forever; nothing at the body level can notice. So the
-//! listener ([`GuardedListener`]) wraps every accepted socket in a [`GuardedIo`], and a handler
-//! that streams arms the connection's [`StallGuard`] (given to it as `ConnectInfo`): from then
-//! on, a write that stays blocked for the timeout fails, hyper drops the connection, and the
-//! stream and its subscription with it. Unarmed connections (plain requests, WebSockets, which
-//! have their own timeout and close frame) are not affected.
+//! Deadlines on sockets, enforced below HTTP.
+//!
+//! Writes: a deadline on blocked writes, for responses that stream (SSE). hyper pulls a
+//! streaming body only while it can write, so a client that stops reading leaves the stream
+//! idle but holds its connection, task and subscription forever; nothing at the body level can
+//! notice. So the listener ([`GuardedListener`]) wraps every accepted socket in a [`GuardedIo`],
+//! and a handler that streams arms the connection's [`StallGuard`] (given to it as
+//! `ConnectInfo`): from then on, a write that stays blocked for the timeout fails, hyper drops
+//! the connection, and the stream and its subscription with it. Unarmed connections (plain
+//! requests, WebSockets, which have their own timeout and close frame) are not affected.
+//!
+//! Reads: while no request is in flight on a connection ([`track_requests`] counts them, from
+//! the parsed head until the response body is dropped), a socket that sends nothing for
+//! `IDLE_TIMEOUT_MS` (a new one, or one kept alive) fails its read, and so does one whose next
+//! request head is not complete `HEADER_READ_TIMEOUT_MS` after its first byte; hyper then
+//! closes it. Bodies have their own deadline where they are read (`http::read_body`, 408). A
+//! connection whose response was 101 (a WebSocket) is never timed here again.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,6 +42,15 @@ struct GuardState {
     timeout_ms: AtomicU64,
     /// Counts the connection in `slow_clients_closed` when the deadline passes.
     live: OnceLock<Arc<LiveState>>,
+    /// Requests in flight: from the parsed head until the response body is dropped.
+    in_flight: AtomicUsize,
+    /// Bumped each time the connection becomes idle, so the reader arms a fresh deadline.
+    idle_epoch: AtomicU64,
+    /// The response was 101: the socket belongs to a WebSocket now.
+    upgraded: AtomicBool,
+    /// The task last parked reading, woken when the connection becomes idle so it arms its
+    /// deadline.
+    reader: Mutex<Option<Waker>>,
 }
 
 impl StallGuard {
@@ -39,6 +58,19 @@ impl StallGuard {
     pub fn arm(&self, timeout: Duration, live: Arc<LiveState>) {
         let _ = self.0.live.set(live);
         self.0.timeout_ms.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn request_finished(&self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle_epoch.fetch_add(1, Ordering::SeqCst);
+            if let Some(w) = self.0.reader.lock().ok().and_then(|mut w| w.take()) {
+                w.wake();
+            }
+        }
     }
 
     fn timeout(&self) -> Option<Duration> {
@@ -49,9 +81,18 @@ impl StallGuard {
     }
 }
 
+/// How long a connection may keep the server waiting for a request (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadTimeouts {
+    /// A connection with no request in flight that sends nothing.
+    pub idle: Duration,
+    /// A request head, from its first byte.
+    pub header: Duration,
+}
+
 /// The listener `start` serves on: a [`TcpListener`] whose sockets are [`GuardedIo`]s.
 #[derive(Debug)]
-pub struct GuardedListener(pub TcpListener);
+pub struct GuardedListener(pub TcpListener, pub ReadTimeouts);
 
 impl axum::serve::Listener for GuardedListener {
     type Io = GuardedIo;
@@ -64,7 +105,17 @@ impl axum::serve::Listener for GuardedListener {
         if let Err(e) = io.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        (GuardedIo { inner: io, guard: StallGuard::default(), blocked: None, tripped: false }, addr)
+        let io = GuardedIo {
+            inner: io,
+            guard: StallGuard::default(),
+            blocked: None,
+            tripped: false,
+            timeouts: self.1,
+            read_deadline: None,
+            armed_epoch: 0,
+            in_head: false,
+        };
+        (io, addr)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -86,6 +137,13 @@ pub struct GuardedIo {
     /// Running while a write is blocked; reset by any progress.
     blocked: Option<Pin<Box<Sleep>>>,
     tripped: bool,
+    timeouts: ReadTimeouts,
+    /// While no request is in flight: when the read fails (idle, or the head's deadline).
+    read_deadline: Option<Pin<Box<Sleep>>>,
+    /// The idle period `read_deadline` was armed for.
+    armed_epoch: u64,
+    /// Bytes of a request head have arrived in this idle period.
+    in_head: bool,
 }
 
 impl GuardedIo {
@@ -130,7 +188,89 @@ impl GuardedIo {
 
 impl AsyncRead for GuardedIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let state = &this.guard.0;
+        if state.upgraded.load(Ordering::SeqCst) {
+            this.read_deadline = None;
+            return r;
+        }
+        if state.in_flight.load(Ordering::SeqCst) > 0 {
+            if r.is_pending()
+                && let Ok(mut w) = state.reader.lock()
+            {
+                *w = Some(cx.waker().clone());
+            }
+            return r;
+        }
+        let epoch = state.idle_epoch.load(Ordering::SeqCst);
+        if this.read_deadline.is_none() || this.armed_epoch != epoch {
+            this.armed_epoch = epoch;
+            this.in_head = false;
+            this.read_deadline = Some(Box::pin(tokio::time::sleep(this.timeouts.idle)));
+        }
+        match &r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if !this.in_head {
+                    this.in_head = true;
+                    this.read_deadline = Some(Box::pin(tokio::time::sleep(this.timeouts.header)));
+                }
+                return r;
+            }
+            Poll::Ready(_) => return r,
+            Poll::Pending => {}
+        }
+        if let Ok(mut w) = state.reader.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        let deadline = this.read_deadline.as_mut().expect("armed above");
+        match deadline.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                let (what, after) = if this.in_head {
+                    ("the request head is incomplete", this.timeouts.header)
+                } else {
+                    ("the connection sent nothing", this.timeouts.idle)
+                };
+                tracing::debug!(timeout_ms = after.as_millis() as u64, "closing a connection: {what}");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{what} after {} ms", after.as_millis()),
+                )))
+            }
+        }
+    }
+}
+
+/// Middleware: counts the requests in flight on their connection (so its read deadlines wait
+/// while the server works), and marks a connection upgraded (101) so they never apply again.
+/// Requests without a [`StallGuard`] (driven in process) pass through.
+pub async fn track_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let Some(guard) = req.extensions().get::<ConnectInfo<StallGuard>>().map(|c| c.0.clone()) else {
+        return next.run(req).await;
+    };
+    guard.request_started();
+    let finished = InFlight(guard.clone());
+    let res = next.run(req).await;
+    if res.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        guard.0.upgraded.store(true, Ordering::SeqCst);
+    }
+    // The request is in flight until hyper has written (or dropped) the whole body.
+    res.map(|body| {
+        axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+            let _in_flight = &finished;
+            frame
+        }))
+    })
+}
+
+/// Ends a request's time in flight when dropped.
+struct InFlight(StallGuard);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
     }
 }
 

@@ -23,5 +23,6 @@ mod rebuild;
 mod socketio;
 mod sse;
 mod time_travel;
+mod timeouts;
 mod transfer;
 mod ws;
