@@ -627,7 +627,35 @@ impl IntoResponse for WriteReply {
         if self.outcome.replayed {
             h.insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
+        insert_warnings(h, &self.outcome.result.warnings);
         r
+    }
+}
+
+/// The header that carries a write's warnings (rules of severity `warn`) on every write path:
+/// the JSON array `POST /commands` shows as `warnings`, in compact JSON with every non-ASCII
+/// character escaped (`\uXXXX`) so it is a valid header value. Absent when there are none.
+pub const WARNINGS_HEADER: &str = "sourced-warnings";
+
+fn insert_warnings(h: &mut HeaderMap, warnings: &[Value]) {
+    if warnings.is_empty() {
+        return;
+    }
+    let json = Value::Array(warnings.to_vec()).to_string();
+    let mut ascii = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            ascii.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                ascii.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    // Control characters are escaped by the JSON writer, so the value is visible ASCII.
+    if let Ok(v) = HeaderValue::from_str(&ascii) {
+        h.insert(WARNINGS_HEADER, v);
     }
 }
 
@@ -798,6 +826,7 @@ async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body)
     if outcome.replayed {
         r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
+    insert_warnings(r.headers_mut(), &outcome.result.warnings);
     Ok(r)
 }
 
@@ -1155,6 +1184,28 @@ async fn feed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The warnings header is visible ASCII that parses back to the warnings.
+    #[test]
+    fn warnings_header_is_ascii_json() {
+        let cases = [
+            (json!([]), None),
+            (json!([{"rule": "r", "message": "m"}]), Some(r#"[{"rule":"r","message":"m"}]"#)),
+            (
+                json!([{"rule": "é", "message": "\u{1F600}\n\"q\""}]),
+                Some(r#"[{"rule":"\u00e9","message":"\ud83d\ude00\n\"q\""}]"#),
+            ),
+        ];
+        for (warnings, expected) in cases {
+            let mut h = HeaderMap::new();
+            insert_warnings(&mut h, warnings.as_array().unwrap());
+            let got = h.get(WARNINGS_HEADER).map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(got.as_deref(), expected);
+            if let Some(got) = got {
+                assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), warnings);
+            }
+        }
+    }
 
     /// GET's document written around the stored text is byte for byte the one built from the
     /// parsed state.

@@ -88,7 +88,7 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         "parameters": [idempotency_key(), tenant()],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandEnvelope"}}}},
         "responses": with_errors(json!({
-            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag"])
+            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag", "Sourced-Warnings"])
         }), WRITE_ERRORS)
     }}));
     paths.insert("/events".into(), json!({"get": {
@@ -391,6 +391,9 @@ fn response_headers(names: &[&str]) -> Value {
         let d = match *n {
             "ETag" => "the aggregate's version, as an entity tag (\"N\")",
             "Location" => "the created aggregate's path",
+            "Sourced-Warnings" => {
+                "when rules of severity warn fired: their warnings as a JSON array of {rule, message} (non-ASCII escaped as \\uXXXX)"
+            }
             _ => "",
         };
         h.insert((*n).to_owned(), json!({"description": d, "schema": {"type": "string"}}));
@@ -455,14 +458,14 @@ fn op_id(prefix: &str, t: &str) -> String {
 
 fn written_document(status: &str) -> Value {
     json!({
-        status: json_response_headers("the document after the command, as GET shows it", json!({"$ref": "#/components/schemas/Document"}), &["ETag"]),
-        "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag"])}
+        status: json_response_headers("the document after the command, as GET shows it", json!({"$ref": "#/components/schemas/Document"}), &["ETag", "Sourced-Warnings"]),
+        "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag", "Sourced-Warnings"])}
     })
 }
 
 fn collection_item(type_param: Option<&Value>, doc_schema: &Value, page_limit_max: usize, t: &str) -> Value {
     let mut created = written_document("201");
-    created["201"]["headers"] = response_headers(&["ETag", "Location"]);
+    created["201"]["headers"] = response_headers(&["ETag", "Location", "Sourced-Warnings"]);
     json!({
         "post": {
             "operationId": op_id("create", t), "tags": ["documents"],
@@ -495,7 +498,7 @@ fn document_item(type_param: Option<&Value>, doc_schema: &Value, t: &str) -> Val
     replaced["201"] = json_response_headers(
         "created (the aggregate did not exist)",
         json!({"$ref": "#/components/schemas/Document"}),
-        &["ETag", "Location"],
+        &["ETag", "Location", "Sourced-Warnings"],
     );
     let if_none_match_put = json!({"name": "If-None-Match", "in": "header", "required": false,
         "description": "* (create only: 412 when the document exists) or entity tags (412 when one is the current ETag, weak comparison)", "schema": {"type": "string"}});
