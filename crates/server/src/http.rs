@@ -672,8 +672,27 @@ fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> R
 
 /// Runs a command. `precondition` says whether its expected version came from an HTTP
 /// precondition header (a mismatch is then 412, else 409).
-async fn exec(s: &AppState, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
-    s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, precondition))
+async fn exec(s: &AppState, headers: &HeaderMap, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
+    s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, headers, precondition))
+}
+
+/// [`from_engine`], except that a reused `Idempotency-Key` is named as the client gave it, not
+/// as the command id derived from it (which the client never saw).
+fn engine_problem(e: sourced_engine::EngineError, headers: &HeaderMap, precondition: bool) -> Problem {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    match (e, key) {
+        (sourced_engine::EngineError::IdempotencyMismatch { .. }, Some(key)) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "The command id was used for another command",
+            format!(
+                "Idempotency-Key {key:?} was already used for a different command (other content); a retry must \
+                 send the same request, a new command needs a new key"
+            ),
+        )
+        .with("idempotencyKey", key),
+        (e, _) => from_engine(e, precondition),
+    }
 }
 
 fn envelope(kind: &str, ty: &TypeName, id: Option<&AggregateId>) -> serde_json::Map<String, Value> {
@@ -705,7 +724,7 @@ async fn create(
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = envelope("create", &ty, None);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, build(&headers, env)?, false).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, false).await?;
     let location = format!("/{}/{}", ty, outcome.result.target_id);
     Ok(WriteReply {
         outcome,
@@ -727,7 +746,7 @@ async fn replace(
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, build(&headers, env)?, precondition).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, precondition).await?;
     let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
     let (status, location) = if created {
         (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
@@ -765,7 +784,7 @@ async fn patch(
         env.insert("body".into(), value);
         build(&headers, env)?
     };
-    let outcome = exec(&s, cmd, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, cmd, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -777,7 +796,7 @@ async fn delete(
     let key = key(&headers, &ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
-    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -793,7 +812,7 @@ async fn custom_command(
     let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
     env.insert("name".into(), Value::from(command));
     env.insert("body".into(), payload);
-    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
         .into_response())
 }
@@ -820,8 +839,12 @@ async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body)
         generated_id: AggregateId::generate(),
     };
     let cmd = Command::from_envelope_value(env, defaults)?;
-    let outcome = s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, false))?;
-    let mut r = axum::Json(&outcome.result).into_response();
+    let outcome = s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, &headers, false))?;
+    let mut r = if prefers_minimal(&headers) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        axum::Json(&outcome.result).into_response()
+    };
     r.headers_mut().insert(header::ETAG, etag(outcome.result.version));
     if outcome.replayed {
         r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));

@@ -85,10 +85,11 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
     }}));
     paths.insert("/commands".into(), json!({"post": {
         "operationId": "postCommand", "summary": "Run a raw command envelope (same semantics as the WebSocket)", "tags": ["commands"],
-        "parameters": [idempotency_key(), tenant()],
+        "parameters": [idempotency_key(), tenant(), prefer()],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandEnvelope"}}}},
         "responses": with_errors(json!({
-            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag", "Sourced-Warnings"])
+            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag", "Sourced-Warnings"]),
+            "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag", "Sourced-Warnings"])}
         }), WRITE_ERRORS)
     }}));
     paths.insert("/events".into(), json!({"get": {
