@@ -1,7 +1,8 @@
-//! Slow clients over raw TCP (HEADER_READ_TIMEOUT_MS, BODY_READ_TIMEOUT_MS, IDLE_TIMEOUT_MS set
-//! small): an idle socket, a partial head, a head sent a byte at a time, an idle keep-alive and
-//! a slow body are each closed (the body with a 408 problem); a normal request and a reused
-//! connection still work, and a WebSocket left silent past every timeout stays open.
+//! Slow and malformed clients over raw TCP (HEADER_READ_TIMEOUT_MS, BODY_READ_TIMEOUT_MS,
+//! IDLE_TIMEOUT_MS set small): an idle socket, a partial head, a head sent a byte at a time,
+//! an idle keep-alive and a slow body are each closed (the body with a 408 problem); a normal
+//! request and a reused connection still work, and a WebSocket left silent past every timeout
+//! stays open. Requests the HTTP parser refuses get a problem body.
 
 use std::time::Duration;
 
@@ -167,5 +168,49 @@ async fn prompt_clients_and_websockets_are_served() {
     let reply = tokio::time::timeout(CLOSE_WITHIN, ws.next()).await.expect("a reply").unwrap().unwrap();
     let Message::Text(reply) = reply else { panic!("expected the command's result, got {reply:?}") };
     assert!(reply.as_str().contains("\"d2\""), "{reply}");
+    server.shutdown().await;
+}
+
+/// Requests the HTTP parser refuses before the service sees them are answered with a problem
+/// of hyper's status, not a bare one: (case, request, status line, problem type).
+#[tokio::test]
+async fn unparsable_requests_get_problems() {
+    let big_header = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(600 * 1024));
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "a literal quote in the URL",
+            "GET /order?qty=\"5\" HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "HTTP/1.1 400",
+            "invalid-request",
+        ),
+        ("a space in the URL", "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n".into(), "HTTP/1.1 400", "invalid-request"),
+        (
+            "a header without a colon",
+            "GET /healthz HTTP/1.1\r\nHost x\r\n\r\n".into(),
+            "HTTP/1.1 400",
+            "invalid-request",
+        ),
+        ("a head too large", big_header, "HTTP/1.1 431", "headers-too-large"),
+    ];
+    let (server, _dir) = server().await;
+    for (case, request, status, slug) in cases {
+        let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+        // The server may answer and close before it has read everything.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let got = until_closed(&mut stream).await;
+        assert!(got.starts_with(status), "{case}: {got:?}");
+        let (head, body) = got.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{case}: {got:?}"));
+        assert!(head.to_ascii_lowercase().contains("content-type: application/problem+json"), "{case}: {head}");
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{case}: {e}: {body:?}"));
+        assert_eq!(problem["type"], format!("urn:sourced:problem:{slug}"), "{case}: {problem}");
+        assert_eq!(problem["status"].as_u64(), status[9..].parse::<u64>().ok(), "{case}: {problem}");
+    }
+    // A good request is not affected.
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let got = response(&mut stream).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    // Its length is known, as without the request tracking.
+    assert!(got.to_ascii_lowercase().contains("content-length: 15"), "{got:?}");
     server.shutdown().await;
 }
