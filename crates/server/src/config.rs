@@ -142,6 +142,18 @@ pub struct RawArgs {
     /// Seconds to wait for in-flight requests at shutdown [default: 30].
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<String>,
+    /// Milliseconds a client may take to send a request's head (request line and headers),
+    /// counted from its first byte [default: 10000].
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<String>,
+    /// Milliseconds a client may take to send a request body, counted from when the server
+    /// starts reading it (408) [default: 30000].
+    #[arg(long, env = "BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<String>,
+    /// Milliseconds a connection with no request in flight may stay silent (a new one, or one
+    /// kept alive between requests) before it is closed [default: 30000].
+    #[arg(long, env = "IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<String>,
     /// Most commands in flight on one WebSocket connection [default: 64].
     #[arg(long, env = "WS_INFLIGHT_MAX")]
     pub ws_inflight_max: Option<String>,
@@ -206,6 +218,12 @@ pub struct HttpLimits {
     pub page_limit_default: usize,
     /// Largest page size.
     pub page_limit_max: usize,
+    /// Time allowed for a request's head, from its first byte.
+    pub header_read_timeout_ms: u64,
+    /// Time allowed for reading a request body (408 beyond).
+    pub body_read_timeout_ms: u64,
+    /// Time a connection with no request in flight may stay silent.
+    pub idle_timeout_ms: u64,
 }
 
 /// Limits of live connections: WebSocket (SPEC §3.2, §8.3) and SSE streams.
@@ -373,6 +391,11 @@ impl Config {
             body_bytes_max: number("MAX_BODY_BYTES", &raw.max_body_bytes, MIB, 2, 64 * MIB)?,
             page_limit_default: 100,
             page_limit_max: number("MAX_PAGE_LIMIT", &raw.max_page_limit, 1_000, 1, sourced_store::READ_LIMIT_MAX)?,
+            header_read_timeout_ms: number("HEADER_READ_TIMEOUT_MS", &raw.header_read_timeout_ms, 10_000, 1, 3_600_000)?
+                as u64,
+            body_read_timeout_ms: number("BODY_READ_TIMEOUT_MS", &raw.body_read_timeout_ms, 30_000, 1, 3_600_000)?
+                as u64,
+            idle_timeout_ms: number("IDLE_TIMEOUT_MS", &raw.idle_timeout_ms, 30_000, 1, 3_600_000)? as u64,
         };
         let http = HttpLimits { page_limit_default: http.page_limit_default.min(http.page_limit_max), ..http };
         let ws_slow_ms =
@@ -547,6 +570,9 @@ mod tests {
                 "WS_SLOW_CLIENT_TIMEOUT_MS",
             ),
             (RawArgs { live_buffer_events: Some("0".into()), ..Default::default() }, "LIVE_BUFFER_EVENTS"),
+            (RawArgs { header_read_timeout_ms: Some("0".into()), ..Default::default() }, "HEADER_READ_TIMEOUT_MS"),
+            (RawArgs { body_read_timeout_ms: Some("1s".into()), ..Default::default() }, "BODY_READ_TIMEOUT_MS"),
+            (RawArgs { idle_timeout_ms: Some("3600001".into()), ..Default::default() }, "IDLE_TIMEOUT_MS"),
             (RawArgs { artifacts: Some("/no/such/dir".into()), ..Default::default() }, "ARTIFACTS"),
             (RawArgs { artifacts: Some("file:///r#".into()), ..Default::default() }, "ARTIFACTS"),
             (RawArgs { artifacts: Some("https://h/r#--upload-pack=x".into()), ..Default::default() }, "ARTIFACTS"),

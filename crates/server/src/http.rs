@@ -217,8 +217,24 @@ fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
     Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
 }
 
-/// Reads the whole body, refusing one over the limit with 413 before or while reading.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
+/// Reads the whole body, refusing one over the limit with 413 before or while reading, and one
+/// that takes longer than `BODY_READ_TIMEOUT_MS` with 408 (and the connection is closed).
+async fn read_body(body: Body, headers: &HeaderMap, limits: &HttpLimits) -> Result<Bytes> {
+    let limit = limits.body_bytes_max;
+    let after = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+    match tokio::time::timeout(after, read_body_within(body, headers, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "The request body was not sent in time",
+            format!("the request body did not arrive within {} ms (BODY_READ_TIMEOUT_MS)", limits.body_read_timeout_ms),
+        )
+        .with("timeoutMs", limits.body_read_timeout_ms)),
+    }
+}
+
+async fn read_body_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -281,7 +297,7 @@ async fn json_body(body: Body, headers: &HeaderMap, s: &AppState, envelope: bool
     if !media.as_deref().is_some_and(is_json) {
         return Err(unsupported_media(media, &["application/json"]));
     }
-    parse_json(&read_body(body, headers, s.http.body_bytes_max).await?, body_depth(s) + usize::from(envelope))
+    parse_json(&read_body(body, headers, &s.http).await?, body_depth(s) + usize::from(envelope))
 }
 
 /// How deep a command body may be nested.
@@ -289,28 +305,221 @@ fn body_depth(s: &AppState) -> usize {
     s.engine.config().limits.json_depth_max
 }
 
-/// An entity tag naming a version: `"N"`, also `W/"N"` and a bare `N`.
-fn parse_etag(raw: &str) -> Option<Version> {
-    let t = raw.trim();
-    let t = t.strip_prefix("W/").unwrap_or(t);
-    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
-    t.parse::<u64>().ok().map(Version)
-}
-
 fn etag(v: Version) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{v}\"")).expect("a number is a valid header value")
 }
 
-/// `If-Match` as an expected version: `*` means the aggregate exists.
-fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
-    let s = v.to_str().unwrap_or("");
-    if s.trim() == "*" {
-        return Ok(Some(ExpectedVersion::Exists));
+/// One entity tag of a precondition header (RFC 9110 §8.8.3): its opaque part without the
+/// quotes, and whether it is weak (`W/"…"`).
+#[derive(Debug, PartialEq, Eq)]
+struct EntityTag {
+    weak: bool,
+    opaque: String,
+}
+
+/// The value of `If-Match` or `If-None-Match`: `*`, or a list of entity tags (every line of the
+/// header, as one list).
+#[derive(Debug, PartialEq, Eq)]
+enum Tags {
+    Any,
+    List(Vec<EntityTag>),
+}
+
+/// What a precondition is evaluated against: whether the target has a current representation
+/// and its entity tag (a document: its version; a collection: none).
+#[derive(Clone, Copy)]
+struct Current {
+    exists: bool,
+    version: Option<Version>,
+}
+
+impl Current {
+    fn document(version: Option<Version>, deleted: bool) -> Current {
+        Current { exists: version.is_some() && !deleted, version }
     }
-    parse_etag(s).map(|v| Some(ExpectedVersion::Exact(v))).ok_or_else(|| {
-        Problem::bad_request(format!("If-Match must be one entity tag of a version, like \"3\", not {s:?}"), vec![])
-    })
+}
+
+impl Tags {
+    /// Whether the target matches: `*` when it exists; a tag when its opaque part is the
+    /// version's (`strong`: only a strong tag can match, as `If-Match` compares; else weak, as
+    /// `If-None-Match` does).
+    fn matches(&self, current: Current, strong: bool) -> bool {
+        match self {
+            Tags::Any => current.exists,
+            Tags::List(tags) => {
+                current.version.is_some_and(|v| tags.iter().any(|t| !(strong && t.weak) && t.opaque == v.0.to_string()))
+            }
+        }
+    }
+}
+
+/// Parses one precondition header, all its lines as one list (RFC 9110 §5.3): `*` alone, or
+/// comma-separated entity tags `"…"` / `W/"…"` (empty elements are allowed, as lists allow).
+fn parse_tags(headers: &HeaderMap, name: header::HeaderName, shown: &str) -> Result<Option<Tags>> {
+    let mut lines = headers.get_all(&name).iter().peekable();
+    if lines.peek().is_none() {
+        return Ok(None);
+    }
+    let malformed = |why: String| {
+        Problem::bad_request(
+            format!(
+                "invalid {shown} header: {why}; it must be * or a list of entity tags like \"3\" or W/\"3\" (the \
+                 ETag of a document is its version in double quotes)"
+            ),
+            vec![],
+        )
+        .with("header", shown)
+    };
+    let mut any = false;
+    let mut tags = Vec::new();
+    for line in lines {
+        let mut rest = line.as_bytes();
+        loop {
+            rest = rest.trim_ascii_start();
+            if let Some(r) = rest.strip_prefix(b",") {
+                rest = r;
+                continue;
+            }
+            if rest.is_empty() {
+                break;
+            }
+            if let Some(r) = rest.strip_prefix(b"*") {
+                any = true;
+                rest = r;
+            } else {
+                let (weak, r) = match rest.strip_prefix(b"W/") {
+                    Some(r) => (true, r),
+                    None => (false, rest),
+                };
+                let Some(r) = r.strip_prefix(b"\"") else {
+                    return Err(malformed(format!(
+                        "{:?} is not a quoted entity tag",
+                        String::from_utf8_lossy(line.as_bytes())
+                    )));
+                };
+                // etagc: %x21 / %x23-7E / obs-text
+                let end =
+                    r.iter().position(|&b| b == b'"').ok_or_else(|| malformed("a tag has no closing quote".into()))?;
+                let opaque = &r[..end];
+                if opaque.iter().any(|&b| b < 0x21 || b == 0x7f) {
+                    return Err(malformed("a tag holds a space or a control character".into()));
+                }
+                tags.push(EntityTag { weak, opaque: String::from_utf8_lossy(opaque).into_owned() });
+                rest = &r[end + 1..];
+            }
+            rest = rest.trim_ascii_start();
+            match rest.first() {
+                None => break,
+                Some(b',') => rest = &rest[1..],
+                Some(_) => {
+                    return Err(malformed(format!(
+                        "{:?}: list elements are separated by commas",
+                        String::from_utf8_lossy(line.as_bytes())
+                    )));
+                }
+            }
+        }
+    }
+    match (any, tags.is_empty()) {
+        (true, true) => Ok(Some(Tags::Any)),
+        (true, false) => Err(malformed("* cannot be combined with entity tags".into())),
+        (false, false) => Ok(Some(Tags::List(tags))),
+        (false, true) => Err(malformed("it is empty".into())),
+    }
+}
+
+/// The preconditions of a request (RFC 9110 §13.1): `If-Match` and `If-None-Match`.
+#[derive(Debug)]
+struct Preconditions {
+    if_match: Option<Tags>,
+    if_none_match: Option<Tags>,
+}
+
+/// How a precondition evaluated on a read came out.
+enum ReadCondition {
+    /// Serve the representation.
+    Proceed,
+    /// `If-None-Match` matched on GET/HEAD: 304.
+    NotModified,
+}
+
+impl Preconditions {
+    fn read(headers: &HeaderMap) -> Result<Preconditions> {
+        Ok(Preconditions {
+            if_match: parse_tags(headers, header::IF_MATCH, "If-Match")?,
+            if_none_match: parse_tags(headers, header::IF_NONE_MATCH, "If-None-Match")?,
+        })
+    }
+
+    /// RFC 9110 §13.2.2 in order: If-Match false → 412; then If-None-Match true → 304 on a read
+    /// (`safe`), 412 on anything else.
+    fn evaluate(&self, current: Current, safe: bool) -> Result<ReadCondition> {
+        if let Some(m) = &self.if_match
+            && !m.matches(current, true)
+        {
+            return Err(precondition_failed("If-Match", current));
+        }
+        if let Some(n) = &self.if_none_match
+            && n.matches(current, false)
+        {
+            if safe {
+                return Ok(ReadCondition::NotModified);
+            }
+            return Err(precondition_failed("If-None-Match", current));
+        }
+        Ok(ReadCondition::Proceed)
+    }
+
+    /// The expected version a write carries. Conditions the engine checks atomically become its
+    /// expected version directly (`*`, one version); others are evaluated against the current
+    /// document, which is then pinned (`Exact` of what was seen), so a write in between is 412
+    /// too. `None` without preconditions.
+    async fn expected(&self, s: &AppState, key: &StreamKey) -> Result<Option<ExpectedVersion>> {
+        match (&self.if_match, &self.if_none_match) {
+            (None, None) => return Ok(None),
+            (Some(Tags::Any), None) => return Ok(Some(ExpectedVersion::Exists)),
+            (None, Some(Tags::Any)) => return Ok(Some(ExpectedVersion::NoStream)),
+            (Some(Tags::List(tags)), None) => {
+                let mut versions = tags
+                    .iter()
+                    .filter(|t| !t.weak)
+                    .filter_map(|t| t.opaque.parse::<u64>().ok().filter(|v| *v >= 1 && v.to_string() == t.opaque));
+                if let (Some(v), None) = (versions.next(), versions.next()) {
+                    return Ok(Some(ExpectedVersion::Exact(Version(v))));
+                }
+            }
+            _ => {}
+        }
+        let row = s.engine.store().get_document_text(key).await?;
+        let current = Current::document(row.as_ref().map(|r| r.version), row.as_ref().is_some_and(|r| r.deleted));
+        self.evaluate(current, false)?;
+        Ok(Some(ExpectedVersion::Exact(current.version.unwrap_or(Version::ZERO))))
+    }
+}
+
+fn precondition_failed(shown: &str, current: Current) -> Problem {
+    let detail = match current.version {
+        Some(v) => format!("{shown} does not hold: the current ETag is \"{v}\""),
+        None => format!("{shown} does not hold: there is no current document"),
+    };
+    let p = Problem::new(StatusCode::PRECONDITION_FAILED, "precondition-failed", "The precondition failed", detail)
+        .with("header", shown);
+    match current.version {
+        Some(v) => p.with("currentVersion", v.0),
+        None => p,
+    }
+}
+
+/// The preconditions of a write to a document, as its expected version.
+async fn write_preconditions(s: &AppState, headers: &HeaderMap, key: &StreamKey) -> Result<Option<ExpectedVersion>> {
+    Preconditions::read(headers)?.expected(s, key).await
+}
+
+/// A 304 for a read whose `If-None-Match` matched, with the ETag.
+fn not_modified(v: Version) -> Response {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    r.headers_mut().insert(header::ETAG, etag(v));
+    r
 }
 
 /// The `Idempotency-Key` header as a command id.
@@ -418,7 +627,35 @@ impl IntoResponse for WriteReply {
         if self.outcome.replayed {
             h.insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
+        insert_warnings(h, &self.outcome.result.warnings);
         r
+    }
+}
+
+/// The header that carries a write's warnings (rules of severity `warn`) on every write path:
+/// the JSON array `POST /commands` shows as `warnings`, in compact JSON with every non-ASCII
+/// character escaped (`\uXXXX`) so it is a valid header value. Absent when there are none.
+pub const WARNINGS_HEADER: &str = "sourced-warnings";
+
+fn insert_warnings(h: &mut HeaderMap, warnings: &[Value]) {
+    if warnings.is_empty() {
+        return;
+    }
+    let json = Value::Array(warnings.to_vec()).to_string();
+    let mut ascii = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            ascii.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                ascii.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    // Control characters are escaped by the JSON writer, so the value is visible ASCII.
+    if let Ok(v) = HeaderValue::from_str(&ascii) {
+        h.insert(WARNINGS_HEADER, v);
     }
 }
 
@@ -434,8 +671,27 @@ fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> R
 
 /// Runs a command. `precondition` says whether its expected version came from an HTTP
 /// precondition header (a mismatch is then 412, else 409).
-async fn exec(s: &AppState, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
-    s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, precondition))
+async fn exec(s: &AppState, headers: &HeaderMap, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
+    s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, headers, precondition))
+}
+
+/// [`from_engine`], except that a reused `Idempotency-Key` is named as the client gave it, not
+/// as the command id derived from it (which the client never saw).
+fn engine_problem(e: sourced_engine::EngineError, headers: &HeaderMap, precondition: bool) -> Problem {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    match (e, key) {
+        (sourced_engine::EngineError::IdempotencyMismatch { .. }, Some(key)) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "The command id was used for another command",
+            format!(
+                "Idempotency-Key {key:?} was already used for a different command (other content); a retry must \
+                 send the same request, a new command needs a new key"
+            ),
+        )
+        .with("idempotencyKey", key),
+        (e, _) => from_engine(e, precondition),
+    }
 }
 
 fn envelope(kind: &str, ty: &TypeName, id: Option<&AggregateId>) -> serde_json::Map<String, Value> {
@@ -462,10 +718,12 @@ async fn create(
     body: Body,
 ) -> Result<WriteReply> {
     let ty = type_name(&ty)?;
+    // The target is the collection: it exists and has no entity tag.
+    Preconditions::read(&headers)?.evaluate(Current { exists: true, version: None }, false)?;
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = envelope("create", &ty, None);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, build(&headers, env)?, false).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, false).await?;
     let location = format!("/{}/{}", ty, outcome.result.target_id);
     Ok(WriteReply {
         outcome,
@@ -482,21 +740,12 @@ async fn replace(
     body: Body,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let mut expected = if_match(&headers)?;
-    if let Some(v) = headers.get(header::IF_NONE_MATCH) {
-        if v.to_str().map(str::trim).ok() != Some("*") {
-            return Err(Problem::bad_request("on PUT, If-None-Match accepts only *", vec![]));
-        }
-        if expected.is_some() {
-            return Err(Problem::bad_request("If-Match and If-None-Match cannot be combined", vec![]));
-        }
-        expected = Some(ExpectedVersion::NoStream);
-    }
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, build(&headers, env)?, precondition).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, precondition).await?;
     let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
     let (status, location) = if created {
         (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
@@ -513,7 +762,7 @@ async fn patch(
     body: Body,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
     let media = media_type(&headers);
     let merge = match media.as_deref() {
@@ -523,7 +772,7 @@ async fn patch(
         Some("application/json") => None,
         _ => return Err(unsupported_media(media, ACCEPTED)),
     };
-    let value = parse_json(&read_body(body, &headers, s.http.body_bytes_max).await?, body_depth(&s))?;
+    let value = parse_json(&read_body(body, &headers, &s.http).await?, body_depth(&s))?;
     let merge = merge.unwrap_or(value.is_object());
     let mut env = with_version(envelope("patch", &key.type_name, Some(&key.id)), expected);
     let cmd = if merge {
@@ -534,7 +783,7 @@ async fn patch(
         env.insert("body".into(), value);
         build(&headers, env)?
     };
-    let outcome = exec(&s, cmd, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, cmd, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -544,9 +793,9 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<WriteReply> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
-    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -557,12 +806,12 @@ async fn custom_command(
     body: Body,
 ) -> Result<Response> {
     let key = key(&headers, &ty, &id)?;
-    let expected = if_match(&headers)?;
+    let expected = write_preconditions(&s, &headers, &key).await?;
     let payload = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
     env.insert("name".into(), Value::from(command));
     env.insert("body".into(), payload);
-    let outcome = exec(&s, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
         .into_response())
 }
@@ -588,12 +837,17 @@ async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body)
         header_tenant.is_some(),
     );
     let cmd = Command::from_envelope_value(env, defaults)?;
-    let outcome = s.engine.execute(cmd, None).await.map_err(|e| from_engine(e, false))?;
-    let mut r = axum::Json(&outcome.result).into_response();
+    let outcome = s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, &headers, false))?;
+    let mut r = if prefers_minimal(&headers) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        axum::Json(&outcome.result).into_response()
+    };
     r.headers_mut().insert(header::ETAG, etag(outcome.result.version));
     if outcome.replayed {
         r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
+    insert_warnings(r.headers_mut(), &outcome.result.warnings);
     Ok(r)
 }
 
@@ -614,8 +868,9 @@ async fn get_document(
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["version", "at"])?;
     let key = key(&headers, &ty, &id)?;
+    let conditions = Preconditions::read(&headers)?;
     if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
-        return time_travel(&s, &key, &pairs).await;
+        return time_travel(&s, &key, &pairs, &conditions).await;
     }
     let row = s.engine.store().get_document_text(&key).await?;
     let Some(row) = row else {
@@ -624,13 +879,8 @@ async fn get_document(
     if row.deleted {
         return Err(sourced_core::DomainError::Deleted { version: row.version }.into());
     }
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let hit = inm.split(',').any(|t| t.trim() == "*" || parse_etag(t) == Some(row.version));
-        if hit {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            r.headers_mut().insert(header::ETAG, etag(row.version));
-            return Ok(r);
-        }
+    if let ReadCondition::NotModified = conditions.evaluate(Current::document(Some(row.version), false), true)? {
+        return Ok(not_modified(row.version));
     }
     let mut r =
         ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document_json(&row)).into_response();
@@ -684,7 +934,12 @@ fn version_param(pairs: &[(String, String)], name: &str) -> Result<Option<Versio
 
 /// The aggregate at a version (`version=N`) or a time (`at=RFC 3339`), folded from its events
 /// (SPEC §3.1, time travel).
-async fn time_travel(s: &AppState, key: &StreamKey, pairs: &[(String, String)]) -> Result<Response> {
+async fn time_travel(
+    s: &AppState,
+    key: &StreamKey,
+    pairs: &[(String, String)],
+    conditions: &Preconditions,
+) -> Result<Response> {
     let agg = match (version_param(pairs, "version")?, param(pairs, "at")) {
         (Some(_), Some(_)) => return Err(Problem::bad_request("give version or at, not both", vec![])),
         (Some(v), None) => {
@@ -719,6 +974,9 @@ async fn time_travel(s: &AppState, key: &StreamKey, pairs: &[(String, String)]) 
     }
     if agg.deleted {
         return Err(sourced_core::DomainError::Deleted { version: agg.version }.into());
+    }
+    if let ReadCondition::NotModified = conditions.evaluate(Current::document(Some(agg.version), false), true)? {
+        return Ok(not_modified(agg.version));
     }
     let doc = agg.document(&key.id).unwrap_or(Value::Null);
     let mut r = axum::Json(doc).into_response();
@@ -947,6 +1205,28 @@ async fn feed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The warnings header is visible ASCII that parses back to the warnings.
+    #[test]
+    fn warnings_header_is_ascii_json() {
+        let cases = [
+            (json!([]), None),
+            (json!([{"rule": "r", "message": "m"}]), Some(r#"[{"rule":"r","message":"m"}]"#)),
+            (
+                json!([{"rule": "é", "message": "\u{1F600}\n\"q\""}]),
+                Some(r#"[{"rule":"\u00e9","message":"\ud83d\ude00\n\"q\""}]"#),
+            ),
+        ];
+        for (warnings, expected) in cases {
+            let mut h = HeaderMap::new();
+            insert_warnings(&mut h, warnings.as_array().unwrap());
+            let got = h.get(WARNINGS_HEADER).map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(got.as_deref(), expected);
+            if let Some(got) = got {
+                assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), warnings);
+            }
+        }
+    }
 
     /// GET's document written around the stored text is byte for byte the one built from the
     /// parsed state.

@@ -96,7 +96,9 @@ fn build_app(
     let app = router(state)
         .layer(socketio)
         .layer(axum::middleware::map_response(socketio::errors_as_problems))
-        .layer(tower_http::trace::TraceLayer::new_for_http());
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Outermost: a request is in flight from its head to the end of its response.
+        .layer(axum::middleware::from_fn(stall::track_requests));
     (app, reloader)
 }
 
@@ -138,10 +140,14 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
     let (stop, stopped) = oneshot::channel::<()>();
     let live = Arc::<ws::LiveState>::default();
     let (app, reloader) = build_app(&config, store.clone(), live.clone());
+    let timeouts = stall::ReadTimeouts {
+        idle: Duration::from_millis(config.http.idle_timeout_ms),
+        header: Duration::from_millis(config.http.header_read_timeout_ms),
+    };
     let task = tokio::spawn(async move {
         // Sockets with a write deadline that SSE streams arm (`stall.rs`).
         let app = app.into_make_service_with_connect_info::<stall::StallGuard>();
-        axum::serve(stall::GuardedListener(listener), app)
+        axum::serve(stall::GuardedListener(listener, timeouts), app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;
             })

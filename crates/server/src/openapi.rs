@@ -39,7 +39,10 @@ const ERRORS: &[(u16, &str)] = &[
     ),
     (409, "version conflict, or the aggregate already exists"),
     (410, "the aggregate was deleted"),
-    (412, "If-Match does not match the current version"),
+    (
+        412,
+        "a precondition does not hold: If-Match matches no current ETag (strong comparison), or If-None-Match matches one",
+    ),
     (413, "body or resulting document too large"),
     (415, "unsupported Content-Type"),
     (422, "schema, payload, rule, lifecycle, patch or expression violation; every one listed"),
@@ -82,10 +85,11 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
     }}));
     paths.insert("/commands".into(), json!({"post": {
         "operationId": "postCommand", "summary": "Run a raw command envelope (same semantics as the WebSocket)", "tags": ["commands"],
-        "parameters": [idempotency_key(), tenant()],
+        "parameters": [idempotency_key(), tenant(), prefer()],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandEnvelope"}}}},
         "responses": with_errors(json!({
-            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag"])
+            "200": json_response_headers("the command result", json!({"$ref": "#/components/schemas/CommandResult"}), &["ETag", "Sourced-Warnings"]),
+            "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag", "Sourced-Warnings"])}
         }), WRITE_ERRORS)
     }}));
     paths.insert("/events".into(), json!({"get": {
@@ -388,6 +392,9 @@ fn response_headers(names: &[&str]) -> Value {
         let d = match *n {
             "ETag" => "the aggregate's version, as an entity tag (\"N\")",
             "Location" => "the created aggregate's path",
+            "Sourced-Warnings" => {
+                "when rules of severity warn fired: their warnings as a JSON array of {rule, message} (non-ASCII escaped as \\uXXXX)"
+            }
             _ => "",
         };
         h.insert((*n).to_owned(), json!({"description": d, "schema": {"type": "string"}}));
@@ -418,7 +425,7 @@ fn idempotency_key() -> Value {
 }
 
 fn if_match() -> Value {
-    json!({"name": "If-Match", "in": "header", "required": false, "description": "expected version: \"N\", or * (exists)",
+    json!({"name": "If-Match", "in": "header", "required": false, "description": "* (the document exists) or entity tags, one of which must be the current ETag \"N\" (strong comparison; a weak W/ tag never matches)",
         "schema": {"type": "string"}})
 }
 
@@ -452,14 +459,14 @@ fn op_id(prefix: &str, t: &str) -> String {
 
 fn written_document(status: &str) -> Value {
     json!({
-        status: json_response_headers("the document after the command, as GET shows it", json!({"$ref": "#/components/schemas/Document"}), &["ETag"]),
-        "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag"])}
+        status: json_response_headers("the document after the command, as GET shows it", json!({"$ref": "#/components/schemas/Document"}), &["ETag", "Sourced-Warnings"]),
+        "204": {"description": "with Prefer: return=minimal", "headers": response_headers(&["ETag", "Sourced-Warnings"])}
     })
 }
 
 fn collection_item(type_param: Option<&Value>, doc_schema: &Value, page_limit_max: usize, t: &str) -> Value {
     let mut created = written_document("201");
-    created["201"]["headers"] = response_headers(&["ETag", "Location"]);
+    created["201"]["headers"] = response_headers(&["ETag", "Location", "Sourced-Warnings"]);
     json!({
         "post": {
             "operationId": op_id("create", t), "tags": ["documents"],
@@ -492,12 +499,12 @@ fn document_item(type_param: Option<&Value>, doc_schema: &Value, t: &str) -> Val
     replaced["201"] = json_response_headers(
         "created (the aggregate did not exist)",
         json!({"$ref": "#/components/schemas/Document"}),
-        &["ETag", "Location"],
+        &["ETag", "Location", "Sourced-Warnings"],
     );
     let if_none_match_put = json!({"name": "If-None-Match", "in": "header", "required": false,
-        "description": "* : create only", "schema": {"const": "*"}});
+        "description": "* (create only: 412 when the document exists) or entity tags (412 when one is the current ETag, weak comparison)", "schema": {"type": "string"}});
     let if_none_match_get = json!({"name": "If-None-Match", "in": "header", "required": false,
-        "description": "entity tags: 304 when one matches", "schema": {"type": "string"}});
+        "description": "* or entity tags: 304 when one matches the current ETag (weak comparison)", "schema": {"type": "string"}});
     json!({
         "get": {
             "operationId": op_id("get", t), "tags": ["documents"],

@@ -83,6 +83,10 @@ impl IntoResponse for Problem {
         }
         let mut r = (self.status, axum::Json(self.body())).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // What is left of the body is not worth waiting for: the connection ends here.
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }

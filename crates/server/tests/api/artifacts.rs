@@ -196,3 +196,67 @@ async fn declared_indexes_are_created_at_start() {
         assert!(ddl.iter().any(|d| d.contains(&format!("'$.\"{field}\"'"))), "{field}: {ddl:?}");
     }
 }
+
+/// A write that passes with a `warn` rule's warning shows it on every write path: the
+/// `Sourced-Warnings` header (a JSON array, as `POST /commands` shows `warnings` in its body).
+#[tokio::test]
+async fn warnings_show_on_every_write_path() {
+    let app = order_app();
+    let big = r#"{"customer":"ada","lines":[{"sku":"gold","qty":1,"price":20000}],"total":20000}"#;
+    let small = r#"{"customer":"ada","lines":[{"sku":"tea","qty":1,"price":5}],"total":5}"#;
+    let raise =
+        r#"[{"op":"replace","path":"/lines/0/price","value":30000},{"op":"replace","path":"/total","value":30000}]"#;
+    let lower = r#"[{"op":"replace","path":"/lines/0/price","value":1},{"op":"replace","path":"/total","value":1}]"#;
+    let json_patch = ("content-type", "application/json-patch+json");
+    let minimal = ("prefer", "return=minimal");
+    let command = format!(r#"{{"type":"create","targetName":"order","targetId":"c1","body":{big}}}"#);
+    // (case, a document put first, method, path, headers, body, status, whether it warns)
+    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str, &'a str, Vec<(&'a str, &'a str)>, String, u16, bool);
+    let cases: Vec<Case> = vec![
+        ("create", None, "POST", "/order", vec![], format!(r#"{{"id":"w1",{}"#, &big[1..]), 201, true),
+        ("create, minimal", None, "POST", "/order", vec![minimal], format!(r#"{{"id":"w2",{}"#, &big[1..]), 204, true),
+        ("create, no warning", None, "POST", "/order", vec![], format!(r#"{{"id":"w3",{}"#, &small[1..]), 201, false),
+        ("put creates", None, "PUT", "/order/w4", vec![], big.to_owned(), 201, true),
+        (
+            "put replaces",
+            Some(("/order/w5", small)),
+            "PUT",
+            "/order/w5",
+            vec![],
+            big.replacen('{', r#"{"status":"draft","#, 1),
+            200,
+            true,
+        ),
+        ("patch", Some(("/order/w6", small)), "PATCH", "/order/w6", vec![json_patch], raise.to_owned(), 200, true),
+        (
+            "patch, no warning",
+            Some(("/order/w7", big)),
+            "PATCH",
+            "/order/w7",
+            vec![json_patch],
+            lower.to_owned(),
+            200,
+            false,
+        ),
+        ("custom command", Some(("/order/w8", big)), "POST", "/order/w8/submit", vec![], "{}".to_owned(), 200, true),
+        ("POST /commands", None, "POST", "/commands", vec![], command, 200, true),
+    ];
+    for (case, setup, method, path, headers, body, status, warns) in cases {
+        if let Some((at, doc)) = setup {
+            app.call("PUT", at, &[], Some(doc)).await;
+        }
+        let r = app.call(method, path, &headers, Some(&body)).await;
+        assert_eq!(r.status, status, "{case}: {}", r.body);
+        let header = r.header("sourced-warnings");
+        if !warns {
+            assert_eq!(header, None, "{case}");
+            continue;
+        }
+        let warnings: serde_json::Value = serde_json::from_str(header.expect(case)).expect(case);
+        assert_eq!(warnings[0]["rule"], "large-orders-are-reviewed", "{case}: {warnings}");
+        assert_eq!(warnings[0]["message"], "orders above 10000 are reviewed by hand", "{case}");
+        if path == "/commands" {
+            assert_eq!(r.body["warnings"], warnings, "{case}: the header says what the body says");
+        }
+    }
+}

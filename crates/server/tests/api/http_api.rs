@@ -343,7 +343,10 @@ async fn prefer_minimal_and_require_version() {
         .await
         .problem(428, "precondition-required");
     app.patch("/doc/d1", Some("\"1\""), &json!([{"op": "add", "path": "/a", "value": 1}])).await.ok(200);
-    app.patch("/doc/d1", Some("W/\"2\""), &json!([{"op": "add", "path": "/b", "value": 1}])).await.ok(200);
+    // If-Match compares strongly: a weak tag never matches (RFC 9110 §13.1.1).
+    app.patch("/doc/d1", Some("W/\"2\""), &json!([{"op": "add", "path": "/b", "value": 1}]))
+        .await
+        .problem(412, "precondition-failed");
     app.patch("/doc/d1", Some("three"), &json!([{"op": "add", "path": "/c", "value": 1}]))
         .await
         .problem(400, "invalid-request");

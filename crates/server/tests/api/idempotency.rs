@@ -16,8 +16,21 @@ async fn retries_return_the_same_reply() {
     assert_eq!(again.body, first.body);
     assert_eq!(again.header("etag"), first.header("etag"));
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    // Other content under the same key is refused.
-    app.call("POST", "/order", &h, Some(r#"{"id":"o1","n":2}"#)).await.problem(422, "idempotency-key-reused");
+    // Other content under the same key is refused, naming the key as the client sent it (on
+    // every path that takes the header), not the command id derived from it.
+    let reused = [
+        ("POST", "/order", r#"{"id":"o1","n":2}"#),
+        ("PUT", "/order/o1", r#"{"n":2}"#),
+        ("POST", "/commands", r#"{"type":"create","targetName":"order","targetId":"o1","body":{"n":2}}"#),
+    ];
+    for (method, path, body) in reused {
+        let r = app.call(method, path, &h, Some(body)).await;
+        let p = r.problem(422, "idempotency-key-reused");
+        assert_eq!(p["idempotencyKey"], "key-1", "{method} {path}: {p}");
+        let detail = p["detail"].as_str().unwrap();
+        let derived = sourced_core::CommandId::from_idempotency_key("key-1").to_string();
+        assert!(detail.contains("\"key-1\"") && !detail.contains(&derived), "{method} {path}: {detail}");
+    }
 
     // A patch retried after later writes still answers with the state it produced.
     let ph = [("idempotency-key", "key-2"), ("content-type", "application/json-patch+json")];
@@ -36,6 +49,16 @@ async fn retries_return_the_same_reply() {
     let c2 = app.post("/commands", &env).await;
     assert_eq!(c1.ok(200), c2.ok(200));
     assert_eq!(c2.header("idempotent-replayed"), Some("true"));
+
+    // Prefer: return=minimal on /commands is 204 with the headers only, first time and on a retry.
+    let env = r#"{"id":"0190a0b0-0000-7000-8000-000000000002","type":"create","targetName":"order","body":{}}"#;
+    for replayed in [None, Some("true")] {
+        let r = app.call("POST", "/commands", &[("prefer", "return=minimal")], Some(env)).await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert!(r.raw.is_empty(), "{:?}", r.raw);
+        assert_eq!(r.header("etag"), Some("\"1\""));
+        assert_eq!(r.header("idempotent-replayed"), replayed);
+    }
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ mod reload;
 mod scenarios;
 
 mod concurrency;
+mod conditional;
 mod conformance;
 mod crash;
 mod faithful;
@@ -22,5 +23,6 @@ mod rebuild;
 mod socketio;
 mod sse;
 mod time_travel;
+mod timeouts;
 mod transfer;
 mod ws;
