@@ -97,6 +97,9 @@ impl EventStore for Faulty {
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_global(after, limit).await
     }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
         self.inner.get_document(key).await
     }
