@@ -145,6 +145,117 @@ def attacks(s):
         {"content-type": "application/json-patch+json"}))
 
 
+def raw(s, payload, drip=None, wait=6.0):
+    """Sends `payload` on a raw socket (then `drip` one byte a second, if given) and reads until the
+    server closes or `wait` seconds pass. (status, {}, body): status 0 when it closed without a
+    response, -1 when it was still open after `wait`."""
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=wait)
+    deadline = time.monotonic() + wait
+    got = b""
+    try:
+        sock.sendall(payload)
+        for b in drip or b"":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+            try:
+                sock.sendall(bytes([b]))
+            except OSError:
+                break
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return -1, {}, got
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        else:
+            return -1, {}, got
+    finally:
+        sock.close()
+    if not got:
+        return 0, {}, b""
+    head, _, body = got.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, {}, body
+
+
+def many_drippers(s, count=200, wait=8.0):
+    """`count` sockets each sending one head byte a second; meanwhile a normal request must be
+    answered; afterwards every socket must have been closed by the server. (status of the normal
+    request, {}, b"<open sockets left>")."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        sock.setblocking(False)
+        socks.append(sock)
+    status, _, _ = 0, None, None
+    closed = set()
+    deadline = time.monotonic() + wait
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    i = 0
+    while time.monotonic() < deadline and len(closed) < count:
+        for n, sock in enumerate(socks):
+            if n in closed:
+                continue
+            try:
+                sock.send(head[i % len(head):i % len(head) + 1])
+                if sock.recv(1) == b"":
+                    closed.add(n)
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed.add(n)
+        if i == 1:
+            status, _, _ = s.request("GET", "/healthz", timeout=5)
+        i += 1
+        time.sleep(1.0)
+    for sock in socks:
+        sock.close()
+    return (status if len(closed) == count else -1), {}, f"{count - len(closed)} open".encode()
+
+
+def timeouts(s):
+    """Slow and idle clients (the server runs with 1.5 s timeouts)."""
+    yield ("an idle socket is closed", 0, None, lambda: raw(s, b""))
+    yield ("a partial head is closed", 0, None, lambda: raw(s, b"GET /healthz HTTP/1.1\r\nHo"))
+    yield ("a head dripped a byte a second is closed", 0, None,
+           lambda: raw(s, b"G", drip=b"ET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    yield ("a slow body (1 of 100 bytes) gets 408", 408, "body-timeout",
+           lambda: raw(s, b"PUT /slow/s1 HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: 100\r\n\r\n{"))
+    yield ("200 sockets dripping heads: /healthz answers, all closed", 200, None, lambda: many_drippers(s))
+    yield ("a literal quote in the URL gets a problem", 400, "invalid-request",
+           lambda: raw(s, b'GET /inj?qty="5" HTTP/1.1\r\nHost: x\r\n\r\n'))
+
+
+def conditional(s):
+    """RFC 9110 preconditions."""
+    patch = '[{"op":"replace","path":"/a","value":2}]'
+    jp = {"content-type": "application/json-patch+json"}
+    yield ("setup: a document at version 1", 201, None, lambda: s.request("PUT", "/cond/c1", '{"a":1}'))
+    yield ("If-Match W/\"1\" (weak never matches strongly)", 412, None,
+           lambda: s.request("PATCH", "/cond/c1", patch, {**jp, "if-match": 'W/"1"'}))
+    yield ("If-Match \"01\"", 412, None, lambda: s.request("PATCH", "/cond/c1", patch, {**jp, "if-match": '"01"'}))
+    yield ("If-Match 1 (not an entity tag)", 400, None,
+           lambda: s.request("PATCH", "/cond/c1", patch, {**jp, "if-match": "1"}))
+    yield ("If-None-Match * on a PATCH of an existing document", 412, None,
+           lambda: s.request("PATCH", "/cond/c1", patch, {**jp, "if-none-match": "*"}))
+    yield ("If-Match \"7\", \"1\" (a list)", 200, None,
+           lambda: s.request("PATCH", "/cond/c1", patch, {**jp, "if-match": '"7", "1"'}))
+    yield ("If-None-Match \"2\" on GET", 304, None, lambda: s.request("GET", "/cond/c1", None, {"if-none-match": '"2"'}))
+    yield ("POST /commands Prefer: return=minimal", 204, None, lambda: s.request("POST", "/commands", json.dumps(
+        {"type": "create", "targetName": "cond", "targetId": "c2", "body": {}}), {"prefer": "return=minimal"}))
+    yield ("setup: a create with an Idempotency-Key", 201, None,
+           lambda: s.request("PUT", "/idem/i1", '{"a":1}', {"idempotency-key": "my-key-1"}))
+    yield ("the key reused with other content names the key", 422, None,
+           lambda: s.request("PUT", "/idem/i1", '{"a":2}', {"idempotency-key": "my-key-1"}))
+
+
 def check_pointer(status, data):
     """The copy-from-missing problem must name /body/0/from."""
     _, body = problem(data)
@@ -169,12 +280,13 @@ def main():
         store_url = f"sqlite://{tmp}/sourced.db"
         backend = "sqlite"
 
-    server = Server(args.bin, store_url, {})
+    timeouts_ms = {"IDLE_TIMEOUT_MS": "1500", "HEADER_READ_TIMEOUT_MS": "1500", "BODY_READ_TIMEOUT_MS": "1500"}
+    server = Server(args.bin, store_url, timeouts_ms)
     failures = 0
     print(f"backend: {backend}; binary: {args.bin}; pid {server.proc.pid}; RSS at start {rss_mb(server.proc.pid):.0f} MB")
     print(f"{'attack':<58} {'expected':<28} {'got':<28} {'ms':>8} {'RSS MB':>7}")
     try:
-        for name, want_status, want_slug, send in attacks(server):
+        for name, want_status, want_slug, send in [*attacks(server), *conditional(server), *timeouts(server)]:
             t0 = time.monotonic()
             try:
                 status, _, data = send()
@@ -185,12 +297,14 @@ def main():
             ok = status == want_status and (want_slug is None or slug == want_slug)
             if name.startswith("copy from a missing"):
                 ok = ok and check_pointer(status, data)
+            if name.startswith("the key reused"):
+                ok = ok and b"my-key-1" in data
             if server.proc.poll() is not None:
                 ok = False
                 slug = "the server exited"
             failures += 0 if ok else 1
-            want = f"{want_status} {want_slug or ''}".strip()
-            got = f"{status} {slug or ''}".strip() if status >= 400 else str(status)
+            want = "closed" if want_status == 0 else f"{want_status} {want_slug or ''}".strip()
+            got = f"{status} {slug or ''}".strip() if status >= 400 else {0: "closed", -1: "still open"}.get(status, str(status))
             mark = "" if ok else "   <-- FAIL"
             print(f"{name[:58]:<58} {want:<28} {got[:28]:<28} {ms:8.1f} {rss_mb(server.proc.pid):7.0f}{mark}")
     finally:
