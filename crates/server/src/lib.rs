@@ -10,6 +10,7 @@ pub mod http;
 pub mod openapi;
 pub mod problem;
 pub mod reload;
+pub mod settings;
 pub mod socketio;
 pub mod sse;
 pub mod stall;

@@ -116,16 +116,16 @@ fn check(artifacts: &str, cache: Option<&str>) -> std::process::ExitCode {
     use sourced_server::artifacts::{LoadError, load};
     // The expression limits are the server's (from the environment or .env), so that check
     // and serve agree on a set.
-    let env = |name: &str| std::env::var(name).ok();
-    let raw = sourced_server::config::RawArgs {
-        artifacts: Some(artifacts.to_owned()),
-        artifacts_cache: cache.map(str::to_owned),
-        expr_bytes_max: env("EXPR_BYTES_MAX"),
-        expr_nodes_max: env("EXPR_NODES_MAX"),
-        expr_cost_max: env("EXPR_COST_MAX"),
-        expr_value_bytes_max: env("EXPR_VALUE_BYTES_MAX"),
-        ..Default::default()
-    };
+    let mut raw = sourced_server::config::RawArgs::default();
+    raw.set("ARTIFACTS", artifacts);
+    if let Some(cache) = cache {
+        raw.set("ARTIFACTS_CACHE", cache);
+    }
+    for name in ["EXPR_BYTES_MAX", "EXPR_NODES_MAX", "EXPR_COST_MAX", "EXPR_VALUE_BYTES_MAX"] {
+        if let Ok(value) = std::env::var(name) {
+            raw.set(name, value);
+        }
+    }
     let (source, limits) = match Config::resolve(&raw).map(|c| (c.artifacts, c.expr_limits)) {
         Ok((Some(source), limits)) => (source, limits),
         Ok((None, _)) => {
