@@ -2,92 +2,39 @@
 //! tests drive it with `oneshot` and no socket. Every route turns its request into a command
 //! envelope and goes through the same pipeline as `POST /commands`.
 
-use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 
 use sourced_core::aggregate::document;
 use sourced_core::query;
 use sourced_core::{
-    AggregateId, Command, CommandId, ExpectedVersion, Position, StreamKey, TenantId, TypeName, Version, Violation,
-    ids::RESERVED_TYPE_NAMES,
+    AggregateId, Command, ExpectedVersion, Position, StreamKey, TenantId, TypeName, Version, Violation,
 };
-use sourced_engine::{CommandOutcome, Engine};
+use sourced_engine::CommandOutcome;
 use sourced_store::{DocumentRow, DocumentText, ListCursor, ListQuery};
 
-use crate::config::{HttpLimits, WsLimits};
 use crate::problem::{Problem, from_engine};
-use crate::ws::LiveState;
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    /// The command pipeline and its store.
-    pub engine: Engine,
-    /// Limits of the HTTP layer.
-    pub http: HttpLimits,
-    /// Limits of WebSocket connections.
-    pub ws: WsLimits,
-    /// Live connections (WebSocket, SSE): counters and the shutdown signal.
-    pub live: std::sync::Arc<LiveState>,
-    /// Reloads the artifact set; `Some` only when `ADMIN_API=true` (the admin routes exist
-    /// only then).
-    pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
-}
-
-type Result<T, E = Problem> = std::result::Result<T, E>;
-
-/// The HTTP API.
-pub fn router(state: AppState) -> Router {
-    let admin = state.reloader.is_some();
-    let r = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/openapi.json", get(crate::openapi::serve))
-        .route("/schemas/{file}", get(schema_file))
-        .route("/readyz", get(readyz))
-        .route("/commands", post(post_command))
-        .route("/events", get(feed))
-        .route("/ws", get(crate::ws::upgrade))
-        .route("/{type}", post(create).get(list))
-        .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
-        .route("/{type}/{id}/events", get(history))
-        .route("/{type}/{id}/diff", get(diff))
-        .route("/{type}/{id}/{command}", post(custom_command));
-    // Not served unless ADMIN_API=true: there is no authentication yet to protect it. When off,
-    // the path says so (without this it would fall to `/{type}/{id}` and answer 405).
-    let r = if admin {
-        r.route("/admin/reload", post(admin_reload))
-    } else {
-        r.route(
-            "/admin/reload",
-            any(|| async { Problem::not_found("the admin API is off; ADMIN_API=true serves POST /admin/reload") }),
-        )
-    };
-    r.fallback(|| async { Problem::not_found("no route matches this path") })
-        .method_not_allowed_fallback(|method: Method| async move {
-            Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                format!("{method} is not allowed on this path"),
-            )
-        })
-        .with_state(state)
-}
+use crate::request::{
+    flag, idempotency_key, is_json, key, media_type, page_limit, param, parse_json, prefers_minimal, query_pairs,
+    read_body, tenant, tenant_header, type_name, unsupported_media,
+};
+use crate::state::{AppState, Result};
 
 /// `GET /schemas/command.json` (the envelope of SPEC §2.1) and `GET /schemas/{type}.json` (a
 /// loaded aggregate schema).
-async fn schema_file(State(s): State<AppState>, Path(file): Path<String>, RawQuery(q): RawQuery) -> Result<Response> {
+pub(crate) async fn schema_file(
+    State(s): State<AppState>,
+    Path(file): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
     query_pairs(&q, &[])?;
     let schema = if file == "command.json" {
-        command_schema()
+        crate::openapi::command_schema()
     } else {
         let set = s.engine.artifacts();
         let found = file
@@ -101,32 +48,9 @@ async fn schema_file(State(s): State<AppState>, Path(file): Path<String>, RawQue
     Ok(r)
 }
 
-/// The JSON Schema of the command envelope (SPEC §2.1).
-pub fn command_schema() -> Value {
-    json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "/schemas/command.json",
-        "title": "Sourced command envelope",
-        "type": "object",
-        "additionalProperties": false,
-        "required": ["type", "targetName"],
-        "properties": {
-            "id": {"type": "string", "format": "uuid", "description": "command id, the idempotency key; generated when absent"},
-            "type": {"enum": ["create", "patch", "replace", "delete", "logic", "orchestration"]},
-            "name": {"type": "string", "minLength": 1, "maxLength": 128, "description": "aggregate-modification for generic commands; the custom command's name for logic"},
-            "tenant": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-            "targetName": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"},
-            "targetId": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"},
-            "version": {"oneOf": [{"type": "integer", "minimum": 0}, {"enum": ["any", "no_stream", "exists"]}]},
-            "body": {"type": ["object", "array"]},
-            "context": {"type": "object"}
-        }
-    })
-}
-
 /// `POST /admin/reload`: 200 with the new set's summary, or a problem listing why the old set
 /// stays (422 with every problem of a broken set, 502 when git failed).
-async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
+pub(crate) async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
     use crate::artifacts::LoadError;
     use crate::reload::ReloadError;
     let Some(reloader) = &s.reloader else { return Err(Problem::not_found("no route matches this path")) };
@@ -163,12 +87,12 @@ async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
 
 // The fixed routes refuse query parameters as every other route refuses unknown ones, so a
 // typo is noticed (and `GET /healthz?limit=1`, which a client meant for `GET /{type}`, is 400).
-async fn healthz(RawQuery(q): RawQuery) -> Result<Response> {
+pub(crate) async fn healthz(RawQuery(q): RawQuery) -> Result<Response> {
     query_pairs(&q, &[])?;
     Ok(axum::Json(json!({"status": "ok"})).into_response())
 }
 
-async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response> {
+pub(crate) async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response> {
     query_pairs(&q, &[])?;
     Ok(match s.engine.store().ping().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
@@ -180,115 +104,6 @@ async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Resp
 
 // ---------------------------------------------------------------------------------------------
 // Request parts
-
-/// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
-pub(crate) fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
-    match headers.get("x-tenant") {
-        None => Ok(None),
-        Some(v) => {
-            let s = v.to_str().unwrap_or("\u{0}");
-            TenantId::parse(s).map(Some).map_err(|mut e| {
-                e.pointer = String::new();
-                Problem::bad_request(format!("invalid X-Tenant header: {}", e.message), vec![e])
-            })
-        }
-    }
-}
-
-pub(crate) fn tenant(headers: &HeaderMap) -> Result<TenantId> {
-    Ok(tenant_header(headers)?.unwrap_or_else(TenantId::default_tenant))
-}
-
-/// An aggregate type from the path: reserved names have no resource here (404).
-fn type_name(raw: &str) -> Result<TypeName> {
-    if RESERVED_TYPE_NAMES.contains(&raw) {
-        return Err(Problem::not_found(format!("'{raw}' is not available in this version")));
-    }
-    TypeName::parse(raw)
-        .map_err(|e| Problem::bad_request(format!("invalid aggregate type in path: {}", e.message), vec![]))
-}
-
-fn aggregate_id(raw: &str) -> Result<AggregateId> {
-    AggregateId::parse(raw)
-        .map_err(|e| Problem::bad_request(format!("invalid aggregate id in path: {}", e.message), vec![]))
-}
-
-fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
-    Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
-}
-
-/// Reads the whole body, refusing one over the limit with 413 before or while reading, and one
-/// that takes longer than `BODY_READ_TIMEOUT_MS` with 408 (and the connection is closed).
-async fn read_body(body: Body, headers: &HeaderMap, limits: &HttpLimits) -> Result<Bytes> {
-    let limit = limits.body_bytes_max;
-    let after = std::time::Duration::from_millis(limits.body_read_timeout_ms);
-    match tokio::time::timeout(after, read_body_within(body, headers, limit)).await {
-        Ok(read) => read,
-        Err(_) => Err(Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            "The request body was not sent in time",
-            format!("the request body did not arrive within {} ms (BODY_READ_TIMEOUT_MS)", limits.body_read_timeout_ms),
-        )
-        .with("timeoutMs", limits.body_read_timeout_ms)),
-    }
-}
-
-async fn read_body_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "The request body is too large",
-            format!("the request body exceeds the limit of {limit} bytes"),
-        )
-        .with("limit", limit)
-    };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Problem::bad_request(format!("could not read the request body: {e}"), vec![])),
-    }
-}
-
-/// Parses a client's JSON body, nested at most `depth_max` deep (the core's limit on bodies
-/// plus the levels of the envelope around them), refusing what could not be stored as sent
-/// (`sourced_core::json`).
-pub(crate) fn parse_json(bytes: &[u8], depth_max: usize) -> Result<Value> {
-    if bytes.is_empty() {
-        return Err(Problem::bad_request("the request body is empty; a JSON value is required", vec![]));
-    }
-    sourced_core::json::parse(bytes, depth_max).map_err(Problem::from)
-}
-
-/// The media type of the body, lower-case, without parameters.
-fn media_type(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-}
-
-fn is_json(media: &str) -> bool {
-    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
-}
-
-fn unsupported_media(got: Option<String>, allowed: &[&str]) -> Problem {
-    Problem::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported-media-type",
-        "Unsupported media type",
-        format!(
-            "Content-Type {} is not accepted here; use {}",
-            got.as_deref().unwrap_or("(none)"),
-            allowed.join(" or ")
-        ),
-    )
-    .with("accepted", allowed.to_vec())
-}
 
 /// A JSON body: `envelope` says whether it is a whole command envelope (one level above the
 /// command body the depth limit is about) or the command body itself.
@@ -522,66 +337,6 @@ fn not_modified(v: Version) -> Response {
     r
 }
 
-/// The `Idempotency-Key` header as a command id.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    match v.to_str() {
-        Ok(s) if !s.trim().is_empty() && s.len() <= 256 => Ok(Some(CommandId::from_idempotency_key(s.trim()))),
-        _ => Err(Problem::bad_request("Idempotency-Key must be 1 to 256 visible ASCII characters", vec![])),
-    }
-}
-
-fn prefers_minimal(headers: &HeaderMap) -> bool {
-    headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("return=minimal"))
-}
-
-pub(crate) fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
-        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
-    let unknown: Vec<Violation> = pairs
-        .iter()
-        .filter(|(k, _)| !known.contains(&k.as_str()))
-        .map(|(k, _)| Violation::new("", format!("unknown query parameter '{k}'")))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(Problem::bad_request(
-            format!("unknown query parameter; known here: {}", known.join(", ")),
-            unknown,
-        ));
-    }
-    Ok(pairs)
-}
-
-pub(crate) fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
-fn page_limit(pairs: &[(String, String)], limits: &HttpLimits) -> Result<usize> {
-    match param(pairs, "limit") {
-        None => Ok(limits.page_limit_default),
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=limits.page_limit_max).contains(&n) => Ok(n),
-            _ => Err(Problem::bad_request(
-                format!("limit must be a whole number from 1 to {}", limits.page_limit_max),
-                vec![],
-            )),
-        },
-    }
-}
-
-fn flag(pairs: &[(String, String)], name: &str) -> Result<bool> {
-    match param(pairs, name) {
-        None | Some("false") => Ok(false),
-        Some("" | "true") => Ok(true),
-        Some(other) => Err(Problem::bad_request(format!("{name} must be true or false, not {other:?}"), vec![])),
-    }
-}
-
 /// Opaque page cursors: base64url of a small JSON object tagged with its page kind, so a
 /// cursor from one listing is refused by another.
 fn encode_cursor(kind: &str, value: Value) -> String {
@@ -604,7 +359,7 @@ fn decode_cursor(kind: &str, raw: &str) -> Result<Value> {
 // Writes
 
 /// How a write answers: the document (as GET would) with its ETag, or the headers only.
-struct WriteReply {
+pub(crate) struct WriteReply {
     outcome: CommandOutcome,
     status: StatusCode,
     location: Option<String>,
@@ -711,7 +466,7 @@ fn with_version(mut m: serde_json::Map<String, Value>, v: Option<ExpectedVersion
     m
 }
 
-async fn create(
+pub(crate) async fn create(
     State(s): State<AppState>,
     Path(ty): Path<String>,
     headers: HeaderMap,
@@ -733,7 +488,7 @@ async fn create(
     })
 }
 
-async fn replace(
+pub(crate) async fn replace(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -755,7 +510,7 @@ async fn replace(
     Ok(WriteReply { outcome, status, location, minimal: prefers_minimal(&headers) })
 }
 
-async fn patch(
+pub(crate) async fn patch(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -787,7 +542,7 @@ async fn patch(
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
-async fn delete(
+pub(crate) async fn delete(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -799,7 +554,7 @@ async fn delete(
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
-async fn custom_command(
+pub(crate) async fn custom_command(
     State(s): State<AppState>,
     Path((ty, id, command)): Path<(String, String, String)>,
     headers: HeaderMap,
@@ -816,7 +571,7 @@ async fn custom_command(
         .into_response())
 }
 
-async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response> {
+pub(crate) async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response> {
     let mut env = json_body(body, &headers, &s, true).await?;
     if let Some(key) = idempotency_key(&headers)?
         && let Value::Object(m) = &mut env
@@ -860,7 +615,7 @@ fn row_document(row: &DocumentRow) -> Value {
     document(&row.key.id, state, row.version, Some(row.created_at), Some(row.updated_at), row.deleted)
 }
 
-async fn get_document(
+pub(crate) async fn get_document(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
@@ -986,7 +741,7 @@ async fn time_travel(
 
 /// `GET /{type}/{id}/diff?from=A&to=B`: what changed between two versions, as an RFC 6902
 /// patch from the document at `from` to the document at `to` (default: the latest).
-async fn diff(
+pub(crate) async fn diff(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
@@ -1026,7 +781,7 @@ async fn diff(
     .into_response())
 }
 
-async fn history(
+pub(crate) async fn history(
     State(s): State<AppState>,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
@@ -1057,7 +812,7 @@ const LIST_PARAMS: &[&str] = &["limit", "cursor", "includeDeleted", "sort", "cou
 /// `GET /{type}` (SPEC §5): every parameter that is not one of [`LIST_PARAMS`] is a filter
 /// (`field=value`, `field[op]=value`); `sort`, `fields`, `count`, `includeDeleted`, `limit`
 /// and `cursor` shape the page. Semantics: `sourced_core::query`.
-async fn list(
+pub(crate) async fn list(
     State(s): State<AppState>,
     Path(ty): Path<String>,
     RawQuery(q): RawQuery,
@@ -1172,7 +927,7 @@ fn list_cursor(v: &Value, order: &str) -> Result<ListCursor> {
 
 /// The tenant's global feed. It never ends: `next` is always where to continue from. With
 /// `Accept: text/event-stream` it streams live instead (SSE, see `sse.rs`).
-async fn feed(
+pub(crate) async fn feed(
     State(s): State<AppState>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,

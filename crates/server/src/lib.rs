@@ -10,10 +10,13 @@ pub mod http;
 pub mod openapi;
 pub mod problem;
 pub mod reload;
+pub mod request;
+pub mod router;
 pub mod settings;
 pub mod socketio;
 pub mod sse;
 pub mod stall;
+pub mod state;
 pub mod transfer;
 pub mod ws;
 
@@ -32,7 +35,8 @@ use sourced_store::{EventStore, StoreStats};
 
 use config::redact_url;
 pub use config::{Config, LogFormat, StoreUrl};
-pub use http::{AppState, router};
+pub use router::router;
+pub use state::{AppState, LiveState};
 
 /// Opens the configured event store (for PostgreSQL: connects and migrates the schema).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
@@ -62,7 +66,7 @@ pub fn app(config: &Config, store: Arc<dyn EventStore>) -> axum::Router {
 }
 
 /// [`app`], with the state of its live connections (WebSocket, SSE) in `live`.
-pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws::LiveState>) -> axum::Router {
+pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<state::LiveState>) -> axum::Router {
     build_app(config, store, live).0
 }
 
@@ -70,7 +74,7 @@ pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<ws:
 fn build_app(
     config: &Config,
     store: Arc<dyn EventStore>,
-    live: Arc<ws::LiveState>,
+    live: Arc<state::LiveState>,
 ) -> (axum::Router, Arc<reload::Reloader>) {
     let engine = Engine::new(
         store,
@@ -110,7 +114,7 @@ pub struct RunningServer {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
-    live: Arc<ws::LiveState>,
+    live: Arc<state::LiveState>,
     reloader: Arc<reload::Reloader>,
 }
 
@@ -139,7 +143,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot listen on {} (LISTEN)", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let live = Arc::<ws::LiveState>::default();
+    let live = Arc::<state::LiveState>::default();
     let (app, reloader) = build_app(&config, store.clone(), live.clone());
     let timeouts = stall::ReadTimeouts {
         idle: Duration::from_millis(config.http.idle_timeout_ms),
@@ -213,7 +217,7 @@ impl RunningServer {
     }
 
     /// The live connections' counters.
-    pub fn live(&self) -> &ws::LiveState {
+    pub fn live(&self) -> &state::LiveState {
         &self.live
     }
 

@@ -15,14 +15,14 @@ use serde_json::{Map, Value, json};
 use sourced_core::artifacts::ArtifactSet;
 use sourced_core::ids::RESERVED_TYPE_NAMES;
 
-use crate::http::{AppState, command_schema};
+use crate::state::AppState;
 
 /// `GET /openapi.json`.
 pub(crate) async fn serve(
     State(s): State<AppState>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Result<Response, crate::problem::Problem> {
-    crate::http::query_pairs(&q, &[])?;
+    crate::request::query_pairs(&q, &[])?;
     let doc = document(&s.engine.artifacts(), s.http.page_limit_max, s.reloader.is_some());
     let mut r = axum::Json(doc).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -585,6 +585,29 @@ fn command_op(type_param: Option<&Value>, command_param: &Value, payload: &Value
         "parameters": params(type_param, rest),
         "requestBody": {"required": true, "content": {"application/json": {"schema": payload}}},
         "responses": with_errors(written_document("200"), WRITE_ERRORS)
+    })
+}
+
+/// The JSON Schema of the command envelope (SPEC §2.1).
+pub fn command_schema() -> Value {
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "/schemas/command.json",
+        "title": "Sourced command envelope",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["type", "targetName"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid", "description": "command id, the idempotency key; generated when absent"},
+            "type": {"enum": ["create", "patch", "replace", "delete", "logic", "orchestration"]},
+            "name": {"type": "string", "minLength": 1, "maxLength": 128, "description": "aggregate-modification for generic commands; the custom command's name for logic"},
+            "tenant": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+            "targetName": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"},
+            "targetId": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,128}$"},
+            "version": {"oneOf": [{"type": "integer", "minimum": 0}, {"enum": ["any", "no_stream", "exists"]}]},
+            "body": {"type": ["object", "array"]},
+            "context": {"type": "object"}
+        }
     })
 }
 

@@ -33,9 +33,10 @@ use sourced_core::TenantId;
 use sourced_engine::Engine;
 
 use crate::config::WsLimits;
-use crate::http::tenant_header;
 use crate::problem::Problem;
-use crate::ws::{LiveState, ResultReply, execute_envelope};
+use crate::request::tenant_header;
+use crate::state::LiveState;
+use crate::ws::{ResultReply, execute_envelope};
 
 /// The event a client emits a command envelope on.
 pub const COMMANDS_EVENT: &str = "commands";

@@ -23,10 +23,11 @@ use serde_json::json;
 use sourced_core::{AggregateId, Position, TypeName};
 use sourced_engine::{Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
-use crate::http::{AppState, param, query_pairs, tenant};
 use crate::problem::Problem;
+use crate::request::{param, query_pairs, tenant};
 use crate::stall::StallGuard;
-use crate::ws::LiveState;
+use crate::state::AppState;
+use crate::state::LiveState;
 
 /// One open stream, counted in `LiveState::sse_streams` for as long as it lives.
 struct StreamSlot(Arc<LiveState>);

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
-use crate::ws::LiveState;
+use crate::state::LiveState;
 
 /// One connection's write deadline; disarmed (0) until a streaming handler arms it.
 #[derive(Clone, Debug, Default)]

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -31,8 +31,9 @@ use sourced_core::{AggregateId, Command, Position, TenantId, TypeName};
 use sourced_engine::{CommandOutcome, Engine, Start, SubscriptionFilter, SubscriptionItem};
 
 use crate::config::WsLimits;
-use crate::http::{AppState, tenant_header};
 use crate::problem::{Problem, from_engine};
+use crate::request::tenant_header;
+use crate::state::{AppState, LiveState};
 
 /// Longest subscription name.
 const SUB_NAME_BYTES_MAX: usize = 128;
@@ -60,43 +61,6 @@ const WAKE_EVENTS_MAX: usize = 256;
 const WAKE_EVENT_BYTES: usize = 64 * 1024;
 /// How long the writer tries to deliver its close frame to a client that has stopped reading.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Live connections (WebSocket and SSE): counters for tests and metrics, and the signal that
-/// ends them at shutdown (they would otherwise hold the graceful shutdown for its whole grace).
-#[derive(Debug, Default)]
-pub struct LiveState {
-    /// Set to `true` once at shutdown.
-    closing: tokio::sync::watch::Sender<bool>,
-    /// Connections open now.
-    pub connections: AtomicUsize,
-    /// The most messages ever seen waiting in one connection's outbound queue.
-    pub outbound_high_water: AtomicUsize,
-    /// Connections closed because the client stopped reading (WebSocket 1008, SSE, Socket.IO).
-    pub slow_clients_closed: AtomicU64,
-    /// SSE streams open now.
-    pub sse_streams: AtomicUsize,
-    /// Writes (flushes) to WebSocket connections; each may carry several messages.
-    pub flushes: AtomicU64,
-    /// Messages written to WebSocket connections.
-    pub messages_written: AtomicU64,
-    /// Times a WebSocket subscription fell behind the live buffer and read the store again.
-    pub subscription_lag_recoveries: AtomicU64,
-}
-
-impl LiveState {
-    /// Ends every live connection: WebSockets close with 1001, SSE streams end.
-    pub fn close(&self) {
-        self.closing.send_replace(true);
-    }
-
-    /// Resolves once [`LiveState::close`] has been called.
-    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.closing.subscribe();
-        async move {
-            let _ = rx.wait_for(|closing| *closing).await;
-        }
-    }
-}
 
 /// What one connection needs.
 #[derive(Clone)]

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod architecture;
 mod artifacts;
 mod cli;
 mod openapi;

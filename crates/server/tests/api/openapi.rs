@@ -111,10 +111,10 @@ async fn the_document_describes_the_routes_and_the_artifacts() {
     assert!(plain.body["paths"].get("/{type}/{id}/{command}").is_some());
 }
 
-/// Tidy check: every route `http.rs` registers is in the document (WebSocket excepted).
+/// Tidy check: every route `router.rs` registers is in the document (WebSocket excepted).
 #[tokio::test]
 async fn every_route_of_the_router_is_listed() {
-    let source = include_str!("../../src/http.rs");
+    let source = include_str!("../../src/router.rs");
     let doc = TestApp::with(|c| c.admin_api = true).get("/openapi.json").await.body;
     let mut seen = 0;
     for piece in source.split(".route(\"").skip(1) {
@@ -125,7 +125,7 @@ async fn every_route_of_the_router_is_listed() {
         seen += 1;
         assert!(doc["paths"].get(route).is_some(), "route {route} is not in /openapi.json");
     }
-    assert!(seen >= 10, "found {seen} routes in http.rs");
+    assert!(seen >= 10, "found {seen} routes in router.rs");
 }
 
 #[tokio::test]

@@ -1,0 +1,185 @@
+//! The pieces of a request every handler reads the same way: the tenant (`X-Tenant`), the
+//! path's type and id, the query string's pairs and common parameters, the body within its
+//! size and time limits, its media type, and the `Idempotency-Key` and `Prefer` headers. Each
+//! refuses what it cannot use with a problem naming it.
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::Value;
+
+use sourced_core::ids::RESERVED_TYPE_NAMES;
+use sourced_core::{AggregateId, CommandId, StreamKey, TenantId, TypeName, Violation};
+
+use crate::config::HttpLimits;
+use crate::problem::Problem;
+use crate::state::Result;
+
+/// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
+pub(crate) fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
+    match headers.get("x-tenant") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("\u{0}");
+            TenantId::parse(s).map(Some).map_err(|mut e| {
+                e.pointer = String::new();
+                Problem::bad_request(format!("invalid X-Tenant header: {}", e.message), vec![e])
+            })
+        }
+    }
+}
+
+pub(crate) fn tenant(headers: &HeaderMap) -> Result<TenantId> {
+    Ok(tenant_header(headers)?.unwrap_or_else(TenantId::default_tenant))
+}
+
+/// An aggregate type from the path: reserved names have no resource here (404).
+pub(crate) fn type_name(raw: &str) -> Result<TypeName> {
+    if RESERVED_TYPE_NAMES.contains(&raw) {
+        return Err(Problem::not_found(format!("'{raw}' is not available in this version")));
+    }
+    TypeName::parse(raw)
+        .map_err(|e| Problem::bad_request(format!("invalid aggregate type in path: {}", e.message), vec![]))
+}
+
+pub(crate) fn aggregate_id(raw: &str) -> Result<AggregateId> {
+    AggregateId::parse(raw)
+        .map_err(|e| Problem::bad_request(format!("invalid aggregate id in path: {}", e.message), vec![]))
+}
+
+pub(crate) fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
+    Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
+}
+
+/// Reads the whole body, refusing one over the limit with 413 before or while reading, and one
+/// that takes longer than `BODY_READ_TIMEOUT_MS` with 408 (and the connection is closed).
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limits: &HttpLimits) -> Result<Bytes> {
+    let limit = limits.body_bytes_max;
+    let after = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+    match tokio::time::timeout(after, read_body_within(body, headers, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "The request body was not sent in time",
+            format!("the request body did not arrive within {} ms (BODY_READ_TIMEOUT_MS)", limits.body_read_timeout_ms),
+        )
+        .with("timeoutMs", limits.body_read_timeout_ms)),
+    }
+}
+
+pub(crate) async fn read_body_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "The request body is too large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+        .with("limit", limit)
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Problem::bad_request(format!("could not read the request body: {e}"), vec![])),
+    }
+}
+
+/// Parses a client's JSON body, nested at most `depth_max` deep (the core's limit on bodies
+/// plus the levels of the envelope around them), refusing what could not be stored as sent
+/// (`sourced_core::json`).
+pub(crate) fn parse_json(bytes: &[u8], depth_max: usize) -> Result<Value> {
+    if bytes.is_empty() {
+        return Err(Problem::bad_request("the request body is empty; a JSON value is required", vec![]));
+    }
+    sourced_core::json::parse(bytes, depth_max).map_err(Problem::from)
+}
+
+/// The media type of the body, lower-case, without parameters.
+pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+pub(crate) fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+pub(crate) fn unsupported_media(got: Option<String>, allowed: &[&str]) -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "Unsupported media type",
+        format!(
+            "Content-Type {} is not accepted here; use {}",
+            got.as_deref().unwrap_or("(none)"),
+            allowed.join(" or ")
+        ),
+    )
+    .with("accepted", allowed.to_vec())
+}
+
+pub(crate) fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
+    let unknown: Vec<Violation> = pairs
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, _)| Violation::new("", format!("unknown query parameter '{k}'")))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Problem::bad_request(
+            format!("unknown query parameter; known here: {}", known.join(", ")),
+            unknown,
+        ));
+    }
+    Ok(pairs)
+}
+
+pub(crate) fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+pub(crate) fn page_limit(pairs: &[(String, String)], limits: &HttpLimits) -> Result<usize> {
+    match param(pairs, "limit") {
+        None => Ok(limits.page_limit_default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=limits.page_limit_max).contains(&n) => Ok(n),
+            _ => Err(Problem::bad_request(
+                format!("limit must be a whole number from 1 to {}", limits.page_limit_max),
+                vec![],
+            )),
+        },
+    }
+}
+
+pub(crate) fn flag(pairs: &[(String, String)], name: &str) -> Result<bool> {
+    match param(pairs, name) {
+        None | Some("false") => Ok(false),
+        Some("" | "true") => Ok(true),
+        Some(other) => Err(Problem::bad_request(format!("{name} must be true or false, not {other:?}"), vec![])),
+    }
+}
+
+/// The `Idempotency-Key` header as a command id.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    match v.to_str() {
+        Ok(s) if !s.trim().is_empty() && s.len() <= 256 => Ok(Some(CommandId::from_idempotency_key(s.trim()))),
+        _ => Err(Problem::bad_request("Idempotency-Key must be 1 to 256 visible ASCII characters", vec![])),
+    }
+}
+
+pub(crate) fn prefers_minimal(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("return=minimal"))
+}

@@ -1,0 +1,74 @@
+//! The server's modules form no circle (ARCHITECTURE.md): read from the sources, each module's
+//! `crate::<module>` references are its edges, and the graph they make is acyclic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn edges() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let modules: BTreeSet<String> = std::fs::read_dir(&src)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "rs").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .filter(|m| m != "lib" && m != "main")
+        .collect();
+    let mut graph = BTreeMap::new();
+    for m in &modules {
+        let text = std::fs::read_to_string(src.join(format!("{m}.rs"))).unwrap();
+        let used: BTreeSet<String> = text
+            .split("crate::")
+            .skip(1)
+            .map(|rest| rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>())
+            .filter(|u| modules.contains(u) && u != m)
+            .collect();
+        graph.insert(m.clone(), used);
+    }
+    graph
+}
+
+/// A cycle through `at`, if the walk from it finds one.
+fn cycle(
+    graph: &BTreeMap<String, BTreeSet<String>>,
+    at: &str,
+    path: &mut Vec<String>,
+    done: &mut BTreeSet<String>,
+) -> Option<Vec<String>> {
+    if let Some(i) = path.iter().position(|p| p == at) {
+        let mut c = path[i..].to_vec();
+        c.push(at.to_owned());
+        return Some(c);
+    }
+    if done.contains(at) {
+        return None;
+    }
+    path.push(at.to_owned());
+    for next in &graph[at] {
+        if let Some(c) = cycle(graph, next, path, done) {
+            return Some(c);
+        }
+    }
+    path.pop();
+    done.insert(at.to_owned());
+    None
+}
+
+#[test]
+fn the_server_modules_form_no_circle() {
+    let graph = edges();
+    assert!(graph.len() >= 15, "found only {} modules", graph.len());
+    assert!(graph["router"].contains("http"), "the walk must see edges: {graph:?}");
+    let mut done = BTreeSet::new();
+    for m in graph.keys() {
+        if let Some(c) = cycle(&graph, m, &mut Vec::new(), &mut done) {
+            panic!("the server's modules form a circle: {}", c.join(" -> "));
+        }
+    }
+    // The leaves that every handler shares import no handler module.
+    for leaf in ["state", "request", "problem", "settings"] {
+        for handler in ["http", "ws", "sse", "socketio", "openapi", "router"] {
+            assert!(!graph[leaf].contains(handler), "{leaf} imports {handler}");
+        }
+    }
+}
