@@ -260,3 +260,27 @@ async fn warnings_show_on_every_write_path() {
         }
     }
 }
+
+/// Custom commands take the preconditions of every other write (RFC 9110 §13.1): (headers,
+/// status); each failure leaves the order at version 1.
+#[tokio::test]
+async fn custom_commands_honour_preconditions() {
+    let app = order_app();
+    let order = r#"{"id":"o1","customer":"ada","lines":[{"sku":"tea","qty":1,"price":5}],"total":5}"#;
+    app.call("POST", "/order", &[], Some(order)).await.ok(201);
+    let cases: &[(&[(&str, &str)], u16)] = &[
+        (&[("if-match", "W/\"1\"")], 412),
+        (&[("if-match", "\"2\"")], 412),
+        (&[("if-none-match", "*")], 412),
+        (&[("if-none-match", "W/\"1\"")], 412),
+        (&[("if-match", "1")], 400),
+        (&[("if-match", "\"x\", \"1\"")], 200),
+    ];
+    for (headers, status) in cases {
+        let r = app.call("POST", "/order/o1/submit", headers, Some("{}")).await;
+        assert_eq!(r.status, *status, "{headers:?}: {}", r.body);
+        if *status != 200 {
+            assert_eq!(app.get("/order/o1").await.header("etag"), Some("\"1\""), "{headers:?}");
+        }
+    }
+}
