@@ -56,31 +56,15 @@ pub(crate) async fn admin_reload(State(s): State<AppState>) -> Result<Response> 
     let Some(reloader) = &s.reloader else { return Err(Problem::not_found("no route matches this path")) };
     match reloader.reload().await {
         Ok(summary) => Ok(axum::Json(summary).into_response()),
-        Err(e @ ReloadError::NoSource) => {
-            Err(Problem::new(StatusCode::CONFLICT, "no-artifacts-source", "Nothing to reload", e.to_string()))
-        }
+        Err(e @ ReloadError::NoSource) => Err(Problem::no_artifacts_source(e.to_string())),
         Err(ReloadError::Load { source_name, error: LoadError::Problems(problems) }) => {
             let list: Vec<Value> = problems
                 .iter()
                 .map(|p| json!({"file": p.file, "location": p.location, "message": p.message}))
                 .collect();
-            Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-artifacts",
-                "The artifact set has problems",
-                format!(
-                    "the artifact set in {source_name} has {} problem(s); the previous set stays loaded",
-                    list.len()
-                ),
-            )
-            .with("problems", list))
+            Err(Problem::invalid_artifacts(&source_name, list))
         }
-        Err(e @ ReloadError::Load { .. }) => Err(Problem::new(
-            StatusCode::BAD_GATEWAY,
-            "artifacts-unavailable",
-            "The artifact set could not be fetched",
-            e.to_string(),
-        )),
+        Err(e @ ReloadError::Load { .. }) => Err(Problem::artifacts_unavailable(e.to_string())),
         Err(e @ ReloadError::Task(_)) => Err(Problem::internal(&e)),
     }
 }
@@ -96,9 +80,7 @@ pub(crate) async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> 
     query_pairs(&q, &[])?;
     Ok(match s.engine.store().ping().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
-        Err(e) => {
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", e.to_string()).into_response()
-        }
+        Err(e) => Problem::not_ready(e.to_string()).into_response(),
     })
 }
 
@@ -317,12 +299,7 @@ fn precondition_failed(shown: &str, current: Current) -> Problem {
         Some(v) => format!("{shown} does not hold: the current ETag is \"{v}\""),
         None => format!("{shown} does not hold: there is no current document"),
     };
-    let p = Problem::new(StatusCode::PRECONDITION_FAILED, "precondition-failed", "The precondition failed", detail)
-        .with("header", shown);
-    match current.version {
-        Some(v) => p.with("currentVersion", v.0),
-        None => p,
-    }
+    Problem::precondition_failed(shown, detail, current.version.map(|v| v.0))
 }
 
 /// The preconditions of a write to a document, as its expected version.
@@ -435,16 +412,7 @@ async fn exec(s: &AppState, headers: &HeaderMap, cmd: Command, precondition: boo
 fn engine_problem(e: sourced_engine::EngineError, headers: &HeaderMap, precondition: bool) -> Problem {
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::trim);
     match (e, key) {
-        (sourced_engine::EngineError::IdempotencyMismatch { .. }, Some(key)) => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency-key-reused",
-            "The command id was used for another command",
-            format!(
-                "Idempotency-Key {key:?} was already used for a different command (other content); a retry must \
-                 send the same request, a new command needs a new key"
-            ),
-        )
-        .with("idempotencyKey", key),
+        (sourced_engine::EngineError::IdempotencyMismatch { .. }, Some(key)) => Problem::idempotency_key_reused(key),
         (e, _) => from_engine(e, precondition),
     }
 }

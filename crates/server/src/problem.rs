@@ -51,6 +51,166 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }
 
+    /// 409: a reload was asked for, but no artifact source is configured.
+    pub fn no_artifacts_source(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::CONFLICT, "no-artifacts-source", "Nothing to reload", detail)
+    }
+
+    /// 422: an artifact set with problems, each listed; the previous set stays.
+    pub fn invalid_artifacts(source_name: &str, problems: Vec<Value>) -> Self {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-artifacts",
+            "The artifact set has problems",
+            format!(
+                "the artifact set in {source_name} has {} problem(s); the previous set stays loaded",
+                problems.len()
+            ),
+        )
+        .with("problems", problems)
+    }
+
+    /// 502: the artifact set could not be fetched.
+    pub fn artifacts_unavailable(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::BAD_GATEWAY, "artifacts-unavailable", "The artifact set could not be fetched", detail)
+    }
+
+    /// 503: the store does not answer (readiness).
+    pub fn not_ready(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", detail)
+    }
+
+    /// 412: the precondition of `header` does not hold; `current` is the document's version.
+    pub fn precondition_failed(header: &str, detail: impl Into<String>, current: Option<u64>) -> Self {
+        let p = Problem::new(StatusCode::PRECONDITION_FAILED, "precondition-failed", "The precondition failed", detail)
+            .with("header", header);
+        match current {
+            Some(v) => p.with("currentVersion", v),
+            None => p,
+        }
+    }
+
+    /// 422: an `Idempotency-Key` reused for another command, named as the client sent it.
+    pub fn idempotency_key_reused(key: &str) -> Self {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "The command id was used for another command",
+            format!(
+                "Idempotency-Key {key:?} was already used for a different command (other content); a retry must \
+                 send the same request, a new command needs a new key"
+            ),
+        )
+        .with("idempotencyKey", key)
+    }
+
+    /// 408: the body did not arrive within `BODY_READ_TIMEOUT_MS`.
+    pub fn body_timeout(timeout_ms: u64) -> Self {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "The request body was not sent in time",
+            format!("the request body did not arrive within {timeout_ms} ms (BODY_READ_TIMEOUT_MS)"),
+        )
+        .with("timeoutMs", timeout_ms)
+    }
+
+    /// 413: the body is over `MAX_BODY_BYTES`.
+    pub fn body_too_large(limit: usize) -> Self {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "The request body is too large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+        .with("limit", limit)
+    }
+
+    /// 415: the body's media type is not one of `allowed`.
+    pub fn unsupported_media_type(got: Option<&str>, allowed: &[&str]) -> Self {
+        Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!("Content-Type {} is not accepted here; use {}", got.unwrap_or("(none)"), allowed.join(" or ")),
+        )
+        .with("accepted", allowed.to_vec())
+    }
+
+    /// 405 for a method the path does not serve.
+    pub fn method_not_allowed(method: &str) -> Self {
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            format!("{method} is not allowed on this path"),
+        )
+    }
+
+    /// Engine.IO's own refusal of a Socket.IO request, with its status and message.
+    pub fn socketio_refused(status: StatusCode, message: impl Into<String>) -> Self {
+        Problem::new(status, "socketio-refused", "Socket.IO request refused", message)
+    }
+
+    /// 429: a live connection has `limit` commands in flight already.
+    pub fn too_many_commands(transport: &str, limit: usize) -> Self {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-commands",
+            "Too many commands in flight",
+            format!("a {transport} connection may have {limit} commands in flight; wait for replies"),
+        )
+        .with("limit", limit)
+    }
+
+    /// 429: a WebSocket connection holds `limit` subscriptions already.
+    pub fn too_many_subscriptions(limit: usize) -> Self {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-subscriptions",
+            "Too many subscriptions",
+            format!("a connection may hold {limit} subscriptions"),
+        )
+        .with("limit", limit)
+    }
+
+    /// 503: `SSE_STREAMS_MAX` streams are open.
+    pub fn too_many_streams(limit: usize) -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-streams",
+            "Too many live streams",
+            format!("the server serves at most {limit} SSE streams at once (SSE_STREAMS_MAX); retry later"),
+        )
+        .with("limit", limit)
+    }
+
+    /// `/ws` asked for without a WebSocket upgrade.
+    pub fn websocket_required(status: StatusCode, detail: impl Into<String>) -> Self {
+        Problem::new(status, "websocket-required", "A WebSocket upgrade is required", detail)
+    }
+
+    /// What replaces hyper's bare answer of `status` to a request it could not parse.
+    pub fn unparsable_request(status: StatusCode) -> Self {
+        let (slug, title, detail) = match status {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+                "headers-too-large",
+                "The request head is too large",
+                "the request line and headers exceed what the server reads",
+            ),
+            StatusCode::URI_TOO_LONG => {
+                ("uri-too-long", "The URI is too long", "the request target exceeds what the server reads")
+            }
+            _ => (
+                "invalid-request",
+                "The request is malformed",
+                "the request line or a header could not be parsed; a URL must percent-encode characters such as \
+                 '\"', space, '<', '>', '{', '}' and '|' (a quote is %22)",
+            ),
+        };
+        Problem::new(status, slug, title, detail)
+    }
+
     /// 500, with nothing internal shown.
     pub fn internal(error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, "internal error");

@@ -4,7 +4,7 @@
 //! refuses what it cannot use with a problem naming it.
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
@@ -58,26 +58,12 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limits: &HttpLimi
     let after = std::time::Duration::from_millis(limits.body_read_timeout_ms);
     match tokio::time::timeout(after, read_body_within(body, headers, limit)).await {
         Ok(read) => read,
-        Err(_) => Err(Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            "The request body was not sent in time",
-            format!("the request body did not arrive within {} ms (BODY_READ_TIMEOUT_MS)", limits.body_read_timeout_ms),
-        )
-        .with("timeoutMs", limits.body_read_timeout_ms)),
+        Err(_) => Err(Problem::body_timeout(limits.body_read_timeout_ms)),
     }
 }
 
 pub(crate) async fn read_body_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "The request body is too large",
-            format!("the request body exceeds the limit of {limit} bytes"),
-        )
-        .with("limit", limit)
-    };
+    let too_large = || Problem::body_too_large(limit);
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -111,17 +97,7 @@ pub(crate) fn is_json(media: &str) -> bool {
 }
 
 pub(crate) fn unsupported_media(got: Option<String>, allowed: &[&str]) -> Problem {
-    Problem::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported-media-type",
-        "Unsupported media type",
-        format!(
-            "Content-Type {} is not accepted here; use {}",
-            got.as_deref().unwrap_or("(none)"),
-            allowed.join(" or ")
-        ),
-    )
-    .with("accepted", allowed.to_vec())
+    Problem::unsupported_media_type(got.as_deref(), allowed)
 }
 
 pub(crate) fn query_pairs(raw: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>> {

@@ -2,7 +2,7 @@
 //! an [`AppState`], so tests drive it with `oneshot` and no socket.
 
 use axum::Router;
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::routing::{any, get, post};
 
 use crate::http::{
@@ -39,13 +39,6 @@ pub fn router(state: AppState) -> Router {
         )
     };
     r.fallback(|| async { Problem::not_found("no route matches this path") })
-        .method_not_allowed_fallback(|method: Method| async move {
-            Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "Method not allowed",
-                format!("{method} is not allowed on this path"),
-            )
-        })
+        .method_not_allowed_fallback(|method: Method| async move { Problem::method_not_allowed(method.as_str()) })
         .with_state(state)
 }

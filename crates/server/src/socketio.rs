@@ -22,7 +22,6 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::http::StatusCode;
 use serde_json::{Map, Value};
 use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::layer::SocketIoLayer;
@@ -59,11 +58,11 @@ pub(crate) async fn errors_as_problems(res: axum::response::Response) -> axum::r
     // Engine.IO's error bodies are a few dozen bytes; anything bigger is not one of them.
     let bytes = match axum::body::to_bytes(res.into_body(), 16 * 1024).await {
         Ok(b) => b,
-        Err(_) => return Problem::new(status, "socketio-refused", "Socket.IO request refused", "").into_response(),
+        Err(_) => return Problem::socketio_refused(status, "").into_response(),
     };
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let message = body.get("message").and_then(Value::as_str).unwrap_or("the request was refused").to_owned();
-    let mut p = Problem::new(status, "socketio-refused", "Socket.IO request refused", message.clone());
+    let mut p = Problem::socketio_refused(status, message.clone());
     if let Some(code) = body.get("code") {
         p = p.with("code", code.clone());
     }
@@ -128,13 +127,7 @@ async fn run_command(
 ) {
     let reply = match inflight.try_acquire_owned() {
         Err(_) => {
-            let p = Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-commands",
-                "Too many commands in flight",
-                format!("a Socket.IO connection may have {inflight_max} commands in flight; wait for replies"),
-            )
-            .with("limit", inflight_max);
+            let p = Problem::too_many_commands("Socket.IO", inflight_max);
             error_reply(envelope_id(data.as_ref().ok()), &p)
         }
         Ok(_permit) => match envelope(data, engine.config().limits.json_depth_max + 1) {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -81,14 +81,7 @@ pub(crate) fn live_feed(
     let tenant = tenant(headers)?;
     let Some(slot) = StreamSlot::take(&s.live, s.ws.sse_streams_max) else {
         let max = s.ws.sse_streams_max;
-        let mut r = Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too-many-streams",
-            "Too many live streams",
-            format!("the server serves at most {max} SSE streams at once (SSE_STREAMS_MAX); retry later"),
-        )
-        .with("limit", max)
-        .into_response();
+        let mut r = Problem::too_many_streams(max).into_response();
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(r);
     };

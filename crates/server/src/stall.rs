@@ -333,24 +333,7 @@ impl AsyncRead for GuardedIo {
 
 /// The whole response, as a problem, that replaces hyper's bare one of this status.
 fn bare_error_problem(status: axum::http::StatusCode) -> Vec<u8> {
-    use axum::http::StatusCode;
-    let (slug, title, detail) = match status {
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
-            "headers-too-large",
-            "The request head is too large",
-            "the request line and headers exceed what the server reads",
-        ),
-        StatusCode::URI_TOO_LONG => {
-            ("uri-too-long", "The URI is too long", "the request target exceeds what the server reads")
-        }
-        _ => (
-            "invalid-request",
-            "The request is malformed",
-            "the request line or a header could not be parsed; a URL must percent-encode characters such as \
-             '\"', space, '<', '>', '{', '}' and '|' (a quote is %22)",
-        ),
-    };
-    let body = crate::problem::Problem::new(status, slug, title, detail).body().to_string();
+    let body = crate::problem::Problem::unparsable_request(status).body().to_string();
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         status.as_str(),

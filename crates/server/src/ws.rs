@@ -88,13 +88,7 @@ pub(crate) async fn upgrade(
         Err(rejection) => {
             let status = rejection.status();
             let detail = format!("{}: /ws is a WebSocket endpoint", rejection.body_text());
-            return crate::problem::Problem::new(
-                status,
-                "websocket-required",
-                "A WebSocket upgrade is required",
-                detail,
-            )
-            .into_response();
+            return Problem::websocket_required(status, detail).into_response();
         }
     };
     let tenant = match tenant_header(&headers) {
@@ -199,15 +193,7 @@ where
                         vec![],
                     ))
                 } else if subs.len() >= conn.limits.subscriptions_max {
-                    Some(
-                        Problem::new(
-                            axum::http::StatusCode::TOO_MANY_REQUESTS,
-                            "too-many-subscriptions",
-                            "Too many subscriptions",
-                            format!("a connection may hold {} subscriptions", conn.limits.subscriptions_max),
-                        )
-                        .with("limit", conn.limits.subscriptions_max),
-                    )
+                    Some(Problem::too_many_subscriptions(conn.limits.subscriptions_max))
                 } else {
                     None
                 };

@@ -72,3 +72,23 @@ fn the_server_modules_form_no_circle() {
         }
     }
 }
+
+/// problem.rs is the one table of problems: no other module builds one from a status and a slug.
+#[test]
+fn problems_are_built_only_in_problem_rs() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n == "problem.rs") || path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if line.contains("Problem::new(") {
+                found.push(format!("{}:{}", path.display(), n + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "problems built by hand outside problem.rs (give them a constructor there): {found:?}");
+}
