@@ -12,16 +12,14 @@ use serde_json::{Value, json};
 
 use sourced_core::aggregate::document;
 use sourced_core::query;
-use sourced_core::{
-    AggregateId, Command, ExpectedVersion, Position, StreamKey, TenantId, TypeName, Version, Violation,
-};
+use sourced_core::{AggregateId, Command, ExpectedVersion, Position, StreamKey, TypeName, Version, Violation};
 use sourced_engine::CommandOutcome;
 use sourced_store::{DocumentRow, DocumentText, ListCursor, ListQuery};
 
 use crate::problem::{Problem, from_engine};
 use crate::request::{
-    flag, idempotency_key, is_json, key, media_type, page_limit, param, parse_json, prefers_minimal, query_pairs,
-    read_body, tenant, tenant_header, type_name, unsupported_media,
+    Caller, flag, idempotency_key, is_json, media_type, page_limit, param, parse_json, prefers_minimal, query_pairs,
+    read_body, type_name, unsupported_media,
 };
 use crate::state::{AppState, Result};
 
@@ -50,7 +48,7 @@ pub(crate) async fn schema_file(
 
 /// `POST /admin/reload`: 200 with the new set's summary, or a problem listing why the old set
 /// stays (422 with every problem of a broken set, 502 when git failed).
-pub(crate) async fn admin_reload(State(s): State<AppState>) -> Result<Response> {
+pub(crate) async fn admin_reload(State(s): State<AppState>, _caller: Caller) -> Result<Response> {
     use crate::artifacts::LoadError;
     use crate::reload::ReloadError;
     let Some(reloader) = &s.reloader else { return Err(Problem::not_found("no route matches this path")) };
@@ -393,11 +391,11 @@ fn insert_warnings(h: &mut HeaderMap, warnings: &[Value]) {
 
 /// Builds the command for a resource route from its envelope, with the `Idempotency-Key`
 /// header as its id and the `X-Tenant` header as its tenant.
-fn build(headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> Result<Command> {
+fn build(caller: &Caller, headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> Result<Command> {
     if let Some(id) = idempotency_key(headers)? {
         envelope.insert("id".into(), Value::from(id.to_string()));
     }
-    let defaults = sourced_engine::fresh::envelope_defaults(tenant(headers)?, true);
+    let defaults = sourced_engine::fresh::envelope_defaults(caller.tenant(), true);
     Ok(Command::from_envelope_value(Value::Object(envelope), defaults)?)
 }
 
@@ -436,6 +434,7 @@ fn with_version(mut m: serde_json::Map<String, Value>, v: Option<ExpectedVersion
 
 pub(crate) async fn create(
     State(s): State<AppState>,
+    caller: Caller,
     Path(ty): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -446,7 +445,7 @@ pub(crate) async fn create(
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = envelope("create", &ty, None);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, &headers, build(&headers, env)?, false).await?;
+    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, false).await?;
     let location = format!("/{}/{}", ty, outcome.result.target_id);
     Ok(WriteReply {
         outcome,
@@ -458,17 +457,18 @@ pub(crate) async fn create(
 
 pub(crate) async fn replace(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<WriteReply> {
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
     env.insert("body".into(), doc);
-    let outcome = exec(&s, &headers, build(&headers, env)?, precondition).await?;
+    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, precondition).await?;
     let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
     let (status, location) = if created {
         (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
@@ -480,11 +480,12 @@ pub(crate) async fn replace(
 
 pub(crate) async fn patch(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<WriteReply> {
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
     let media = media_type(&headers);
@@ -501,10 +502,10 @@ pub(crate) async fn patch(
     let cmd = if merge {
         // Merge patch is HTTP only, not an envelope type: parse a patch envelope, then swap.
         env.insert("body".into(), Value::Array(Vec::new()));
-        build(&headers, env)?.into_merge_patch(value)?
+        build(&caller, &headers, env)?.into_merge_patch(value)?
     } else {
         env.insert("body".into(), value);
-        build(&headers, env)?
+        build(&caller, &headers, env)?
     };
     let outcome = exec(&s, &headers, cmd, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
@@ -512,34 +513,41 @@ pub(crate) async fn patch(
 
 pub(crate) async fn delete(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<WriteReply> {
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
-    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
 pub(crate) async fn custom_command(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id, command)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let payload = json_body(body, &headers, &s, false).await?;
     let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
     env.insert("name".into(), Value::from(command));
     env.insert("body".into(), payload);
-    let outcome = exec(&s, &headers, build(&headers, env)?, expected.is_some()).await?;
+    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
         .into_response())
 }
 
-pub(crate) async fn post_command(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response> {
+pub(crate) async fn post_command(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let mut env = json_body(body, &headers, &s, true).await?;
     if let Some(key) = idempotency_key(&headers)?
         && let Value::Object(m) = &mut env
@@ -554,11 +562,7 @@ pub(crate) async fn post_command(State(s): State<AppState>, headers: HeaderMap, 
             }
         }
     }
-    let header_tenant = tenant_header(&headers)?;
-    let defaults = sourced_engine::fresh::envelope_defaults(
-        header_tenant.clone().unwrap_or_else(TenantId::default_tenant),
-        header_tenant.is_some(),
-    );
+    let defaults = sourced_engine::fresh::envelope_defaults(caller.tenant(), caller.named_tenant().is_some());
     let cmd = Command::from_envelope_value(env, defaults)?;
     let outcome = s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, &headers, false))?;
     let mut r = if prefers_minimal(&headers) {
@@ -585,12 +589,13 @@ fn row_document(row: &DocumentRow) -> Value {
 
 pub(crate) async fn get_document(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["version", "at"])?;
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let conditions = Preconditions::read(&headers)?;
     if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
         return time_travel(&s, &key, &pairs, &conditions).await;
@@ -711,12 +716,12 @@ async fn time_travel(
 /// patch from the document at `from` to the document at `to` (default: the latest).
 pub(crate) async fn diff(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
-    headers: HeaderMap,
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["from", "to"])?;
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let from =
         version_param(&pairs, "from")?.ok_or_else(|| Problem::bad_request("from (a version) is required", vec![]))?;
     let to_asked = version_param(&pairs, "to")?;
@@ -751,12 +756,12 @@ pub(crate) async fn diff(
 
 pub(crate) async fn history(
     State(s): State<AppState>,
+    caller: Caller,
     Path((ty, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
-    headers: HeaderMap,
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["limit", "cursor", "from", "to"])?;
-    let key = key(&headers, &ty, &id)?;
+    let key = caller.key(&ty, &id)?;
     let limit = page_limit(&pairs, &s.http)?;
     let from = version_param(&pairs, "from")?;
     let to = version_param(&pairs, "to")?;
@@ -782,9 +787,9 @@ const LIST_PARAMS: &[&str] = &["limit", "cursor", "includeDeleted", "sort", "cou
 /// and `cursor` shape the page. Semantics: `sourced_core::query`.
 pub(crate) async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     Path(ty): Path<String>,
     RawQuery(q): RawQuery,
-    headers: HeaderMap,
 ) -> Result<Response> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
@@ -834,7 +839,7 @@ pub(crate) async fn list(
         sort,
         after,
         include_deleted: flag(&pairs, "includeDeleted")?,
-        ..ListQuery::new(tenant(&headers)?, type_name(&ty)?, page_limit(&pairs, &s.http)?)
+        ..ListQuery::new(caller.tenant(), type_name(&ty)?, page_limit(&pairs, &s.http)?)
     };
     let store = s.engine.store();
     let count = if flag(&pairs, "count")? { Some(store.count_documents(&list).await?) } else { None };
@@ -897,6 +902,7 @@ fn list_cursor(v: &Value, order: &str) -> Result<ListCursor> {
 /// `Accept: text/event-stream` it streams live instead (SSE, see `sse.rs`).
 pub(crate) async fn feed(
     State(s): State<AppState>,
+    caller: Caller,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     guard: Option<axum::Extension<axum::extract::ConnectInfo<crate::stall::StallGuard>>>,
@@ -906,7 +912,7 @@ pub(crate) async fn feed(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream") && !a.contains("json"))
     {
-        return crate::sse::live_feed(&s, &q, &headers, guard.map(|g| g.0.0));
+        return crate::sse::live_feed(&s, &caller, &q, &headers, guard.map(|g| g.0.0));
     }
     let pairs = query_pairs(&q, &["limit", "cursor", "after"])?;
     let limit = page_limit(&pairs, &s.http)?;
@@ -920,7 +926,7 @@ pub(crate) async fn feed(
         })?,
         (None, None) => 0,
     };
-    let items = s.engine.store().read_all(&tenant(&headers)?, Position(after), limit).await?;
+    let items = s.engine.store().read_all(&caller.tenant(), Position(after), limit).await?;
     let last = items.last().map_or(after, |e| e.position.0);
     Ok(axum::Json(json!({"items": items, "next": encode_cursor("feed", json!(last))})).into_response())
 }
@@ -963,7 +969,7 @@ mod tests {
         for (i, state) in states.iter().enumerate() {
             let row = DocumentRow {
                 key: StreamKey {
-                    tenant: TenantId::parse("t").unwrap(),
+                    tenant: sourced_core::TenantId::parse("t").unwrap(),
                     type_name: TypeName::parse("doc").unwrap(),
                     id: AggregateId::parse(&format!("d-{i}")).unwrap(),
                 },

@@ -16,7 +16,7 @@ use crate::problem::Problem;
 use crate::state::Result;
 
 /// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
-pub(crate) fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
+fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
     match headers.get("x-tenant") {
         None => Ok(None),
         Some(v) => {
@@ -29,8 +29,43 @@ pub(crate) fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
     }
 }
 
-pub(crate) fn tenant(headers: &HeaderMap) -> Result<TenantId> {
-    Ok(tenant_header(headers)?.unwrap_or_else(TenantId::default_tenant))
+/// Who asks, and for which tenant: resolved once per request, before its handler runs, from
+/// `X-Tenant` (SPEC §1). Every handler takes it; this is the one place where credentials will
+/// name the principal and the tenants it may act for.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The tenant the request names, if it names one.
+    named: Option<TenantId>,
+}
+
+impl Caller {
+    /// The caller of a request with these headers.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Caller> {
+        Ok(Caller { named: tenant_header(headers)? })
+    }
+
+    /// The tenant the request acts for: the one it names, else the default tenant.
+    pub fn tenant(&self) -> TenantId {
+        self.named.clone().unwrap_or_else(TenantId::default_tenant)
+    }
+
+    /// The tenant the request names, if any (an envelope may name one when it does not).
+    pub fn named_tenant(&self) -> Option<&TenantId> {
+        self.named.as_ref()
+    }
+
+    /// The stream a resource path names, in the caller's tenant.
+    pub fn key(&self, ty: &str, id: &str) -> Result<StreamKey> {
+        Ok(StreamKey { tenant: self.tenant(), type_name: type_name(ty)?, id: aggregate_id(id)? })
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Caller> {
+        Caller::from_headers(&parts.headers)
+    }
 }
 
 /// An aggregate type from the path: reserved names have no resource here (404).
@@ -45,10 +80,6 @@ pub(crate) fn type_name(raw: &str) -> Result<TypeName> {
 pub(crate) fn aggregate_id(raw: &str) -> Result<AggregateId> {
     AggregateId::parse(raw)
         .map_err(|e| Problem::bad_request(format!("invalid aggregate id in path: {}", e.message), vec![]))
-}
-
-pub(crate) fn key(headers: &HeaderMap, ty: &str, id: &str) -> Result<StreamKey> {
-    Ok(StreamKey { tenant: tenant(headers)?, type_name: type_name(ty)?, id: aggregate_id(id)? })
 }
 
 /// Reads the whole body, refusing one over the limit with 413 before or while reading, and one

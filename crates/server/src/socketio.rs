@@ -33,7 +33,7 @@ use sourced_engine::Engine;
 
 use crate::config::WsLimits;
 use crate::problem::Problem;
-use crate::request::tenant_header;
+use crate::request::Caller;
 use crate::state::LiveState;
 use crate::ws::{ResultReply, execute_envelope};
 
@@ -96,8 +96,8 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> 
 /// A client joined the namespace: registers its `commands` handler with its own in-flight
 /// limit and fixed tenant.
 async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Arc<LiveState>) {
-    let tenant = match tenant_header(&s.req_parts().headers) {
-        Ok(t) => t,
+    let tenant = match Caller::from_headers(&s.req_parts().headers) {
+        Ok(caller) => caller.named_tenant().cloned(),
         Err(p) => {
             let _ = s.emit(EVENTS_EVENT, &error_reply(None, &p));
             let _ = s.disconnect();

@@ -24,7 +24,7 @@ use sourced_core::{AggregateId, Position, TypeName};
 use sourced_engine::{Start, Subscription, SubscriptionFilter, SubscriptionItem};
 
 use crate::problem::Problem;
-use crate::request::{param, query_pairs, tenant};
+use crate::request::{Caller, param, query_pairs};
 use crate::stall::StallGuard;
 use crate::state::AppState;
 use crate::state::LiveState;
@@ -51,6 +51,7 @@ impl Drop for StreamSlot {
 /// The SSE response for `GET /events`.
 pub(crate) fn live_feed(
     s: &AppState,
+    caller: &Caller,
     q: &Option<String>,
     headers: &HeaderMap,
     guard: Option<StallGuard>,
@@ -78,7 +79,7 @@ pub(crate) fn live_feed(
             })
             .transpose()?,
     };
-    let tenant = tenant(headers)?;
+    let tenant = caller.tenant();
     let Some(slot) = StreamSlot::take(&s.live, s.ws.sse_streams_max) else {
         let max = s.ws.sse_streams_max;
         let mut r = Problem::too_many_streams(max).into_response();

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade, close_code};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::{Map, Value, json};
@@ -32,7 +31,7 @@ use sourced_engine::{CommandOutcome, Engine, Start, SubscriptionFilter, Subscrip
 
 use crate::config::WsLimits;
 use crate::problem::{Problem, from_engine};
-use crate::request::tenant_header;
+use crate::request::Caller;
 use crate::state::{AppState, LiveState};
 
 /// Longest subscription name.
@@ -78,7 +77,7 @@ pub struct Connection {
 /// `GET /ws`: upgrades, with the message and frame size limits set.
 pub(crate) async fn upgrade(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: Result<Caller, Problem>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // A plain GET (no upgrade headers) is a client error like any other: a problem, not
@@ -91,8 +90,8 @@ pub(crate) async fn upgrade(
             return Problem::websocket_required(status, detail).into_response();
         }
     };
-    let tenant = match tenant_header(&headers) {
-        Ok(t) => t,
+    let tenant = match caller {
+        Ok(caller) => caller.named_tenant().cloned(),
         Err(p) => return p.into_response(),
     };
     let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), tenant };

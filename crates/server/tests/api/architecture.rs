@@ -92,3 +92,30 @@ fn problems_are_built_only_in_problem_rs() {
     }
     assert!(found.is_empty(), "problems built by hand outside problem.rs (give them a constructor there): {found:?}");
 }
+
+/// Every handler of a tenant's data takes the `Caller` extractor, the one place where who asks
+/// and for which tenant is resolved; only the public probes and documents do not.
+#[test]
+fn every_handler_takes_the_caller() {
+    const PUBLIC: &[&str] = &["healthz", "readyz", "schema_file"];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let router = std::fs::read_to_string(src.join("router.rs")).unwrap();
+    let imported = router.split("use crate::http::{").nth(1).unwrap().split("};").next().unwrap();
+    let handlers: Vec<&str> = imported.split(',').map(str::trim).filter(|h| !h.is_empty()).collect();
+    assert!(handlers.len() >= 12, "found {handlers:?}");
+    let http = std::fs::read_to_string(src.join("http.rs")).unwrap();
+    for handler in handlers {
+        let signature = http
+            .split(&format!("async fn {handler}("))
+            .nth(1)
+            .and_then(|rest| rest.split(") ->").next())
+            .unwrap_or_else(|| panic!("no handler {handler} in http.rs"));
+        let takes = signature.contains(": Caller");
+        assert_eq!(takes, !PUBLIC.contains(&handler), "{handler}: takes the Caller: {takes}");
+    }
+    for (file, upgrade) in [("ws.rs", "async fn upgrade("), ("sse.rs", "fn live_feed(")] {
+        let text = std::fs::read_to_string(src.join(file)).unwrap();
+        let signature = text.split(upgrade).nth(1).unwrap().split(") ->").next().unwrap();
+        assert!(signature.contains("Caller"), "{file}'s entry point takes no Caller");
+    }
+}
