@@ -6,6 +6,7 @@
 
 mod cache;
 pub mod fresh;
+mod reads;
 pub mod rebuild;
 pub mod subscriptions;
 pub mod transfer;

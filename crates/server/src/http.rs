@@ -76,7 +76,7 @@ pub(crate) async fn healthz(RawQuery(q): RawQuery) -> Result<Response> {
 
 pub(crate) async fn readyz(State(s): State<AppState>, RawQuery(q): RawQuery) -> Result<Response> {
     query_pairs(&q, &[])?;
-    Ok(match s.engine.store().ping().await {
+    Ok(match s.engine.ping().await {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(e) => Problem::not_ready(e.to_string()).into_response(),
     })
@@ -285,7 +285,7 @@ impl Preconditions {
             }
             _ => {}
         }
-        let row = s.engine.store().get_document_text(key).await?;
+        let row = s.engine.document_text(key).await?;
         let current = Current::document(row.as_ref().map(|r| r.version), row.as_ref().is_some_and(|r| r.deleted));
         self.evaluate(current, false)?;
         Ok(Some(ExpectedVersion::Exact(current.version.unwrap_or(Version::ZERO))))
@@ -600,7 +600,7 @@ pub(crate) async fn get_document(
     if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
         return time_travel(&s, &key, &pairs, &conditions).await;
     }
-    let row = s.engine.store().get_document_text(&key).await?;
+    let row = s.engine.document_text(&key).await?;
     let Some(row) = row else {
         return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
     };
@@ -688,9 +688,7 @@ async fn time_travel(
                 )
             })?;
             let agg = s.engine.load_at(key, at).await.map_err(|e| from_engine(e, false))?;
-            if agg.version == Version::ZERO
-                && s.engine.store().read_stream(key, Version::ZERO, None, 1).await?.len() == 1
-            {
+            if agg.version == Version::ZERO && s.engine.stream_exists(key).await? {
                 return Err(Problem::not_found(format!("{} '{}' did not exist yet at {raw}", key.type_name, key.id)));
             }
             agg
@@ -771,8 +769,8 @@ pub(crate) async fn history(
             decode_cursor("history", c)?.as_u64().ok_or_else(|| Problem::bad_request("invalid cursor", vec![]))?,
         ),
     };
-    let items = s.engine.store().read_stream(&key, after, to, limit).await?;
-    if items.is_empty() && s.engine.store().read_stream(&key, Version::ZERO, None, 1).await?.is_empty() {
+    let items = s.engine.stream_events(&key, after, to, limit).await?;
+    if items.is_empty() && !s.engine.stream_exists(&key).await? {
         return Err(Problem::not_found(format!("no {} with id '{}'", key.type_name, key.id)));
     }
     let next = (items.len() == limit).then(|| encode_cursor("history", json!(items.last().map(|e| e.version.0))));
@@ -841,9 +839,8 @@ pub(crate) async fn list(
         include_deleted: flag(&pairs, "includeDeleted")?,
         ..ListQuery::new(caller.tenant(), type_name(&ty)?, page_limit(&pairs, &s.http)?)
     };
-    let store = s.engine.store();
-    let count = if flag(&pairs, "count")? { Some(store.count_documents(&list).await?) } else { None };
-    let rows = store.list_documents(&list).await?;
+    let count = if flag(&pairs, "count")? { Some(s.engine.count_documents(&list).await?) } else { None };
+    let rows = s.engine.list_documents(&list).await?;
     let next = if rows.len() == list.limit {
         rows.last().map(|last| {
             list.after = Some(list.cursor_after(last));
@@ -926,7 +923,7 @@ pub(crate) async fn feed(
         })?,
         (None, None) => 0,
     };
-    let items = s.engine.store().read_all(&caller.tenant(), Position(after), limit).await?;
+    let items = s.engine.feed(&caller.tenant(), Position(after), limit).await?;
     let last = items.last().map_or(after, |e| e.position.0);
     Ok(axum::Json(json!({"items": items, "next": encode_cursor("feed", json!(last))})).into_response())
 }

@@ -68,7 +68,7 @@ impl Reloader {
                 // The new set's indexes before the set: its lists are fast from the first.
                 let fields = set.indexed_fields();
                 if !fields.is_empty() {
-                    match self.engine.store().ensure_indexes(&fields).await {
+                    match self.engine.ensure_indexes(&fields).await {
                         Ok(names) => {
                             tracing::info!(indexes = ?names, "read-model indexes of the artifact set in place")
                         }

@@ -119,3 +119,27 @@ fn every_handler_takes_the_caller() {
         assert!(signature.contains("Caller"), "{file}'s entry point takes no Caller");
     }
 }
+
+/// The server talks to the engine only: no handler reaches the store past it. Only `lib.rs`
+/// (opening, closing and the store's statistics) and the CLI's `transfer.rs` hold a store.
+#[test]
+fn handlers_reach_the_store_only_through_the_engine() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if ["lib.rs", "main.rs", "transfer.rs"].contains(&name.as_str()) || !name.ends_with(".rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Tests of a module may build a store to run it on.
+        let production = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in production.lines().enumerate() {
+            if line.contains(".store()") || line.contains("dyn EventStore") {
+                found.push(format!("{name}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "the server reaches the store past the engine:\n{}", found.join("\n"));
+}
