@@ -4,26 +4,41 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-fn edges() -> BTreeMap<String, BTreeSet<String>> {
+/// Every source file of the server: (its top-level module, its path below src/, its text). A
+/// directory module's files all count as that module.
+fn sources() -> Vec<(String, String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let modules: BTreeSet<String> = std::fs::read_dir(&src)
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.unwrap().path();
-            (p.extension()? == "rs").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
-        })
-        .filter(|m| m != "lib" && m != "main")
-        .collect();
-    let mut graph = BTreeMap::new();
-    for m in &modules {
-        let text = std::fs::read_to_string(src.join(format!("{m}.rs"))).unwrap();
-        let used: BTreeSet<String> = text
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            for inner in std::fs::read_dir(&path).unwrap() {
+                let inner = inner.unwrap().path();
+                if inner.extension().is_some_and(|e| e == "rs") {
+                    let name = format!("{stem}/{}", inner.file_name().unwrap().to_string_lossy());
+                    out.push((stem.clone(), name, std::fs::read_to_string(&inner).unwrap()));
+                }
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            out.push((stem, name, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
+}
+
+fn edges() -> BTreeMap<String, BTreeSet<String>> {
+    let files: Vec<_> = sources().into_iter().filter(|(m, _, _)| m != "lib" && m != "main").collect();
+    let modules: BTreeSet<String> = files.iter().map(|(m, _, _)| m.clone()).collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = modules.iter().map(|m| (m.clone(), BTreeSet::new())).collect();
+    for (m, _, text) in &files {
+        let used = text
             .split("crate::")
             .skip(1)
             .map(|rest| rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>())
-            .filter(|u| modules.contains(u) && u != m)
-            .collect();
-        graph.insert(m.clone(), used);
+            .filter(|u| modules.contains(u) && u != m);
+        graph.get_mut(m).unwrap().extend(used);
     }
     graph
 }
@@ -76,17 +91,14 @@ fn the_server_modules_form_no_circle() {
 /// problem.rs is the one table of problems: no other module builds one from a status and a slug.
 #[test]
 fn problems_are_built_only_in_problem_rs() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().is_some_and(|n| n == "problem.rs") || path.extension().is_none_or(|e| e != "rs") {
+    for (_, name, text) in sources() {
+        if name == "problem.rs" {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap();
         for (n, line) in text.lines().enumerate() {
             if line.contains("Problem::new(") {
-                found.push(format!("{}:{}", path.display(), n + 1));
+                found.push(format!("{name}:{}", n + 1));
             }
         }
     }
@@ -113,7 +125,7 @@ fn every_handler_takes_the_caller() {
         let takes = signature.contains(": Caller");
         assert_eq!(takes, !PUBLIC.contains(&handler), "{handler}: takes the Caller: {takes}");
     }
-    for (file, upgrade) in [("ws.rs", "async fn upgrade("), ("sse.rs", "fn live_feed(")] {
+    for (file, upgrade) in [("ws/mod.rs", "async fn upgrade("), ("sse.rs", "fn live_feed(")] {
         let text = std::fs::read_to_string(src.join(file)).unwrap();
         let signature = text.split(upgrade).nth(1).unwrap().split(") ->").next().unwrap();
         assert!(signature.contains("Caller"), "{file}'s entry point takes no Caller");
@@ -124,15 +136,11 @@ fn every_handler_takes_the_caller() {
 /// (opening, closing and the store's statistics) and the CLI's `transfer.rs` hold a store.
 #[test]
 fn handlers_reach_the_store_only_through_the_engine() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if ["lib.rs", "main.rs", "transfer.rs"].contains(&name.as_str()) || !name.ends_with(".rs") {
+    for (_, name, text) in sources() {
+        if ["lib.rs", "main.rs", "transfer.rs"].contains(&name.as_str()) {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap();
         // Tests of a module may build a store to run it on.
         let production = text.split("#[cfg(test)]").next().unwrap_or("");
         for (n, line) in production.lines().enumerate() {

@@ -1,0 +1,311 @@
+//! The protocol loop of one connection: the reader (frames in, commands and subscriptions
+//! started, each as its own task), how it ends, and the tasks it starts.
+
+use super::*;
+
+/// Why the reader stopped.
+pub(super) enum End {
+    /// The client closed or went away.
+    Gone,
+    /// The server closes with this code and reason.
+    Close(u16, String),
+}
+
+/// Runs one connection's protocol until the client leaves or is closed.
+pub async fn serve<S, R>(sink: S, mut stream: R, conn: Connection)
+where
+    S: Sink<Message> + Unpin + Send + 'static,
+    S::Error: std::fmt::Display + Send,
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    conn.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let (out, out_rx) = mpsc::channel::<Outbound>(conn.limits.outbound_max);
+    let slow = Duration::from_millis(conn.limits.slow_client_timeout_ms);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, slow, conn.stats.clone()));
+    let inflight = Arc::new(Semaphore::new(conn.limits.inflight_max));
+    let mut tasks = JoinSet::new();
+    let mut subs: HashMap<String, AbortHandle> = HashMap::new();
+    let mut writer_done = false;
+    let closing = conn.stats.closed();
+    tokio::pin!(closing);
+
+    let end = loop {
+        while tasks.try_join_next().is_some() {}
+        // Beyond the in-flight limit, read nothing until a command finishes.
+        let permit = tokio::select! {
+            p = inflight.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break End::Gone,
+            },
+            _ = &mut writer => { writer_done = true; break End::Gone }
+        };
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = &mut writer => { writer_done = true; break End::Gone }
+            _ = &mut closing => break End::Close(close_code::AWAY, "the server is shutting down".into()),
+        };
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => break End::Gone,
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                break End::Close(close_code::UNSUPPORTED, "binary frames are not supported; send JSON text".into());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Err(e)) => match too_large(&e) {
+                Some(reason) => break End::Close(close_code::SIZE, reason),
+                None => {
+                    tracing::debug!(error = %e, "WebSocket read failed");
+                    break End::Gone;
+                }
+            },
+        };
+        // A frame holds the envelope, which holds the body the depth limit is about: two levels more.
+        let depth_max = conn.engine.config().limits.json_depth_max + 2;
+        let frame = match Frame::parse(text.as_str(), depth_max) {
+            Ok(f) => f,
+            Err(e) => {
+                let (id, problem) = *e;
+                if send(&out, error_frame(id, None, &problem)).await.is_err() {
+                    break End::Gone;
+                }
+                continue;
+            }
+        };
+        match frame {
+            Frame::Ping => {
+                if send(&out, json!({"op": "pong"})).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            Frame::Command(envelope) => {
+                let (engine, out, tenant) = (conn.engine.clone(), out.clone(), conn.tenant.clone());
+                tasks.spawn(async move {
+                    let reply = run_command(&engine, envelope, tenant).await;
+                    let _ = out.send(Outbound::reply(Message::Text(reply.into()))).await;
+                    drop(permit);
+                });
+            }
+            Frame::Subscribe { sub, tenant, filter, start, framing } => {
+                subs.retain(|_, h| !h.is_finished());
+                let problem = if subs.contains_key(&sub) {
+                    Some(Problem::bad_request(
+                        format!("subscription '{sub}' is already open on this connection"),
+                        vec![],
+                    ))
+                } else if subs.len() >= conn.limits.subscriptions_max {
+                    Some(Problem::too_many_subscriptions(conn.limits.subscriptions_max))
+                } else {
+                    None
+                };
+                let tenant = match (tenant, &conn.tenant) {
+                    (Some(t), Some(fixed)) if t != *fixed => {
+                        let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
+                        let _ = send(&out, error_frame(None, Some(&sub), &p)).await;
+                        continue;
+                    }
+                    (t, fixed) => t.or_else(|| fixed.clone()).unwrap_or_else(TenantId::default_tenant),
+                };
+                if let Some(p) = problem {
+                    if send(&out, error_frame(None, Some(&sub), &p)).await.is_err() {
+                        break End::Gone;
+                    }
+                    continue;
+                }
+                let subscription = conn.engine.subscribe(tenant, filter, start);
+                let handle =
+                    tasks.spawn(run_subscription(subscription, sub.clone(), framing, out.clone(), conn.stats.clone()));
+                subs.insert(sub, handle);
+            }
+            Frame::Unsubscribe { sub } => {
+                let reply = match subs.remove(&sub) {
+                    Some(h) => {
+                        h.abort();
+                        json!({"op": "unsubscribed", "sub": sub})
+                    }
+                    None => error_frame(
+                        None,
+                        Some(&sub),
+                        &Problem::not_found(format!("no subscription '{sub}' on this connection")),
+                    ),
+                };
+                if send(&out, reply).await.is_err() {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+
+    // Nothing more is produced: stop the tasks, say why (if the server closes), and let the
+    // writer finish what is queued; it ends once every sender is gone.
+    tasks.shutdown().await;
+    if let End::Close(code, reason) = end {
+        tracing::debug!(code, %reason, "closing a WebSocket connection");
+        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let _ = tokio::time::timeout(slow, out.send(Outbound::reply(frame))).await;
+    }
+    drop(out);
+    if !writer_done {
+        let _ = writer.await;
+    }
+    conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The reason for a 1009 close, when a read failed because a message or frame was too large.
+pub(super) fn too_large(e: &axum::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) = s.downcast_ref::<WsError>() {
+            return Some(format!("message of {size} bytes exceeds the limit of {max_size} bytes"));
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// One command, as `POST /commands` runs it; the reply frame as text.
+pub(super) async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
+    let (id, problem) = match execute_envelope(engine, envelope, tenant).await {
+        Ok(outcome) => {
+            let reply = ResultReply::new(Some("result"), &outcome);
+            match serde_json::to_string(&reply) {
+                Ok(text) => return text,
+                Err(e) => reply.unserialisable(&e),
+            }
+        }
+        Err(e) => *e,
+    };
+    error_frame(id, None, &problem).to_string()
+}
+
+/// A command envelope that failed: the command id, if one was found, and the problem (boxed:
+/// the error path is rare and the problem large).
+pub(crate) type EnvelopeError = Box<(Option<Value>, Problem)>;
+
+/// One command envelope through the pipeline of `POST /commands` (shared by the WebSocket and
+/// Socket.IO APIs): its outcome, or the problem. `tenant` is the one the connection fixes, if
+/// any.
+pub(crate) async fn execute_envelope(
+    engine: &Engine,
+    envelope: Value,
+    tenant: Option<TenantId>,
+) -> Result<CommandOutcome, EnvelopeError> {
+    let id = envelope.get("id").filter(|v| v.is_string()).cloned();
+    let tenant_fixed = tenant.is_some();
+    let defaults =
+        sourced_engine::fresh::envelope_defaults(tenant.unwrap_or_else(TenantId::default_tenant), tenant_fixed);
+    let cmd = match Command::from_envelope_value(envelope, defaults) {
+        Ok(c) => c,
+        Err(e) => return Err(Box::new((id, Problem::from(e)))),
+    };
+    let cmd_id = cmd.id;
+    engine
+        .execute(cmd, None)
+        .await
+        .map_err(|e| Box::new((Some(Value::from(cmd_id.to_string())), from_engine(e, false))))
+}
+
+/// How a subscription's events are framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// One `{"op":"event","sub":…,"event":{…}}` frame per event (SPEC §3.2).
+    PerEvent,
+    /// `{"op":"events","sub":…,"events":[{…},…]}`: every event at hand when the subscription
+    /// wakes, in position order, up to [`WAKE_EVENTS_MAX`] and about [`WAKE_EVENT_BYTES`].
+    /// With many subscribers the cost per frame (queueing, WebSocket framing, the client's
+    /// parse) dominates the cost per event; a client that can take arrays opts in.
+    Batched,
+}
+
+/// Feeds one subscription to the outbound queue until it fails or the client goes. Each wake
+/// takes every event at hand (within [`WAKE_EVENTS_MAX`] and [`WAKE_EVENT_BYTES`]) and queues
+/// it as one item: one batched frame, or a run of per-event frames.
+pub(super) async fn run_subscription(
+    mut subscription: sourced_engine::Subscription,
+    sub: String,
+    framing: Framing,
+    out: mpsc::Sender<Outbound>,
+    stats: Arc<LiveState>,
+) {
+    let sub_json = Value::from(sub.as_str()).to_string();
+    let mut lagged = 0;
+    let mut last_wait: Option<tokio::time::Instant> = None;
+    // An item taken while filling a batched frame that does not belong in it (the caught-up
+    // marker or an error): it goes next.
+    let mut held = None;
+    loop {
+        // Under load, let events gather: a subscription that waited for its last item less
+        // than EVENT_LINGER ago waits out the rest first, so it (and the writer) wake once
+        // per batch of events rather than once per event (see `EVENT_LINGER`).
+        let item = match held.take().or_else(|| subscription.try_next()) {
+            Some(item) => item,
+            None => {
+                if let Some(at) = last_wait
+                    && at.elapsed() < EVENT_LINGER
+                {
+                    tokio::time::sleep_until(at + EVENT_LINGER).await;
+                }
+                last_wait = Some(tokio::time::Instant::now());
+                subscription.next().await
+            }
+        };
+        let outbound = match item {
+            // The event's JSON is made once for all subscribers (`SharedEvent`), then framed.
+            Ok(SubscriptionItem::Event(e)) => match at_hand(&mut subscription, &e, &mut held) {
+                Ok(events) => match framing {
+                    Framing::PerEvent => {
+                        let mut frames = events.iter().map(|e| Message::Text(event_frame(&sub_json, e).into()));
+                        let first = frames.next().expect("a wake takes at least its first event");
+                        Outbound { message: first, more: frames.collect(), event: true }
+                    }
+                    Framing::Batched => Outbound::event(Message::Text(batch_frame(&sub_json, &events).into())),
+                },
+                Err(err) => {
+                    let _ = send(&out, error_frame(None, Some(&sub), &Problem::internal(&err))).await;
+                    return;
+                }
+            },
+            Ok(SubscriptionItem::CaughtUp(p)) => {
+                Outbound::event(Message::Text(json!({"op": "caught-up", "sub": sub, "position": p}).to_string().into()))
+            }
+            Err(e) => {
+                let _ = send(&out, error_frame(None, Some(&sub), &Problem::from(e))).await;
+                return;
+            }
+        };
+        if subscription.lag_recoveries() > lagged {
+            stats.subscription_lag_recoveries.fetch_add(subscription.lag_recoveries() - lagged, Ordering::Relaxed);
+            lagged = subscription.lag_recoveries();
+        }
+        if out.send(outbound).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The JSON of `first` and of the events the subscription has at hand (without waiting or
+/// reading the store), within [`WAKE_EVENTS_MAX`] and [`WAKE_EVENT_BYTES`]. An item that is not
+/// an event is left in `held`, to go out next.
+pub(super) fn at_hand(
+    subscription: &mut sourced_engine::Subscription,
+    first: &sourced_engine::SharedEvent,
+    held: &mut Option<Result<SubscriptionItem, sourced_store::StoreError>>,
+) -> Result<Vec<Arc<str>>, String> {
+    let mut events = vec![first.json()?];
+    let mut len = events[0].len();
+    while events.len() < WAKE_EVENTS_MAX && len < WAKE_EVENT_BYTES {
+        match subscription.try_next() {
+            Some(Ok(SubscriptionItem::Event(e))) => {
+                let json = e.json()?;
+                len += json.len() + 1;
+                events.push(json);
+            }
+            Some(other) => {
+                *held = Some(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(events)
+}
