@@ -151,160 +151,187 @@ impl ArtifactSet {
     /// [`ArtifactSet::load`] with expressions compiled under `limits` (which they keep for
     /// their evaluations).
     pub fn load_with(files: &BTreeMap<String, String>, limits: &ExprLimits) -> Result<ArtifactSet, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut set = ArtifactSet::default();
         if files.len() > FILES_MAX {
-            problems.push(Problem {
+            return Err(vec![Problem {
                 file: String::new(),
                 location: String::new(),
                 message: format!("the set has {} files, over the limit of {FILES_MAX}", files.len()),
-            });
-            return Err(problems);
+            }]);
         }
-        // The file that defined each type's rules and lifecycle (`rules.yaml`, `.yml` or `.json`).
-        let mut rules_files: BTreeMap<TypeName, String> = BTreeMap::new();
-        let mut rule_targets: BTreeMap<TypeName, Vec<rules::RuleTargets>> = BTreeMap::new();
-        let mut lifecycle_files: BTreeMap<TypeName, String> = BTreeMap::new();
-        let mut indexes_files: BTreeMap<TypeName, String> = BTreeMap::new();
-        // Commands whose file exists but has problems of its own: other files that name them
-        // are not told the command is missing (its file's problems say what is wrong).
-        let mut broken_commands: std::collections::BTreeSet<(TypeName, String)> = Default::default();
+        let mut loader = Loader {
+            limits,
+            set: ArtifactSet::default(),
+            problems: Vec::new(),
+            rules_files: BTreeMap::new(),
+            lifecycle_files: BTreeMap::new(),
+            indexes_files: BTreeMap::new(),
+            rule_targets: BTreeMap::new(),
+            broken_commands: Default::default(),
+        };
         for (path, text) in files {
-            let mut p = |location: String, message: String| {
-                problems.push(Problem { file: path.clone(), location, message });
-            };
-            if text.len() > FILE_BYTES_MAX {
-                p(String::new(), format!("the file is {} bytes, over the limit of {FILE_BYTES_MAX}", text.len()));
-                continue;
-            }
-            let parts: Vec<&str> = path.split('/').collect();
-            let (type_name, kind) = match parts.as_slice() {
-                ["types", t, "schema.json"] => (*t, Kind::Schema),
-                ["types", t, "rules.yaml" | "rules.yml" | "rules.json"] => (*t, Kind::Rules),
-                ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
-                ["types", t, "indexes.yaml" | "indexes.yml" | "indexes.json"] => (*t, Kind::Indexes),
-                ["types", t, "commands", file] => match command_name(file) {
-                    Ok(name) => (*t, Kind::Command(name)),
-                    Err(message) => {
-                        p(String::new(), message);
-                        continue;
-                    }
-                },
-                ["processes", _] => continue,
-                ["README.md" | "readme.md" | ".gitignore"] => continue,
-                _ if parts.iter().any(|s| s.starts_with('.')) => continue,
-                _ => {
-                    p(String::new(), "not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, indexes.yaml, commands/<name>.yaml, or processes/<name>.yaml".into());
-                    continue;
-                }
-            };
-            let t = match TypeName::parse(type_name) {
-                Ok(t) => t,
-                Err(e) => {
-                    p(String::new(), format!("'{type_name}' is not a valid aggregate type: {}", e.message));
-                    continue;
-                }
-            };
-            let doc = match parse_document(path, text) {
-                Ok(v) => v,
-                Err((location, message)) => {
-                    p(location, message);
-                    continue;
-                }
-            };
-            // One rules file and one lifecycle per type: a second (rules.yaml beside rules.yml)
-            // would silently replace the first.
-            let defined_in = match kind {
-                Kind::Rules => Some(("rules", &mut rules_files)),
-                Kind::Lifecycle => Some(("lifecycle", &mut lifecycle_files)),
-                Kind::Indexes => Some(("indexes", &mut indexes_files)),
-                _ => None,
-            };
-            if let Some((what, defined_in)) = defined_in {
-                if let Some(first) = defined_in.get(&t) {
-                    p(String::new(), format!("type '{t}' already has its {what} in {first}; keep one file"));
-                    continue;
-                }
-                defined_in.insert(t.clone(), path.clone());
-            }
-            let entry = set.types.entry(t.clone()).or_default();
-            let mut local = Vec::new();
-            match kind {
-                Kind::Schema => match Schema::compile(&doc) {
-                    Ok(s) => entry.schema = Some(s),
-                    Err(e) => local.extend(e),
-                },
-                Kind::Rules => {
-                    let (r, targets, e) = rules::parse(&doc, limits);
-                    entry.rules = r;
-                    rule_targets.insert(t.clone(), targets);
-                    local.extend(e);
-                }
-                Kind::Lifecycle => {
-                    let (l, e) = Lifecycle::parse(&doc, limits);
-                    entry.lifecycle = l;
-                    local.extend(e);
-                }
-                Kind::Indexes => match parse_indexes(&doc) {
-                    Ok(fields) => entry.indexes = fields,
-                    Err(e) => local.extend(e),
-                },
-                Kind::Command(name) => match entry.commands.entry(name) {
-                    std::collections::btree_map::Entry::Occupied(o) => {
-                        local.push((String::new(), format!("command '{}' is defined twice", o.key())));
-                    }
-                    std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), &doc, limits) {
-                        Ok(c) => {
-                            v.insert(c);
-                        }
-                        Err(e) => {
-                            broken_commands.insert((t.clone(), v.key().clone()));
-                            local.extend(e);
-                        }
-                    },
-                },
-            }
-            for (location, message) in local {
-                p(location, message);
-            }
+            loader.file(path, text);
         }
-        // Cross-file checks: lifecycles name commands that exist.
-        for (t, a) in &set.types {
-            if let Some(l) = &a.lifecycle {
-                for (i, tr) in l.transitions.iter().enumerate() {
-                    for name in &tr.on {
-                        let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
-                        let broken = broken_commands.contains(&(t.clone(), name.clone()));
-                        if !generic && !broken && !a.commands.contains_key(name) {
-                            problems.push(Problem {
-                                file: lifecycle_files.get(t).cloned().unwrap_or_default(),
-                                location: format!("/transitions/{i}/on"),
-                                message: format!("no command '{name}' is defined for type '{t}'"),
-                            });
-                        }
+        loader.check_references();
+        if loader.problems.is_empty() { Ok(loader.set) } else { Err(loader.problems) }
+    }
+}
+
+/// An artifact set being read: what is loaded so far, every problem found, and what the checks
+/// across files need.
+struct Loader<'a> {
+    limits: &'a ExprLimits,
+    set: ArtifactSet,
+    problems: Vec<Problem>,
+    /// The file that defined each type's rules, lifecycle and indexes (`.yaml`, `.yml` or `.json`).
+    rules_files: BTreeMap<TypeName, String>,
+    lifecycle_files: BTreeMap<TypeName, String>,
+    indexes_files: BTreeMap<TypeName, String>,
+    rule_targets: BTreeMap<TypeName, Vec<rules::RuleTargets>>,
+    /// Commands whose file exists but has problems of its own: other files that name them are
+    /// not told the command is missing (its file's problems say what is wrong).
+    broken_commands: std::collections::BTreeSet<(TypeName, String)>,
+}
+
+impl Loader<'_> {
+    fn problem(&mut self, file: &str, location: String, message: String) {
+        self.problems.push(Problem { file: file.to_owned(), location, message });
+    }
+
+    /// Reads one file into the set, or records why not.
+    fn file(&mut self, path: &str, text: &str) {
+        if text.len() > FILE_BYTES_MAX {
+            let message = format!("the file is {} bytes, over the limit of {FILE_BYTES_MAX}", text.len());
+            return self.problem(path, String::new(), message);
+        }
+        let (t, kind) = match classify(path) {
+            Ok(Some(found)) => found,
+            Ok(None) => return,
+            Err(message) => return self.problem(path, String::new(), message),
+        };
+        let doc = match parse_document(path, text) {
+            Ok(v) => v,
+            Err((location, message)) => return self.problem(path, location, message),
+        };
+        // One rules file, lifecycle and indexes file per type: a second (rules.yaml beside
+        // rules.yml) would silently replace the first.
+        let defined_in = match kind {
+            Kind::Rules => Some(("rules", &mut self.rules_files)),
+            Kind::Lifecycle => Some(("lifecycle", &mut self.lifecycle_files)),
+            Kind::Indexes => Some(("indexes", &mut self.indexes_files)),
+            _ => None,
+        };
+        if let Some((what, defined_in)) = defined_in {
+            if let Some(first) = defined_in.get(&t) {
+                let message = format!("type '{t}' already has its {what} in {first}; keep one file");
+                return self.problem(path, String::new(), message);
+            }
+            defined_in.insert(t.clone(), path.to_owned());
+        }
+        for (location, message) in self.add(t, kind, &doc) {
+            self.problem(path, location, message);
+        }
+    }
+
+    /// Compiles one parsed file of type `t` into the set; its problems, located in the file.
+    fn add(&mut self, t: TypeName, kind: Kind, doc: &Value) -> Vec<(String, String)> {
+        let limits = self.limits;
+        let entry = self.set.types.entry(t.clone()).or_default();
+        let mut local = Vec::new();
+        match kind {
+            Kind::Schema => match Schema::compile(doc) {
+                Ok(s) => entry.schema = Some(s),
+                Err(e) => local.extend(e),
+            },
+            Kind::Rules => {
+                let (r, targets, e) = rules::parse(doc, limits);
+                entry.rules = r;
+                self.rule_targets.insert(t, targets);
+                local.extend(e);
+            }
+            Kind::Lifecycle => {
+                let (l, e) = Lifecycle::parse(doc, limits);
+                entry.lifecycle = l;
+                local.extend(e);
+            }
+            Kind::Indexes => match parse_indexes(doc) {
+                Ok(fields) => entry.indexes = fields,
+                Err(e) => local.extend(e),
+            },
+            Kind::Command(name) => match entry.commands.entry(name) {
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    local.push((String::new(), format!("command '{}' is defined twice", o.key())));
+                }
+                std::collections::btree_map::Entry::Vacant(v) => match parse_command(v.key(), doc, limits) {
+                    Ok(c) => {
+                        v.insert(c);
                     }
+                    Err(e) => {
+                        self.broken_commands.insert((t, v.key().clone()));
+                        local.extend(e);
+                    }
+                },
+            },
+        }
+        local
+    }
+
+    /// Whether type `t` lacks the command `name` that a lifecycle or rule names (generic
+    /// commands always exist; a command whose own file is broken is reported there).
+    fn lacks_command(&self, t: &TypeName, a: &TypeArtifacts, name: &str) -> bool {
+        let generic = matches!(name, "create" | "patch" | "replace" | "delete");
+        !generic && !self.broken_commands.contains(&(t.clone(), name.to_owned())) && !a.commands.contains_key(name)
+    }
+
+    /// Checks across files: lifecycles and rules name commands that exist.
+    fn check_references(&mut self) {
+        let mut found = Vec::new();
+        for (t, a) in &self.set.types {
+            for (i, tr) in a.lifecycle.iter().flat_map(|l| l.transitions.iter().enumerate()) {
+                for name in tr.on.iter().filter(|n| self.lacks_command(t, a, n)) {
+                    found.push(Problem {
+                        file: self.lifecycle_files.get(t).cloned().unwrap_or_default(),
+                        location: format!("/transitions/{i}/on"),
+                        message: format!("no command '{name}' is defined for type '{t}'"),
+                    });
                 }
             }
             // Every rule's targets, also those of a rule whose expression did not compile.
-            for r in rule_targets.get(t).into_iter().flatten() {
-                for name in &r.on {
-                    let generic = matches!(name.as_str(), "create" | "patch" | "replace" | "delete");
-                    let broken = broken_commands.contains(&(t.clone(), name.clone()));
-                    if !generic && !broken && !a.commands.contains_key(name) {
-                        problems.push(Problem {
-                            file: rules_files.get(t).cloned().unwrap_or_default(),
-                            location: format!("/rules/{}/on", r.index),
-                            message: format!(
-                                "rule '{}' names command '{name}', which type '{t}' does not define",
-                                r.name
-                            ),
-                        });
-                    }
+            for r in self.rule_targets.get(t).into_iter().flatten() {
+                for name in r.on.iter().filter(|n| self.lacks_command(t, a, n)) {
+                    found.push(Problem {
+                        file: self.rules_files.get(t).cloned().unwrap_or_default(),
+                        location: format!("/rules/{}/on", r.index),
+                        message: format!("rule '{}' names command '{name}', which type '{t}' does not define", r.name),
+                    });
                 }
             }
         }
-        if problems.is_empty() { Ok(set) } else { Err(problems) }
+        self.problems.extend(found);
     }
+}
+
+/// What a file of the set is, by its path: a type's schema, rules, lifecycle, indexes or
+/// command; `None` for files the set ignores (processes, READMEs, hidden files).
+fn classify(path: &str) -> Result<Option<(TypeName, Kind)>, String> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let (type_name, kind) = match parts.as_slice() {
+        ["types", t, "schema.json"] => (*t, Kind::Schema),
+        ["types", t, "rules.yaml" | "rules.yml" | "rules.json"] => (*t, Kind::Rules),
+        ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
+        ["types", t, "indexes.yaml" | "indexes.yml" | "indexes.json"] => (*t, Kind::Indexes),
+        ["types", t, "commands", file] => (*t, Kind::Command(command_name(file)?)),
+        ["processes", _] => return Ok(None),
+        ["README.md" | "readme.md" | ".gitignore"] => return Ok(None),
+        _ if parts.iter().any(|s| s.starts_with('.')) => return Ok(None),
+        _ => {
+            return Err("not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, \
+                        indexes.yaml, commands/<name>.yaml, or processes/<name>.yaml"
+                .into());
+        }
+    };
+    let t = TypeName::parse(type_name)
+        .map_err(|e| format!("'{type_name}' is not a valid aggregate type: {}", e.message))?;
+    Ok(Some((t, kind)))
 }
 
 enum Kind {
