@@ -23,14 +23,13 @@ where
     let slow = Duration::from_millis(conn.limits.slow_client_timeout_ms);
     let mut writer = tokio::spawn(write_loop(sink, out_rx, slow, conn.stats.clone()));
     let inflight = Arc::new(Semaphore::new(conn.limits.inflight_max));
-    let mut tasks = JoinSet::new();
-    let mut subs: HashMap<String, AbortHandle> = HashMap::new();
+    let mut session = Session { conn: &conn, out: out.clone(), tasks: JoinSet::new(), subs: HashMap::new() };
     let mut writer_done = false;
     let closing = conn.stats.closed();
     tokio::pin!(closing);
 
     let end = loop {
-        while tasks.try_join_next().is_some() {}
+        while session.tasks.try_join_next().is_some() {}
         // Beyond the in-flight limit, read nothing until a command finishes.
         let permit = tokio::select! {
             p = inflight.clone().acquire_owned() => match p {
@@ -39,105 +38,34 @@ where
             },
             _ = &mut writer => { writer_done = true; break End::Gone }
         };
-        let frame = tokio::select! {
-            f = stream.next() => f,
+        let message = tokio::select! {
+            m = stream.next() => m,
             _ = &mut writer => { writer_done = true; break End::Gone }
             _ = &mut closing => break End::Close(close_code::AWAY, "the server is shutting down".into()),
         };
-        let text = match frame {
-            None | Some(Ok(Message::Close(_))) => break End::Gone,
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                break End::Close(close_code::UNSUPPORTED, "binary frames are not supported; send JSON text".into());
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Err(e)) => match too_large(&e) {
-                Some(reason) => break End::Close(close_code::SIZE, reason),
-                None => {
-                    tracing::debug!(error = %e, "WebSocket read failed");
-                    break End::Gone;
-                }
-            },
+        let text = match text_of(message) {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(end) => break end,
         };
         // A frame holds the envelope, which holds the body the depth limit is about: two levels more.
         let depth_max = conn.engine.config().limits.json_depth_max + 2;
-        let frame = match Frame::parse(text.as_str(), depth_max) {
-            Ok(f) => f,
+        let handled = match Frame::parse(text.as_str(), depth_max) {
+            Ok(frame) => session.frame(frame, permit).await,
             Err(e) => {
                 let (id, problem) = *e;
-                if send(&out, error_frame(id, None, &problem)).await.is_err() {
-                    break End::Gone;
-                }
-                continue;
+                session.send(error_frame(id, None, &problem)).await
             }
         };
-        match frame {
-            Frame::Ping => {
-                if send(&out, json!({"op": "pong"})).await.is_err() {
-                    break End::Gone;
-                }
-            }
-            Frame::Command(envelope) => {
-                let (engine, out, tenant) = (conn.engine.clone(), out.clone(), conn.tenant.clone());
-                tasks.spawn(async move {
-                    let reply = run_command(&engine, envelope, tenant).await;
-                    let _ = out.send(Outbound::reply(Message::Text(reply.into()))).await;
-                    drop(permit);
-                });
-            }
-            Frame::Subscribe { sub, tenant, filter, start, framing } => {
-                subs.retain(|_, h| !h.is_finished());
-                let problem = if subs.contains_key(&sub) {
-                    Some(Problem::bad_request(
-                        format!("subscription '{sub}' is already open on this connection"),
-                        vec![],
-                    ))
-                } else if subs.len() >= conn.limits.subscriptions_max {
-                    Some(Problem::too_many_subscriptions(conn.limits.subscriptions_max))
-                } else {
-                    None
-                };
-                let tenant = match (tenant, &conn.tenant) {
-                    (Some(t), Some(fixed)) if t != *fixed => {
-                        let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
-                        let _ = send(&out, error_frame(None, Some(&sub), &p)).await;
-                        continue;
-                    }
-                    (t, fixed) => t.or_else(|| fixed.clone()).unwrap_or_else(TenantId::default_tenant),
-                };
-                if let Some(p) = problem {
-                    if send(&out, error_frame(None, Some(&sub), &p)).await.is_err() {
-                        break End::Gone;
-                    }
-                    continue;
-                }
-                let subscription = conn.engine.subscribe(tenant, filter, start);
-                let handle =
-                    tasks.spawn(run_subscription(subscription, sub.clone(), framing, out.clone(), conn.stats.clone()));
-                subs.insert(sub, handle);
-            }
-            Frame::Unsubscribe { sub } => {
-                let reply = match subs.remove(&sub) {
-                    Some(h) => {
-                        h.abort();
-                        json!({"op": "unsubscribed", "sub": sub})
-                    }
-                    None => error_frame(
-                        None,
-                        Some(&sub),
-                        &Problem::not_found(format!("no subscription '{sub}' on this connection")),
-                    ),
-                };
-                if send(&out, reply).await.is_err() {
-                    break End::Gone;
-                }
-            }
+        if let Err(end) = handled {
+            break end;
         }
     };
 
     // Nothing more is produced: stop the tasks, say why (if the server closes), and let the
     // writer finish what is queued; it ends once every sender is gone.
-    tasks.shutdown().await;
+    session.tasks.shutdown().await;
+    drop(session);
     if let End::Close(code, reason) = end {
         tracing::debug!(code, %reason, "closing a WebSocket connection");
         let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
@@ -148,6 +76,110 @@ where
         let _ = writer.await;
     }
     conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// What one read from the client means: a text frame to parse, nothing to do (pings and
+/// pongs), or the end of the connection.
+fn text_of(message: Option<Result<Message, axum::Error>>) -> Result<Option<axum::extract::ws::Utf8Bytes>, End> {
+    match message {
+        None | Some(Ok(Message::Close(_))) => Err(End::Gone),
+        Some(Ok(Message::Text(t))) => Ok(Some(t)),
+        Some(Ok(Message::Binary(_))) => {
+            Err(End::Close(close_code::UNSUPPORTED, "binary frames are not supported; send JSON text".into()))
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
+        Some(Err(e)) => match too_large(&e) {
+            Some(reason) => Err(End::Close(close_code::SIZE, reason)),
+            None => {
+                tracing::debug!(error = %e, "WebSocket read failed");
+                Err(End::Gone)
+            }
+        },
+    }
+}
+
+/// The reader's side of one connection: the queue to the writer, the tasks it started, and
+/// its subscriptions by name. Each method answers `Err(End::Gone)` once the writer is gone.
+struct Session<'a> {
+    conn: &'a Connection,
+    out: mpsc::Sender<Outbound>,
+    tasks: JoinSet<()>,
+    subs: HashMap<String, AbortHandle>,
+}
+
+impl Session<'_> {
+    async fn send(&self, v: Value) -> Result<(), End> {
+        send(&self.out, v).await.map_err(|()| End::Gone)
+    }
+
+    /// Carries out one frame; a command keeps `permit` (its place in flight) until it is done.
+    async fn frame(&mut self, frame: Frame, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), End> {
+        match frame {
+            Frame::Ping => self.send(json!({"op": "pong"})).await,
+            Frame::Command(envelope) => {
+                let (engine, out, tenant) = (self.conn.engine.clone(), self.out.clone(), self.conn.tenant.clone());
+                self.tasks.spawn(async move {
+                    let reply = run_command(&engine, envelope, tenant).await;
+                    let _ = out.send(Outbound::reply(Message::Text(reply.into()))).await;
+                    drop(permit);
+                });
+                Ok(())
+            }
+            Frame::Subscribe { sub, tenant, filter, start, framing } => {
+                self.subscribe(sub, tenant, filter, start, framing).await
+            }
+            Frame::Unsubscribe { sub } => {
+                let reply = match self.subs.remove(&sub) {
+                    Some(h) => {
+                        h.abort();
+                        json!({"op": "unsubscribed", "sub": sub})
+                    }
+                    None => error_frame(
+                        None,
+                        Some(&sub),
+                        &Problem::not_found(format!("no subscription '{sub}' on this connection")),
+                    ),
+                };
+                self.send(reply).await
+            }
+        }
+    }
+
+    /// Opens subscription `sub`, or answers why not (a name in use, the limit, another tenant).
+    async fn subscribe(
+        &mut self,
+        sub: String,
+        tenant: Option<TenantId>,
+        filter: SubscriptionFilter,
+        start: Start,
+        framing: Framing,
+    ) -> Result<(), End> {
+        self.subs.retain(|_, h| !h.is_finished());
+        let limit = self.conn.limits.subscriptions_max;
+        let problem = if self.subs.contains_key(&sub) {
+            Some(Problem::bad_request(format!("subscription '{sub}' is already open on this connection"), vec![]))
+        } else if self.subs.len() >= limit {
+            Some(Problem::too_many_subscriptions(limit))
+        } else {
+            None
+        };
+        let tenant = match (tenant, &self.conn.tenant) {
+            (Some(t), Some(fixed)) if t != *fixed => {
+                let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
+                let _ = self.send(error_frame(None, Some(&sub), &p)).await;
+                return Ok(());
+            }
+            (t, fixed) => t.or_else(|| fixed.clone()).unwrap_or_else(TenantId::default_tenant),
+        };
+        if let Some(p) = problem {
+            return self.send(error_frame(None, Some(&sub), &p)).await;
+        }
+        let subscription = self.conn.engine.subscribe(tenant, filter, start);
+        let stats = self.conn.stats.clone();
+        let handle = self.tasks.spawn(run_subscription(subscription, sub.clone(), framing, self.out.clone(), stats));
+        self.subs.insert(sub, handle);
+        Ok(())
+    }
 }
 
 /// The reason for a 1009 close, when a read failed because a message or frame was too large.
