@@ -90,7 +90,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Statement};
@@ -102,10 +102,12 @@ use sourced_core::{
     Version,
 };
 
+use crate::append::{self, Counters, Decision, Job, Written, committed_events, decide_append};
 use crate::listing::{self, Dialect, Param};
+use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, validate_append,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
 };
 use sourced_core::query::FieldPath;
 
@@ -274,52 +276,6 @@ struct Writer {
     task: JoinHandle<()>,
 }
 
-/// One append waiting for the writer, and where its answer goes.
-struct Job {
-    request: AppendRequest,
-    encoded: Encoded,
-    reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
-}
-
-/// An append's JSON, serialized by the caller so the single writer task does not.
-struct Encoded {
-    data: Vec<String>,
-    metadata: Vec<String>,
-    state: String,
-    extra: String,
-}
-
-impl Encoded {
-    fn new(request: &AppendRequest) -> Result<Encoded, StoreError> {
-        Ok(Encoded {
-            data: request.events.iter().map(|e| to_json(&e.data)).collect::<Result<_, _>>()?,
-            metadata: request.events.iter().map(|e| to_json(&e.metadata)).collect::<Result<_, _>>()?,
-            state: to_json(&request.document.state)?,
-            extra: to_json(&request.command.extra)?,
-        })
-    }
-}
-
-/// What the writer did with one append.
-#[derive(Clone, Debug)]
-enum Written {
-    Appended { first_position: Position, first_version: Version },
-    Duplicate(CommandRecord),
-}
-
-#[derive(Default)]
-struct Counters {
-    commits: AtomicU64,
-    appends: AtomicU64,
-    events: AtomicU64,
-    /// Events returned by reads.
-    events_read: AtomicU64,
-    /// Appends handed to the writer's queue.
-    accepted: AtomicU64,
-    /// Appends the writer has answered.
-    answered: AtomicU64,
-}
-
 /// Checks that `url` is a PostgreSQL connection URL this backend accepts, without connecting.
 pub fn check_url(url: &str) -> Result<(), StoreError> {
     url.parse::<tokio_postgres::Config>()
@@ -389,20 +345,10 @@ impl PostgresStore {
         Ok(writer)
     }
 
-    /// Counts the events a read returned.
-    fn counted(&self, events: Result<Vec<RecordedEvent>, StoreError>) -> Result<Vec<RecordedEvent>, StoreError> {
-        if let Ok(events) = &events {
-            self.counters.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
-        }
-        events
-    }
-
     /// Appends handed to the writer and not answered yet (queued, or in the batch being
     /// committed), for metrics and tests. It may briefly count low, never high.
     pub fn pending_appends(&self) -> u64 {
-        // Accepted first: answers counted after it can only make the difference smaller.
-        let accepted = self.counters.accepted.load(Ordering::SeqCst);
-        accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
+        self.counters.pending_appends()
     }
 
     /// The latest snapshot of `fold` meeting `condition` (on `$4`, bound to `bound`).
@@ -456,31 +402,11 @@ impl Drop for PostgresStore {
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        validate_append(&request)?;
-        let encoded = Encoded::new(&request)?;
-        let sender = self
-            .writer
-            .lock()
-            .expect("the PostgreSQL writer mutex is poisoned")
-            .as_ref()
-            .map(|w| w.sender.clone())
-            .ok_or(StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send(Job { request, encoded, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the PostgreSQL writer has stopped".into()))?;
-        self.counters.accepted.fetch_add(1, Ordering::SeqCst);
-        drop(sender);
-        let (request, written) = answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the PostgreSQL writer stopped before answering".into()))?;
-        match written? {
-            Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
-            Written::Appended { first_position, first_version } => {
-                Ok(AppendOutcome::Appended(crate::recorded_events(request, first_position, first_version)))
-            }
-        }
+        let sender = || {
+            let writer = self.writer.lock().expect("the PostgreSQL writer mutex is poisoned");
+            writer.as_ref().map(|w| w.sender.clone())
+        };
+        append::enqueue(request, sender, &self.counters, "PostgreSQL").await
     }
 
     async fn read_stream(
@@ -523,7 +449,7 @@ impl EventStore for PostgresStore {
             .map(|r| decode_event(r, key.tenant.clone(), key.type_name.clone(), key.id.clone(), [0, 1, 2, 3, 4, 5, 6]))
             .collect::<Result<Vec<_>, _>>()?;
         crate::check_stream_read(key, after, &events)?;
-        self.counted(Ok(events))
+        self.counters.counted(Ok(events))
     }
 
     async fn read_all(
@@ -555,7 +481,7 @@ impl EventStore for PostgresStore {
             events.push(decode_event(r, tenant.clone(), type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
         }
         crate::check_feed_read(after, &events)?;
-        self.counted(Ok(events))
+        self.counters.counted(Ok(events))
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -563,7 +489,7 @@ impl EventStore for PostgresStore {
             return Ok(Vec::new());
         }
         let client = self.feed_pool.get().await.map_err(pool_err)?;
-        self.counted(read_global(&client, after, limit).await)
+        self.counters.counted(read_global(&client, after, limit).await)
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
@@ -778,12 +704,7 @@ impl EventStore for PostgresStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats {
-            commits: self.counters.commits.load(Ordering::Relaxed),
-            appends: self.counters.appends.load(Ordering::Relaxed),
-            events: self.counters.events.load(Ordering::Relaxed),
-            events_read: self.counters.events_read.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
@@ -917,11 +838,7 @@ async fn write_loop(
         debug_assert_eq!(results.len(), batch.len());
         // Committed: the listener hears it before any caller does (see `Feed`).
         feed.feed_local(&pool, &batch, &results).await;
-        for (job, result) in batch.drain(..).zip(results) {
-            // The caller may have gone away; the write stands either way.
-            let _ = job.reply.send((job.request, result));
-            counters.answered.fetch_add(1, Ordering::SeqCst);
-        }
+        append::answer(&mut batch, results, &counters);
     }
     tracing::debug!("the PostgreSQL writer has stopped");
 }
@@ -962,32 +879,12 @@ async fn commit_batch(
     .await;
     match outcome {
         Ok(results) => {
-            let mut appends = 0;
-            let mut events = 0;
-            for (job, result) in batch.iter().zip(&results) {
-                if let Ok(Written::Appended { .. }) = result {
-                    appends += 1;
-                    events += job.request.events.len() as u64;
-                }
-            }
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.appends.fetch_add(appends, Ordering::Relaxed);
-            counters.events.fetch_add(events, Ordering::Relaxed);
+            counters.committed(batch, &results);
             results
         }
         Err(e) => {
             tracing::error!(error = %e, appends = batch.len(), "a PostgreSQL batch was not committed");
-            batch
-                .iter()
-                .map(|_| {
-                    Err(match &e {
-                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-                        StoreError::Closed => StoreError::Closed,
-                        other => StoreError::Backend(format!("the batch was not committed: {other}")),
-                    })
-                })
-                .collect()
+            append::batch_failed(&e, batch.len())
         }
     }
 }
@@ -1259,6 +1156,8 @@ struct Plan {
     ev_ts: Vec<DateTime<Utc>>,
     /// One read-model row per stream (the last append's), in first-touched order.
     docs: Vec<DocWrite>,
+    /// Where each stream's row is in `docs`.
+    doc_index: HashMap<HeadKey, usize>,
     cmd_tenant: Vec<String>,
     cmd_id: Vec<Uuid>,
     cmd_fingerprint: Vec<String>,
@@ -1362,98 +1261,102 @@ fn plan(jobs: &[&Job], last: Option<u64>, found: &Found) -> Result<Plan, tokio_p
     let Some(last_position) = last else {
         return Ok(Plan { results: jobs.iter().map(|_| Err(missing_counter())).collect(), ..Plan::default() });
     };
-    let (command_rows, head_rows) = (&found.commands, &found.heads);
+    let mut known = Known::new(found)?;
     let mut plan = Plan { last_position, ..Plan::default() };
-    // Rows that do not decode are kept as their error's text, reported to the append that meets them.
-    let mut records: HashMap<(String, Uuid), Result<CommandRecord, String>> = HashMap::new();
-    for row in command_rows {
-        let tenant: String = row.try_get(0)?;
-        let id: Uuid = row.try_get(1)?;
-        records.insert((tenant, id), decode_command(row).map_err(|e| e.to_string()));
-    }
-    let mut heads: HashMap<HeadKey, Result<StreamHead, String>> = HashMap::new();
-    for row in head_rows {
-        let key: HeadKey = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        let version: i64 = row.try_get(3)?;
-        let deleted: bool = row.try_get(4)?;
-        let head = match u64::try_from(version) {
-            Ok(v) if v > 0 => Ok(StreamHead { version: Version(v), deleted }),
-            _ => Err(format!("{}/{}/{}: a read-model row at version {version}", key.0, key.1, key.2)),
-        };
-        heads.insert(key, head);
-    }
-    let mut doc_index: HashMap<HeadKey, usize> = HashMap::new();
-
-    let mut next_position = last_position + 1;
     for job in jobs {
+        let result = plan.add(job, &mut known);
+        plan.results.push(result);
+    }
+    debug_assert_eq!(plan.results.len(), jobs.len());
+    assert!(
+        plan.ev_position.len() as u64 == plan.events
+            && plan.ev_position.iter().enumerate().all(|(i, p)| *p as u64 == last_position + 1 + i as u64),
+        "a batch's positions must continue the counter exactly"
+    );
+    Ok(plan)
+}
+
+/// What a batch's appends know of the store, as decided so far: the command records and stream
+/// heads its lookups found, then those of the appends planned. Rows that do not decode are kept
+/// as their error's text, reported to the append that meets them.
+struct Known {
+    records: HashMap<(String, Uuid), Result<CommandRecord, String>>,
+    heads: HashMap<HeadKey, Result<StreamHead, String>>,
+}
+
+impl Known {
+    fn new(found: &Found) -> Result<Known, tokio_postgres::Error> {
+        let mut records = HashMap::new();
+        for row in &found.commands {
+            let tenant: String = row.try_get(0)?;
+            let id: Uuid = row.try_get(1)?;
+            records.insert((tenant, id), decode_command(row).map_err(|e| e.to_string()));
+        }
+        let mut heads = HashMap::new();
+        for row in &found.heads {
+            let key: HeadKey = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let version: i64 = row.try_get(3)?;
+            let deleted: bool = row.try_get(4)?;
+            let head = match u64::try_from(version) {
+                Ok(v) if v > 0 => Ok(StreamHead { version: Version(v), deleted }),
+                _ => Err(format!("{}/{}/{}: a read-model row at version {version}", key.0, key.1, key.2)),
+            };
+            heads.insert(key, head);
+        }
+        Ok(Known { records, heads })
+    }
+}
+
+impl Plan {
+    /// Decides one append (see [`decide_append`]) and, when accepted, adds its writes.
+    fn add(&mut self, job: &Job, known: &mut Known) -> Result<Written, StoreError> {
         let request = &job.request;
         let key = &request.key;
         let record_key = (key.tenant.as_str().to_owned(), request.command.id.0);
-        if let Some(record) = records.get(&record_key) {
-            plan.results.push(record.clone().map(Written::Duplicate).map_err(StoreError::Corrupt));
-            continue;
-        }
+        let record = known.records.get(&record_key).cloned().transpose().map_err(StoreError::Corrupt)?;
         let hk = head_key(key);
-        let head = match heads.get(&hk) {
-            None => StreamHead::default(),
-            Some(Ok(head)) => *head,
-            Some(Err(e)) => {
-                plan.results.push(Err(StoreError::Corrupt(e.clone())));
-                continue;
-            }
+        let head = || known.heads.get(&hk).cloned().unwrap_or(Ok(StreamHead::default())).map_err(StoreError::Corrupt);
+        let span = match decide_append(record, head, request, self.last_position + 1 + self.events)? {
+            Decision::Duplicate(record) => return Ok(Written::Duplicate(record)),
+            Decision::Conflict(actual) => return Err(StoreError::Conflict { expected: request.expected, actual }),
+            Decision::Write(span) => span,
         };
-        if !request.expected.matches(head) {
-            plan.results.push(Err(StoreError::Conflict { expected: request.expected, actual: head }));
-            continue;
-        }
-        let n = request.events.len() as u64;
-        let first_version = head.version.next();
-        let last_version = Version(head.version.0 + n);
-        let first_position = Position(next_position);
+        let last_version = span.last_version();
+        let last_sql = to_sql_int(last_version.0)?;
         let ts = truncate(request.timestamp);
-        let (Some(last_sql), Some(_)) = (to_sql_int(last_version.0), to_sql_int(next_position + n)) else {
-            plan.results
-                .push(Err(StoreError::InvalidRequest("a version or position beyond what the store holds".into())));
-            continue;
-        };
         for (i, event) in request.events.iter().enumerate() {
-            plan.ev_position.push((next_position + i as u64) as i64);
-            plan.ev_tenant.push(key.tenant.as_str().to_owned());
-            plan.ev_type.push(key.type_name.as_str().to_owned());
-            plan.ev_agg.push(key.id.as_str().to_owned());
-            plan.ev_version.push((first_version.0 + i as u64) as i64);
-            plan.ev_id.push(event.id.0);
-            plan.ev_type_name.push(event.event_type.clone());
-            plan.ev_data.push(job.encoded.data[i].clone());
-            plan.ev_metadata.push(job.encoded.metadata[i].clone());
-            plan.ev_ts.push(ts);
+            self.ev_position.push((span.first_position.0 + i as u64) as i64);
+            self.ev_tenant.push(hk.0.clone());
+            self.ev_type.push(hk.1.clone());
+            self.ev_agg.push(hk.2.clone());
+            self.ev_version.push((span.first_version.0 + i as u64) as i64);
+            self.ev_id.push(event.id.0);
+            self.ev_type_name.push(event.event_type.clone());
+            self.ev_data.push(job.encoded.data[i].clone());
+            self.ev_metadata.push(job.encoded.metadata[i].clone());
+            self.ev_ts.push(ts);
         }
-        next_position += n;
-        plan.events += n;
-        match doc_index.get(&hk) {
-            Some(&i) => {
-                let doc = &mut plan.docs[i];
-                doc.version = last_sql;
-                doc.state.clone_from(&job.encoded.state);
-                doc.deleted = request.document.deleted;
-                doc.updated_at = ts;
-            }
+        self.events += span.events;
+        let doc = DocWrite {
+            tenant: hk.0.clone(),
+            type_name: hk.1.clone(),
+            agg_id: hk.2.clone(),
+            version: last_sql,
+            state: job.encoded.state.clone(),
+            deleted: request.document.deleted,
+            created_at: ts,
+            updated_at: ts,
+        };
+        match self.doc_index.get(&hk) {
+            // A later append of the same stream: its row, the first one's creation time.
+            Some(&i) => self.docs[i] = DocWrite { created_at: self.docs[i].created_at, ..doc },
             None => {
-                doc_index.insert(hk.clone(), plan.docs.len());
-                plan.docs.push(DocWrite {
-                    tenant: hk.0.clone(),
-                    type_name: hk.1.clone(),
-                    agg_id: hk.2.clone(),
-                    version: last_sql,
-                    state: job.encoded.state.clone(),
-                    deleted: request.document.deleted,
-                    created_at: ts,
-                    updated_at: ts,
-                });
+                self.doc_index.insert(hk.clone(), self.docs.len());
+                self.docs.push(doc);
             }
         }
         if let Some(snapshot) = &request.snapshot {
-            plan.snaps.push(SnapWrite {
+            self.snaps.push(SnapWrite {
                 tenant: hk.0.clone(),
                 type_name: hk.1.clone(),
                 agg_id: hk.2.clone(),
@@ -1465,32 +1368,27 @@ fn plan(jobs: &[&Job], last: Option<u64>, found: &Found) -> Result<Plan, tokio_p
                 updated_at: ts,
             });
         }
-        plan.cmd_tenant.push(hk.0.clone());
-        plan.cmd_id.push(request.command.id.0);
-        plan.cmd_fingerprint.push(request.command.fingerprint.clone());
-        plan.cmd_type.push(hk.1.clone());
-        plan.cmd_agg.push(hk.2.clone());
-        plan.cmd_first.push(first_version.0 as i64);
-        plan.cmd_last.push(last_sql);
-        plan.cmd_extra.push(job.encoded.extra.clone());
+        self.cmd_tenant.push(hk.0.clone());
+        self.cmd_id.push(request.command.id.0);
+        self.cmd_fingerprint.push(request.command.fingerprint.clone());
+        self.cmd_type.push(hk.1.clone());
+        self.cmd_agg.push(hk.2.clone());
+        self.cmd_first.push(span.first_version.0 as i64);
+        self.cmd_last.push(last_sql);
+        self.cmd_extra.push(job.encoded.extra.clone());
         let record = CommandRecord {
             id: request.command.id,
             fingerprint: request.command.fingerprint.clone(),
             key: key.clone(),
-            first_version,
+            first_version: span.first_version,
             last_version,
             extra: request.command.extra.clone(),
         };
-        records.insert(record_key, Ok(record));
-        heads.insert(hk, Ok(StreamHead { version: last_version, deleted: request.document.deleted }));
-        plan.results.push(Ok(Written::Appended { first_position, first_version }));
+        known.records.insert(record_key, Ok(record));
+        known.heads.insert(hk, Ok(StreamHead { version: last_version, deleted: request.document.deleted }));
+        Ok(span.written())
     }
-    debug_assert_eq!(plan.results.len(), jobs.len());
-    assert_eq!(next_position, last_position + 1 + plan.events, "a batch's positions must continue the counter exactly");
-    Ok(plan)
-}
 
-impl Plan {
     /// The plan's writes (events, read-model rows, command records, the counter, snapshots) as
     /// one pipeline of array statements; nothing when the plan appends nothing.
     async fn write(&self, client: &ClientWrapper, statements: &Statements) -> Result<(), tokio_postgres::Error> {
@@ -1826,30 +1724,6 @@ async fn read_global(client: &ClientWrapper, after: Position, limit: usize) -> R
     Ok(events)
 }
 
-/// The events one commit stored, in position order, for the commit listener.
-fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> Vec<RecordedEvent> {
-    let mut out = Vec::new();
-    for (job, result) in batch.iter().zip(results) {
-        if let Ok(Written::Appended { first_position, first_version }) = result {
-            let r = &job.request;
-            let timestamp = truncate(r.timestamp);
-            out.extend(r.events.iter().enumerate().map(|(i, e)| RecordedEvent {
-                id: e.id,
-                position: Position(first_position.0 + i as u64),
-                tenant: r.key.tenant.clone(),
-                target_name: r.key.type_name.clone(),
-                target_id: r.key.id.clone(),
-                version: Version(first_version.0 + i as u64),
-                event_type: e.event_type.clone(),
-                data: e.data.clone(),
-                metadata: e.metadata.clone(),
-                timestamp,
-            }));
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Decoding
 
@@ -1952,31 +1826,6 @@ fn pg_params(params: &[Param]) -> Vec<PgParam> {
 
 fn pg_param_refs(params: &[PgParam]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
     params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
-}
-
-fn to_json(value: &serde_json::Value) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
-}
-
-fn from_json(text: &str, column: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
-}
-
-fn to_sql_int(n: u64) -> Option<i64> {
-    i64::try_from(n).ok()
-}
-
-/// For bounds of reads: nothing stored is above `i64::MAX`.
-fn clamp_sql_int(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
-}
-
-fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{column} does not decode: {e}"))
 }
 
 /// Whether an error means the database cannot be reached or cannot serve now (and a retry

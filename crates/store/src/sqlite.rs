@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use sourced_core::timestamp::{from_micros, to_micros, truncate};
@@ -45,10 +45,12 @@ use sourced_core::{
     Version,
 };
 
+use crate::append::{self, Counters, Decision, Encoded, Job, Written, committed_events, decide_append};
 use crate::listing::{self, Dialect, Param};
+use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, validate_append,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
 };
 use sourced_core::query::FieldPath;
 
@@ -184,6 +186,9 @@ pub struct SqliteStore {
     /// The feed reads' own connections (see the module documentation).
     feed_readers: Arc<ReaderPool>,
     counters: Arc<Counters>,
+    /// The last committed position; moved by the writer only, after a commit and before
+    /// anyone hears of it.
+    head: Arc<AtomicU64>,
     /// Hears every commit, from the writer thread (see [`CommitListener`]).
     listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
     /// Names of the read model's field indexes (see [`EventStore::ensure_indexes`]).
@@ -202,67 +207,6 @@ struct Writer {
     thread: JoinHandle<()>,
     /// Ends when the writer thread does (it holds the only request sender).
     checkpointer: JoinHandle<()>,
-}
-
-/// One append waiting for the writer, and where its answer goes.
-struct Job {
-    request: AppendRequest,
-    /// The request's JSON, serialized by the caller so the single writer thread does not.
-    encoded: Encoded,
-    /// The answer, with the request handed back so the caller can build the recorded events
-    /// without the writer copying them.
-    reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
-}
-
-/// An append's text columns, ready to bind.
-struct Encoded {
-    event_ids: Vec<String>,
-    data: Vec<String>,
-    metadata: Vec<String>,
-    state: String,
-    command_id: String,
-    extra: String,
-}
-
-impl Encoded {
-    fn new(request: &AppendRequest) -> Result<Encoded, StoreError> {
-        Ok(Encoded {
-            event_ids: request.events.iter().map(|e| e.id.0.to_string()).collect(),
-            data: request.events.iter().map(|e| to_json(&e.data)).collect::<Result<_, _>>()?,
-            metadata: request.events.iter().map(|e| to_json(&e.metadata)).collect::<Result<_, _>>()?,
-            state: to_json(&request.document.state)?,
-            command_id: request.command.id.0.to_string(),
-            extra: to_json(&request.command.extra)?,
-        })
-    }
-}
-
-/// What the writer did with one append; the caller builds the recorded events from its own
-/// request, so the writer copies no JSON.
-enum Written {
-    Appended {
-        /// The first event's position; the others follow without gaps.
-        first_position: Position,
-        /// The first event's version; the others follow without gaps.
-        first_version: Version,
-    },
-    Duplicate(CommandRecord),
-}
-
-#[derive(Default)]
-struct Counters {
-    commits: AtomicU64,
-    appends: AtomicU64,
-    events: AtomicU64,
-    /// Events returned by reads.
-    events_read: AtomicU64,
-    /// The last committed position; moved by the writer only, after a commit and before
-    /// anyone hears of it.
-    head: AtomicU64,
-    /// Appends handed to the writer's queue.
-    accepted: AtomicU64,
-    /// Appends the writer has answered.
-    answered: AtomicU64,
 }
 
 impl SqliteStore {
@@ -296,7 +240,7 @@ impl SqliteStore {
         let readers = Arc::new(ReaderPool::open(path, options.readers)?);
         let feed_readers = Arc::new(ReaderPool::open(path, options.feed_readers)?);
         let counters = Arc::new(Counters::default());
-        counters.head.store(next_position - 1, Ordering::SeqCst);
+        let head = Arc::new(AtomicU64::new(next_position - 1));
         // Checkpoints run on their own thread and connection, not inside the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         let checkpointer_conn = Connection::open(path).map_err(sql_err)?;
@@ -310,13 +254,14 @@ impl SqliteStore {
         let listener: Arc<OnceLock<Arc<dyn CommitListener>>> = Arc::new(OnceLock::new());
         let thread = {
             let counters = Arc::clone(&counters);
+            let head = Arc::clone(&head);
             let listener = Arc::clone(&listener);
             let batch_appends_max = options.batch_appends_max;
             let wal = Wal { path: wal_path(path), bytes_max: options.wal_bytes_max };
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
                 .spawn(move || {
-                    let writer = WriterState { counters: &counters, checkpoint, listener: &listener, wal };
+                    let writer = WriterState { counters: &counters, head: &head, checkpoint, listener: &listener, wal };
                     write_loop(conn, receiver, batch_appends_max, next_position, writer)
                 })
                 .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
@@ -328,6 +273,7 @@ impl SqliteStore {
             readers,
             feed_readers,
             counters,
+            head,
             listener,
             indexes: Arc::new(std::sync::RwLock::new(indexes)),
         })
@@ -341,9 +287,7 @@ impl SqliteStore {
     /// Appends handed to the writer and not answered yet (queued, or in the batch being
     /// committed), for metrics. It may briefly count low, never high.
     pub fn pending_appends(&self) -> u64 {
-        // Accepted first: answers counted after it can only make the difference smaller.
-        let accepted = self.counters.accepted.load(Ordering::SeqCst);
-        accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
+        self.counters.pending_appends()
     }
 
     /// Whether [`EventStore::close`] has begun: appends are refused from then on.
@@ -431,14 +375,6 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("a SQLite read task failed: {e}")))?
     }
 
-    /// Counts the events a read returned.
-    fn counted(&self, events: Result<Vec<RecordedEvent>, StoreError>) -> Result<Vec<RecordedEvent>, StoreError> {
-        if let Ok(events) = &events {
-            self.counters.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
-        }
-        events
-    }
-
     /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
     /// the queued appends. Blocking.
     fn stop_writer(writer: Option<Writer>) {
@@ -466,30 +402,11 @@ impl Drop for SqliteStore {
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        validate_append(&request)?;
-        let encoded = Encoded::new(&request)?;
-        let sender = self
-            .writer
-            .lock()
-            .expect("the SQLite writer mutex is poisoned")
-            .as_ref()
-            .map(|w| w.sender.clone())
-            .ok_or(StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send(Job { request, encoded, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?;
-        self.counters.accepted.fetch_add(1, Ordering::SeqCst);
-        drop(sender);
-        let (request, written) =
-            answer.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped before answering".into()))?;
-        match written? {
-            Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
-            Written::Appended { first_position, first_version } => {
-                Ok(AppendOutcome::Appended(crate::recorded_events(request, first_position, first_version)))
-            }
-        }
+        let sender = || {
+            let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned");
+            writer.as_ref().map(|w| w.sender.clone())
+        };
+        append::enqueue(request, sender, &self.counters, "SQLite").await
     }
 
     async fn read_stream(
@@ -505,7 +422,7 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let key = key.clone();
-        self.counted(self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await)
+        self.counters.counted(self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await)
     }
 
     async fn read_all(
@@ -519,7 +436,8 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let tenant = tenant.clone();
-        self.counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
+        self.counters
+            .counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -527,7 +445,7 @@ impl EventStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
+        self.counters.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
@@ -718,7 +636,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        Ok(Position(self.counters.head.load(Ordering::SeqCst)))
+        Ok(Position(self.head.load(Ordering::SeqCst)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -753,12 +671,7 @@ impl EventStore for SqliteStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats {
-            commits: self.counters.commits.load(Ordering::Relaxed),
-            appends: self.counters.appends.load(Ordering::Relaxed),
-            events: self.counters.events.load(Ordering::Relaxed),
-            events_read: self.counters.events_read.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
@@ -819,7 +732,7 @@ fn write_loop(
     mut next_position: u64,
     writer: WriterState<'_>,
 ) {
-    let WriterState { counters, checkpoint, listener, wal } = writer;
+    let WriterState { counters, head, checkpoint, listener, wal } = writer;
     let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
     let mut commits_since_checkpoint = 0u32;
     // Commits to wait before the next TRUNCATE attempt (after readers blocked one).
@@ -836,18 +749,14 @@ fn write_loop(
         debug_assert_eq!(results.len(), batch.len());
         // The head moves before anyone hears of the commit: a subscription that takes its hub
         // receiver and then reads the head misses nothing (engine/src/subscriptions.rs).
-        counters.head.store(next_position.saturating_sub(1), Ordering::SeqCst);
+        head.store(next_position.saturating_sub(1), Ordering::SeqCst);
         // Committed and durable: the listener hears it before any caller does, in commit
         // (= position) order, since this thread is the only one that commits.
         if let Some(listener) = listener.get() {
             let events = if listener.wants_events() { committed_events(&batch, &results) } else { Vec::new() };
             listener.committed(Position(next_position.saturating_sub(1)), events);
         }
-        for (job, result) in batch.drain(..).zip(results) {
-            // The caller may have gone away; the write stands either way.
-            let _ = job.reply.send((job.request, result));
-            counters.answered.fetch_add(1, Ordering::SeqCst);
-        }
+        append::answer(&mut batch, results, counters);
         commits_since_checkpoint += 1;
         if commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS {
             commits_since_checkpoint = 0;
@@ -912,37 +821,10 @@ fn truncate_wal(conn: &Connection, wait: Duration) -> bool {
 /// What the writer thread shares with the rest of the store.
 struct WriterState<'a> {
     counters: &'a Counters,
+    head: &'a AtomicU64,
     checkpoint: std::sync::mpsc::SyncSender<()>,
     listener: &'a OnceLock<Arc<dyn CommitListener>>,
     wal: Wal,
-}
-
-/// The events one commit stored, in position order, for the commit listener.
-fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> Vec<RecordedEvent> {
-    let mut out = Vec::new();
-    for (job, result) in batch.iter().zip(results) {
-        if let Ok(Written::Appended { first_position, first_version }) = result {
-            let r = &job.request;
-            let timestamp = truncate(r.timestamp);
-            out.extend(r.events.iter().enumerate().map(|(i, e)| RecordedEvent {
-                id: e.id,
-                position: Position(first_position.0 + i as u64),
-                tenant: r.key.tenant.clone(),
-                target_name: r.key.type_name.clone(),
-                target_id: r.key.id.clone(),
-                version: Version(first_version.0 + i as u64),
-                event_type: e.event_type.clone(),
-                data: e.data.clone(),
-                metadata: e.metadata.clone(),
-                timestamp,
-            }));
-        }
-    }
-    debug_assert!(
-        out.windows(2).all(|w| w[0].position.0 + 1 == w[1].position.0),
-        "a commit's positions are contiguous"
-    );
-    out
 }
 
 /// Commits between two checkpoint requests.
@@ -971,37 +853,18 @@ fn commit_batch(
     let batch_start_position = *next_position;
     match run_batch(conn, batch, next_position) {
         Ok(results) => {
-            let mut appends = 0;
-            let mut events = 0;
-            for (job, result) in batch.iter().zip(&results) {
-                if let Ok(Written::Appended { .. }) = result {
-                    appends += 1;
-                    events += job.request.events.len() as u64;
-                }
-            }
+            let events = counters.committed(batch, &results);
             assert_eq!(
                 *next_position,
                 batch_start_position + events,
                 "the writer's next position must move by exactly the events committed"
             );
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.appends.fetch_add(appends, Ordering::Relaxed);
-            counters.events.fetch_add(events, Ordering::Relaxed);
             results
         }
         Err(e) => {
             tracing::error!(error = %e, appends = batch.len(), "a SQLite batch was not committed");
             *next_position = load_next_position(conn).unwrap_or(batch_start_position);
-            batch
-                .iter()
-                .map(|_| {
-                    Err(match &e {
-                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-                        other => StoreError::Backend(format!("the batch was not committed: {other}")),
-                    })
-                })
-                .collect()
+            append::batch_failed(&e, batch.len())
         }
     }
 }
@@ -1082,13 +945,12 @@ fn apply(
     next_position: &mut u64,
 ) -> Result<Written, StoreError> {
     let key = &request.key;
-    if let Some(record) = select_command(conn, &key.tenant, request.command.id)? {
-        return Ok(Written::Duplicate(record));
-    }
-    let head = select_head(conn, key)?;
-    if !request.expected.matches(head) {
-        return Err(StoreError::Conflict { expected: request.expected, actual: head });
-    }
+    let record = select_command(conn, &key.tenant, request.command.id)?;
+    let span = match decide_append(record, || select_head(conn, key), request, *next_position)? {
+        Decision::Duplicate(record) => return Ok(Written::Duplicate(record)),
+        Decision::Conflict(actual) => return Err(StoreError::Conflict { expected: request.expected, actual }),
+        Decision::Write(span) => span,
+    };
 
     let ts_us = to_micros(&truncate(request.timestamp));
     let mut insert = conn
@@ -1098,9 +960,7 @@ fn apply(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(sql_err)?;
-    let first_position = Position(*next_position);
-    let first_version = head.version.next();
-    let mut version = head.version;
+    let mut version = Version(span.first_version.0 - 1);
     for (i, event) in request.events.iter().enumerate() {
         version = version.next();
         let position = *next_position;
@@ -1121,9 +981,7 @@ fn apply(
             .map_err(write_err)?;
     }
     // What was written must continue the stream and the global order exactly.
-    if version.0 != head.version.0 + request.events.len() as u64
-        || *next_position != first_position.0 + request.events.len() as u64
-    {
+    if version != span.last_version() || *next_position != span.next_position() {
         return Err(StoreError::Corrupt(format!("{key}: an append did not continue its stream contiguously")));
     }
 
@@ -1157,7 +1015,7 @@ fn apply(
         request.command.fingerprint,
         key.type_name.as_str(),
         key.id.as_str(),
-        to_sql_int(first_version.0)?,
+        to_sql_int(span.first_version.0)?,
         to_sql_int(version.0)?,
         encoded.extra,
     ])
@@ -1184,7 +1042,7 @@ fn apply(
         .map_err(write_err)?;
     }
 
-    Ok(Written::Appended { first_position, first_version })
+    Ok(span.written())
 }
 
 /// The stream's head, from its read-model row (no row: version 0, not deleted).
@@ -1529,14 +1387,6 @@ fn select_command(conn: &Connection, tenant: &TenantId, id: CommandId) -> Result
 // ---------------------------------------------------------------------------------------------
 // Conversions and errors
 
-fn to_json(value: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
-}
-
-fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
-}
-
 /// A stream key read from a table's columns.
 fn stream_key(tenant: &str, type_name: &str, id: &str, table: &str) -> Result<StreamKey, StoreError> {
     Ok(StreamKey {
@@ -1557,23 +1407,6 @@ fn to_sql_param(p: &Param) -> rusqlite::types::Value {
             None => V::Real(n.as_f64().unwrap_or(0.0)),
         },
     }
-}
-
-fn to_sql_int(n: u64) -> Result<i64, StoreError> {
-    i64::try_from(n).map_err(|_| StoreError::InvalidRequest(format!("{n} is beyond what the store can hold")))
-}
-
-/// For bounds of reads: nothing stored is above `i64::MAX`.
-fn clamp_sql_int(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
-}
-
-fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{column} does not decode: {e}"))
 }
 
 /// Maps a SQLite error: lock, I/O and space problems may pass ([`StoreError::Unavailable`]);
