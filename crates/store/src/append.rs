@@ -4,6 +4,7 @@
 //! own way, and answers ([`answer`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -121,18 +122,70 @@ impl Counters {
     }
 }
 
-/// The caller's half of an append: checks and encodes the request, queues it on the writer's
-/// channel (`sender`, taken after the encoding; `None` once the store is closed), and waits for
-/// the answer. `backend` names the writer in errors.
+/// A backend's handle on its writer: the sending end of the writer's queue, and whatever else
+/// the backend keeps to stop it.
+pub(crate) trait WriterHandle {
+    /// Where appends are queued for the writer.
+    fn sender(&self) -> &mpsc::Sender<Job>;
+}
+
+/// The store's writer handle; `None` once the store is closed, when appends get
+/// [`StoreError::Closed`].
+pub(crate) struct WriterSlot<W> {
+    slot: Mutex<Option<W>>,
+    /// Names the writer in errors: `SQLite`, `PostgreSQL`.
+    backend: &'static str,
+}
+
+impl<W: WriterHandle> WriterSlot<W> {
+    pub(crate) fn new(writer: W, backend: &'static str) -> WriterSlot<W> {
+        WriterSlot { slot: Mutex::new(Some(writer)), backend }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<W>> {
+        self.slot.lock().unwrap_or_else(|_| panic!("the {} writer mutex is poisoned", self.backend))
+    }
+
+    /// Whether the store is closed (appends are refused).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// Takes the handle out: appends are refused from now on.
+    pub(crate) fn take(&self) -> Option<W> {
+        self.lock().take()
+    }
+
+    /// [`WriterSlot::take`] without locking, whatever an earlier panic left (for `Drop`).
+    pub(crate) fn take_mut(&mut self) -> Option<W> {
+        self.slot.get_mut().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Whether the writer takes appends: [`StoreError::Closed`] once the store is closed,
+    /// [`StoreError::Unavailable`] when the writer has stopped by itself.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        let writer_stopped = match self.lock().as_ref() {
+            None => return Err(StoreError::Closed),
+            Some(w) => w.sender().is_closed(),
+        };
+        if writer_stopped {
+            return Err(StoreError::Unavailable(format!("the {} writer has stopped", self.backend)));
+        }
+        Ok(())
+    }
+}
+
+/// The caller's half of an append: checks and encodes the request, queues it for the writer
+/// (taking the sender only after the encoding), and waits for the answer.
 pub(crate) async fn enqueue(
     request: AppendRequest,
-    sender: impl FnOnce() -> Option<mpsc::Sender<Job>>,
+    writer: &WriterSlot<impl WriterHandle>,
     counters: &Counters,
-    backend: &str,
 ) -> Result<AppendOutcome, StoreError> {
     validate_append(&request)?;
     let encoded = Encoded::new(&request)?;
-    let sender = sender().ok_or(StoreError::Closed)?;
+    let backend = writer.backend;
+    let sender = writer.lock().as_ref().map(|w| w.sender().clone()).ok_or(StoreError::Closed)?;
     let (reply, answer) = oneshot::channel();
     sender
         .send(Job { request, encoded, reply })

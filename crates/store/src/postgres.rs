@@ -102,7 +102,9 @@ use sourced_core::{
     Version,
 };
 
-use crate::append::{self, Counters, Decision, Job, Written, committed_events, decide_append};
+use crate::append::{
+    self, Counters, Decision, Job, WriterHandle, WriterSlot, Written, committed_events, decide_append,
+};
 use crate::listing::{self, Dialect, Param};
 use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
@@ -258,8 +260,7 @@ pub struct PostgresStore {
     pool: Pool,
     /// The feed reads' own connections (see the module documentation).
     feed_pool: Pool,
-    /// `None` once closed: later appends get [`StoreError::Closed`].
-    writer: Mutex<Option<Writer>>,
+    writer: WriterSlot<Writer>,
     counters: Arc<Counters>,
     feed: Arc<Feed>,
 }
@@ -274,6 +275,12 @@ impl std::fmt::Debug for PostgresStore {
 struct Writer {
     sender: mpsc::Sender<Job>,
     task: JoinHandle<()>,
+}
+
+impl WriterHandle for Writer {
+    fn sender(&self) -> &mpsc::Sender<Job> {
+        &self.sender
+    }
 }
 
 /// Checks that `url` is a PostgreSQL connection URL this backend accepts, without connecting.
@@ -329,7 +336,13 @@ impl PostgresStore {
         let task =
             tokio::spawn(write_loop(pool.clone(), receiver, options.clone(), Arc::clone(&counters), Arc::clone(&feed)));
         tracing::debug!("opened the PostgreSQL store");
-        Ok(PostgresStore { pool, feed_pool, writer: Mutex::new(Some(Writer { sender, task })), counters, feed })
+        Ok(PostgresStore {
+            pool,
+            feed_pool,
+            writer: WriterSlot::new(Writer { sender, task }, "PostgreSQL"),
+            counters,
+            feed,
+        })
     }
 
     /// `synchronous_commit` as the store's connections run with it (`SHOW`): `on`, whatever
@@ -402,11 +415,7 @@ impl Drop for PostgresStore {
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        let sender = || {
-            let writer = self.writer.lock().expect("the PostgreSQL writer mutex is poisoned");
-            writer.as_ref().map(|w| w.sender.clone())
-        };
-        append::enqueue(request, sender, &self.counters, "PostgreSQL").await
+        append::enqueue(request, &self.writer, &self.counters).await
     }
 
     async fn read_stream(
@@ -677,20 +686,14 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let writer_stopped = match self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").as_ref() {
-            None => return Err(StoreError::Closed),
-            Some(w) => w.sender.is_closed(),
-        };
-        if writer_stopped {
-            return Err(StoreError::Unavailable("the PostgreSQL writer has stopped".into()));
-        }
+        self.writer.check()?;
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(pg_err)?;
         Ok(())
     }
 
     async fn close(&self) {
-        let writer = self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").take();
+        let writer = self.writer.take();
         if let Some(Writer { sender, task }) = writer {
             // The task ends once every sender is gone and the queue is drained.
             drop(sender);
@@ -708,9 +711,7 @@ impl EventStore for PostgresStore {
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
-        if self.writer.lock().expect("the PostgreSQL writer mutex is poisoned").is_none()
-            || self.feed.listener.set(listener).is_err()
-        {
+        if self.writer.is_closed() || self.feed.listener.set(listener).is_err() {
             return false;
         }
         let task = self.feed.runtime.spawn(listen_loop(Arc::clone(&self.feed), self.pool.clone()));

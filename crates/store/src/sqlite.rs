@@ -45,7 +45,9 @@ use sourced_core::{
     Version,
 };
 
-use crate::append::{self, Counters, Decision, Encoded, Job, Written, committed_events, decide_append};
+use crate::append::{
+    self, Counters, Decision, Encoded, Job, WriterHandle, WriterSlot, Written, committed_events, decide_append,
+};
 use crate::listing::{self, Dialect, Param};
 use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
@@ -180,8 +182,7 @@ impl SqliteOptions {
 /// The embedded event store: one SQLite file in WAL mode (see the module documentation).
 pub struct SqliteStore {
     path: PathBuf,
-    /// `None` once closed: later appends get [`StoreError::Closed`].
-    writer: Mutex<Option<Writer>>,
+    writer: WriterSlot<Writer>,
     readers: Arc<ReaderPool>,
     /// The feed reads' own connections (see the module documentation).
     feed_readers: Arc<ReaderPool>,
@@ -207,6 +208,12 @@ struct Writer {
     thread: JoinHandle<()>,
     /// Ends when the writer thread does (it holds the only request sender).
     checkpointer: JoinHandle<()>,
+}
+
+impl WriterHandle for Writer {
+    fn sender(&self) -> &mpsc::Sender<Job> {
+        &self.sender
+    }
 }
 
 impl SqliteStore {
@@ -269,7 +276,7 @@ impl SqliteStore {
         tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
         Ok(SqliteStore {
             path: path.to_owned(),
-            writer: Mutex::new(Some(Writer { sender, thread, checkpointer })),
+            writer: WriterSlot::new(Writer { sender, thread, checkpointer }, "SQLite"),
             readers,
             feed_readers,
             counters,
@@ -292,7 +299,7 @@ impl SqliteStore {
 
     /// Whether [`EventStore::close`] has begun: appends are refused from then on.
     pub fn is_closed(&self) -> bool {
-        self.writer.lock().expect("the SQLite writer mutex is poisoned").is_none()
+        self.writer.is_closed()
     }
 
     /// Runs `f` on a read connection, on tokio's blocking pool.
@@ -394,7 +401,7 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        let writer = self.writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let writer = self.writer.take_mut();
         Self::stop_writer(writer);
     }
 }
@@ -402,11 +409,7 @@ impl Drop for SqliteStore {
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        let sender = || {
-            let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned");
-            writer.as_ref().map(|w| w.sender.clone())
-        };
-        append::enqueue(request, sender, &self.counters, "SQLite").await
+        append::enqueue(request, &self.writer, &self.counters).await
     }
 
     async fn read_stream(
@@ -640,13 +643,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let writer_stopped = match self.writer.lock().expect("the SQLite writer mutex is poisoned").as_ref() {
-            None => return Err(StoreError::Closed),
-            Some(w) => w.sender.is_closed(),
-        };
-        if writer_stopped {
-            return Err(StoreError::Unavailable("the SQLite writer has stopped".into()));
-        }
+        self.writer.check()?;
         self.read(|conn| {
             let one: i64 = conn.query_row("SELECT 1", [], |r| r.get(0)).map_err(sql_err)?;
             debug_assert_eq!(one, 1);
@@ -656,7 +653,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn close(&self) {
-        let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned").take();
+        let writer = self.writer.take();
         let readers = Arc::clone(&self.readers);
         let feed_readers = Arc::clone(&self.feed_readers);
         let stopped = tokio::task::spawn_blocking(move || {
