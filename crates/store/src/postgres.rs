@@ -106,7 +106,7 @@ use crate::append::{
     self, Counters, Decision, Job, WriterHandle, WriterSlot, Written, committed_events, decide_append,
 };
 use crate::listing::{self, Dialect, Param};
-use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
+use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
     READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
@@ -431,32 +431,20 @@ impl EventStore for PostgresStore {
         }
         let upper = to.map_or(i64::MAX, |v| clamp_sql_int(v.0));
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT position, version, event_id, event_type, data::text, metadata::text, ts FROM sourced_events
-                 WHERE tenant = $1 AND type = $2 AND agg_id = $3 AND version > $4 AND version <= $5
-                 ORDER BY version LIMIT $6",
-            )
-            .await
-            .map_err(pg_err)?;
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &key.tenant.as_str(),
-                    &key.type_name.as_str(),
-                    &key.id.as_str(),
-                    &clamp_sql_int(after.0),
-                    &upper,
-                    &(limit as i64),
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
-        let events = rows
-            .iter()
-            .map(|r| decode_event(r, key.tenant.clone(), key.type_name.clone(), key.id.clone(), [0, 1, 2, 3, 4, 5, 6]))
-            .collect::<Result<Vec<_>, _>>()?;
+        let events = select_events(
+            &client,
+            &EventScope::Stream(key),
+            "tenant = $1 AND type = $2 AND agg_id = $3 AND version > $4 AND version <= $5 ORDER BY version LIMIT $6",
+            &[
+                &key.tenant.as_str(),
+                &key.type_name.as_str(),
+                &key.id.as_str(),
+                &clamp_sql_int(after.0),
+                &upper,
+                &(limit as i64),
+            ],
+        )
+        .await?;
         crate::check_stream_read(key, after, &events)?;
         self.counters.counted(Ok(events))
     }
@@ -472,23 +460,13 @@ impl EventStore for PostgresStore {
             return Ok(Vec::new());
         }
         let client = self.feed_pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT position, version, event_id, event_type, data::text, metadata::text, ts, type, agg_id
-                 FROM sourced_events WHERE tenant = $1 AND position > $2 ORDER BY position LIMIT $3",
-            )
-            .await
-            .map_err(pg_err)?;
-        let rows =
-            client.query(&stmt, &[&tenant.as_str(), &clamp_sql_int(after.0), &(limit as i64)]).await.map_err(pg_err)?;
-        let mut events = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let type_name = TypeName::parse(&r.try_get::<_, String>(7).map_err(pg_err)?)
-                .map_err(|v| corrupt_row("sourced_events.type", v.message))?;
-            let id = AggregateId::parse(&r.try_get::<_, String>(8).map_err(pg_err)?)
-                .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
-            events.push(decode_event(r, tenant.clone(), type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
-        }
+        let events = select_events(
+            &client,
+            &EventScope::Tenant(tenant),
+            "tenant = $1 AND position > $2 ORDER BY position LIMIT $3",
+            &[&tenant.as_str(), &clamp_sql_int(after.0), &(limit as i64)],
+        )
+        .await?;
         crate::check_feed_read(after, &events)?;
         self.counters.counted(Ok(events))
     }
@@ -1703,55 +1681,58 @@ async fn read_global(client: &ClientWrapper, after: Position, limit: usize) -> R
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let stmt = client
-        .prepare_cached(
-            "SELECT position, version, event_id, event_type, data::text, metadata::text, ts, tenant, type, agg_id
-             FROM sourced_events WHERE position > $1 ORDER BY position LIMIT $2",
-        )
-        .await
-        .map_err(pg_err)?;
-    let rows = client.query(&stmt, &[&clamp_sql_int(after.0), &(limit as i64)]).await.map_err(pg_err)?;
-    let mut events = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let tenant = TenantId::parse(&r.try_get::<_, String>(7).map_err(pg_err)?)
-            .map_err(|v| corrupt_row("sourced_events.tenant", v.message))?;
-        let type_name = TypeName::parse(&r.try_get::<_, String>(8).map_err(pg_err)?)
-            .map_err(|v| corrupt_row("sourced_events.type", v.message))?;
-        let id = AggregateId::parse(&r.try_get::<_, String>(9).map_err(pg_err)?)
-            .map_err(|v| corrupt_row("sourced_events.agg_id", v.message))?;
-        events.push(decode_event(r, tenant, type_name, id, [0, 1, 2, 3, 4, 5, 6])?);
-    }
+    let events = select_events(
+        client,
+        &EventScope::Global,
+        "position > $1 ORDER BY position LIMIT $2",
+        &[&clamp_sql_int(after.0), &(limit as i64)],
+    )
+    .await?;
     crate::check_feed_read(after, &events)?;
     Ok(events)
+}
+
+/// The columns of an event of its own, before any key columns (see [`EventScope`]).
+const EVENT_COLUMNS: &str = "position, version, event_id, event_type, data::text, metadata::text, ts";
+
+/// The events of `scope` meeting `condition` (the SQL after `WHERE`, with its order and limit).
+async fn select_events(
+    client: &ClientWrapper,
+    scope: &EventScope<'_>,
+    condition: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let (key_columns, key_count) = scope.key_columns();
+    let stmt = client
+        .prepare_cached(&format!("SELECT {EVENT_COLUMNS}{key_columns} FROM sourced_events WHERE {condition}"))
+        .await
+        .map_err(pg_err)?;
+    let rows = client.query(&stmt, params).await.map_err(pg_err)?;
+    rows.iter().map(|r| decode_event(r, scope, key_count)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
 // Decoding
 
-/// An event from a row whose columns at `at` are: position, version, event_id, event_type,
-/// data, metadata, ts.
-fn decode_event(
-    r: &Row,
-    tenant: TenantId,
-    target_name: TypeName,
-    target_id: AggregateId,
-    at: [usize; 7],
-) -> Result<RecordedEvent, StoreError> {
-    let position: i64 = r.try_get(at[0]).map_err(pg_err)?;
-    let version: i64 = r.try_get(at[1]).map_err(pg_err)?;
-    let data: String = r.try_get(at[4]).map_err(pg_err)?;
-    let metadata: String = r.try_get(at[5]).map_err(pg_err)?;
+/// An event from a row of [`EVENT_COLUMNS`] and then `key_count` key columns of `scope`.
+fn decode_event(r: &Row, scope: &EventScope<'_>, key_count: usize) -> Result<RecordedEvent, StoreError> {
+    let key = (7..7 + key_count).map(|i| r.try_get(i)).collect::<Result<Vec<String>, _>>().map_err(pg_err)?;
+    let StreamKey { tenant, type_name, id } = scope.stream(&key, "sourced_events")?;
+    let position: i64 = r.try_get(0).map_err(pg_err)?;
+    let version: i64 = r.try_get(1).map_err(pg_err)?;
+    let data: String = r.try_get(4).map_err(pg_err)?;
+    let metadata: String = r.try_get(5).map_err(pg_err)?;
     Ok(RecordedEvent {
-        id: EventId(r.try_get(at[2]).map_err(pg_err)?),
+        id: EventId(r.try_get(2).map_err(pg_err)?),
         position: Position(from_sql_int(position, "position")?),
         tenant,
-        target_name,
-        target_id,
+        target_name: type_name,
+        target_id: id,
         version: Version(from_sql_int(version, "version")?),
-        event_type: r.try_get(at[3]).map_err(pg_err)?,
+        event_type: r.try_get(3).map_err(pg_err)?,
         data: from_json(&data, "sourced_events.data")?,
         metadata: from_json(&metadata, "sourced_events.metadata")?,
-        timestamp: r.try_get(at[6]).map_err(pg_err)?,
+        timestamp: r.try_get(6).map_err(pg_err)?,
     })
 }
 

@@ -49,7 +49,7 @@ use crate::append::{
     self, Counters, Decision, Encoded, Job, WriterHandle, WriterSlot, Written, committed_events, decide_append,
 };
 use crate::listing::{self, Dialect, Param};
-use crate::sql::{clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
+use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
     READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
@@ -1140,36 +1140,44 @@ impl ReaderPool {
     }
 }
 
+/// The columns of an event of its own, before any key columns (see [`EventScope`]).
+const EVENT_COLUMNS: &str = "position, version, event_id, event_type, data, metadata, ts";
+
 /// An `events` row as stored.
 struct RawEvent {
     position: i64,
-    type_name: Option<String>,
-    agg_id: Option<String>,
     version: i64,
     event_id: String,
     event_type: String,
     data: String,
     metadata: String,
     ts: i64,
+    /// The key columns the scope asked for.
+    key: Vec<String>,
 }
 
 impl RawEvent {
-    fn decode(self, tenant: &TenantId, key: Option<&StreamKey>) -> Result<RecordedEvent, StoreError> {
-        let (target_name, target_id) = match key {
-            Some(key) => (key.type_name.clone(), key.id.clone()),
-            None => (
-                TypeName::parse(self.type_name.as_deref().unwrap_or_default())
-                    .map_err(|v| corrupt_row("events.type", v.message))?,
-                AggregateId::parse(self.agg_id.as_deref().unwrap_or_default())
-                    .map_err(|v| corrupt_row("events.agg_id", v.message))?,
-            ),
-        };
+    fn from_row(r: &rusqlite::Row<'_>, key_columns: usize) -> rusqlite::Result<RawEvent> {
+        Ok(RawEvent {
+            position: r.get(0)?,
+            version: r.get(1)?,
+            event_id: r.get(2)?,
+            event_type: r.get(3)?,
+            data: r.get(4)?,
+            metadata: r.get(5)?,
+            ts: r.get(6)?,
+            key: (7..7 + key_columns).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?,
+        })
+    }
+
+    fn decode(self, scope: &EventScope<'_>) -> Result<RecordedEvent, StoreError> {
+        let StreamKey { tenant, type_name, id } = scope.stream(&self.key, "events")?;
         Ok(RecordedEvent {
             id: EventId(Uuid::parse_str(&self.event_id).map_err(|e| corrupt_row("events.event_id", e))?),
             position: Position(from_sql_int(self.position, "position")?),
-            tenant: tenant.clone(),
-            target_name,
-            target_id,
+            tenant,
+            target_name: type_name,
+            target_id: id,
             version: Version(from_sql_int(self.version, "version")?),
             event_type: self.event_type,
             data: from_json(&self.data, "events.data")?,
@@ -1179,6 +1187,25 @@ impl RawEvent {
     }
 }
 
+/// The events of `scope` meeting `condition` (the SQL after `WHERE`, with its order and limit).
+fn select_events(
+    conn: &Connection,
+    scope: &EventScope<'_>,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let (key_columns, key_count) = scope.key_columns();
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {EVENT_COLUMNS}{key_columns} FROM events WHERE {condition}"))
+        .map_err(sql_err)?;
+    let raws = stmt
+        .query_map(params, |r| RawEvent::from_row(r, key_count))
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    raws.into_iter().map(|raw| raw.decode(scope)).collect()
+}
+
 fn read_stream(
     conn: &Connection,
     key: &StreamKey,
@@ -1186,41 +1213,19 @@ fn read_stream(
     upper: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, version, event_id, event_type, data, metadata, ts FROM events
-             WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version > ?4 AND version <= ?5
-             ORDER BY version LIMIT ?6",
-        )
-        .map_err(sql_err)?;
-    let raws = stmt
-        .query_map(
-            params![
-                key.tenant.as_str(),
-                key.type_name.as_str(),
-                key.id.as_str(),
-                clamp_sql_int(after.0),
-                upper,
-                to_sql_int(limit as u64)?
-            ],
-            |r| {
-                Ok(RawEvent {
-                    position: r.get(0)?,
-                    type_name: None,
-                    agg_id: None,
-                    version: r.get(1)?,
-                    event_id: r.get(2)?,
-                    event_type: r.get(3)?,
-                    data: r.get(4)?,
-                    metadata: r.get(5)?,
-                    ts: r.get(6)?,
-                })
-            },
-        )
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let events = raws.into_iter().map(|raw| raw.decode(&key.tenant, Some(key))).collect::<Result<Vec<_>, _>>()?;
+    let events = select_events(
+        conn,
+        &EventScope::Stream(key),
+        "tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version > ?4 AND version <= ?5 ORDER BY version LIMIT ?6",
+        params![
+            key.tenant.as_str(),
+            key.type_name.as_str(),
+            key.id.as_str(),
+            clamp_sql_int(after.0),
+            upper,
+            to_sql_int(limit as u64)?
+        ],
+    )?;
     crate::check_stream_read(key, after, &events)?;
     Ok(events)
 }
@@ -1231,65 +1236,24 @@ fn read_all(
     after: Position,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts FROM events
-             WHERE tenant = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
-        )
-        .map_err(sql_err)?;
-    let raws = stmt
-        .query_map(params![tenant.as_str(), clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
-            Ok(RawEvent {
-                position: r.get(0)?,
-                type_name: Some(r.get(1)?),
-                agg_id: Some(r.get(2)?),
-                version: r.get(3)?,
-                event_id: r.get(4)?,
-                event_type: r.get(5)?,
-                data: r.get(6)?,
-                metadata: r.get(7)?,
-                ts: r.get(8)?,
-            })
-        })
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let events = raws.into_iter().map(|raw| raw.decode(tenant, None)).collect::<Result<Vec<_>, _>>()?;
+    let events = select_events(
+        conn,
+        &EventScope::Tenant(tenant),
+        "tenant = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
+        params![tenant.as_str(), clamp_sql_int(after.0), to_sql_int(limit as u64)?],
+    )?;
     crate::check_feed_read(after, &events)?;
     Ok(events)
 }
 
 /// Every tenant's events after `after`, in position order.
 fn read_global(conn: &Connection, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts, tenant FROM events
-             WHERE position > ?1 ORDER BY position LIMIT ?2",
-        )
-        .map_err(sql_err)?;
-    let rows = stmt
-        .query_map(params![clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
-            let raw = RawEvent {
-                position: r.get(0)?,
-                type_name: Some(r.get(1)?),
-                agg_id: Some(r.get(2)?),
-                version: r.get(3)?,
-                event_id: r.get(4)?,
-                event_type: r.get(5)?,
-                data: r.get(6)?,
-                metadata: r.get(7)?,
-                ts: r.get(8)?,
-            };
-            Ok((raw, r.get::<_, String>(9)?))
-        })
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let mut events = Vec::with_capacity(rows.len());
-    for (raw, tenant) in rows {
-        let tenant = TenantId::parse(&tenant).map_err(|v| corrupt_row("events.tenant", v.message))?;
-        events.push(raw.decode(&tenant, None)?);
-    }
+    let events = select_events(
+        conn,
+        &EventScope::Global,
+        "position > ?1 ORDER BY position LIMIT ?2",
+        params![clamp_sql_int(after.0), to_sql_int(limit as u64)?],
+    )?;
     crate::check_feed_read(after, &events)?;
     Ok(events)
 }
