@@ -16,7 +16,7 @@ pub(super) struct Feed {
     pub(super) channel: String,
     /// Where the dedicated LISTEN connection goes (the pool's settings).
     config: tokio_postgres::Config,
-    pub(super) listener: OnceLock<Arc<dyn CommitListener>>,
+    listener: OnceLock<Arc<dyn CommitListener>>,
     /// The highest position passed to the listener (or known to it as its head). Held across
     /// a read and the listener calls that follow, so feeds never interleave.
     fed: tokio::sync::Mutex<u64>,
@@ -25,8 +25,8 @@ pub(super) struct Feed {
     /// Wakes the LISTEN task: a notification came.
     wake: Notify,
     pub(super) stop: watch::Sender<bool>,
-    pub(super) task: Mutex<Option<JoinHandle<()>>>,
-    pub(super) runtime: tokio::runtime::Handle,
+    task: Mutex<Option<JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Feed {
@@ -48,6 +48,17 @@ impl Feed {
             task: Mutex::new(None),
             runtime,
         }
+    }
+
+    /// Registers the one commit listener and starts the LISTEN task; `false` when a listener
+    /// is already set.
+    pub(super) fn start(self: &Arc<Self>, listener: Arc<dyn CommitListener>, pool: Pool) -> bool {
+        if self.listener.set(listener).is_err() {
+            return false;
+        }
+        let task = self.runtime.spawn(listen_loop(Arc::clone(self), pool));
+        *self.task.lock().expect("the feed task mutex is poisoned") = Some(task);
+        true
     }
 
     /// Ends the LISTEN task, if any.
@@ -162,7 +173,7 @@ pub(super) async fn feed_from_store(
 
 /// The LISTEN task: one dedicated connection, reconnected with backoff; a feed pass after each
 /// (re)connect, on each notification and on a timer.
-pub(super) async fn listen_loop(feed: Arc<Feed>, pool: Pool) {
+async fn listen_loop(feed: Arc<Feed>, pool: Pool) {
     let mut stop = feed.stop.subscribe();
     let mut backoff_ms = LISTEN_BACKOFF_MS.0;
     let mut ticks = tokio::time::interval(Duration::from_millis(FEED_POLL_MS));

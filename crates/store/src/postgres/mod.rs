@@ -118,10 +118,13 @@ mod feed;
 mod schema;
 mod writer;
 
-use decode::*;
-use feed::*;
-use schema::*;
-use writer::*;
+use decode::{
+    decode_command, decode_document, decode_document_text, is_unavailable, pg_err, pg_param_refs, pg_params, pool_err,
+    read_global, select_events,
+};
+use feed::Feed;
+use schema::{MIGRATION_LOCK_KEY, check_synchronous_commit, migrate, select_head, show_synchronous_commit};
+use writer::{INSERT_SNAPSHOTS, SnapColumns, SnapWrite, head_key, write_loop};
 pub use writer::{LOOK_UP_COMMANDS, LOOK_UP_HEADS};
 
 /// Most connections a pool may hold.
@@ -630,12 +633,7 @@ impl EventStore for PostgresStore {
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
-        if self.writer.is_closed() || self.feed.listener.set(listener).is_err() {
-            return false;
-        }
-        let task = self.feed.runtime.spawn(listen_loop(Arc::clone(&self.feed), self.pool.clone()));
-        *self.feed.task.lock().expect("the feed task mutex is poisoned") = Some(task);
-        true
+        !self.writer.is_closed() && self.feed.start(listener, self.pool.clone())
     }
 }
 
