@@ -19,9 +19,11 @@ use sourced_core::{
     TypeName, Version,
 };
 
+mod append;
 pub mod contract;
 mod listing;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 /// Most events one append may carry.

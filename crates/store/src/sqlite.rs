@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use sourced_core::timestamp::{from_micros, to_micros, truncate};
@@ -45,10 +45,14 @@ use sourced_core::{
     Version,
 };
 
+use crate::append::{
+    self, Counters, Decision, Encoded, Job, WriterHandle, WriterSlot, Written, committed_events, decide_append,
+};
 use crate::listing::{self, Dialect, Param};
+use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, validate_append,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
 };
 use sourced_core::query::FieldPath;
 
@@ -178,12 +182,14 @@ impl SqliteOptions {
 /// The embedded event store: one SQLite file in WAL mode (see the module documentation).
 pub struct SqliteStore {
     path: PathBuf,
-    /// `None` once closed: later appends get [`StoreError::Closed`].
-    writer: Mutex<Option<Writer>>,
+    writer: WriterSlot<Writer>,
     readers: Arc<ReaderPool>,
     /// The feed reads' own connections (see the module documentation).
     feed_readers: Arc<ReaderPool>,
     counters: Arc<Counters>,
+    /// The last committed position; moved by the writer only, after a commit and before
+    /// anyone hears of it.
+    head: Arc<AtomicU64>,
     /// Hears every commit, from the writer thread (see [`CommitListener`]).
     listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
     /// Names of the read model's field indexes (see [`EventStore::ensure_indexes`]).
@@ -204,65 +210,10 @@ struct Writer {
     checkpointer: JoinHandle<()>,
 }
 
-/// One append waiting for the writer, and where its answer goes.
-struct Job {
-    request: AppendRequest,
-    /// The request's JSON, serialized by the caller so the single writer thread does not.
-    encoded: Encoded,
-    /// The answer, with the request handed back so the caller can build the recorded events
-    /// without the writer copying them.
-    reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
-}
-
-/// An append's text columns, ready to bind.
-struct Encoded {
-    event_ids: Vec<String>,
-    data: Vec<String>,
-    metadata: Vec<String>,
-    state: String,
-    command_id: String,
-    extra: String,
-}
-
-impl Encoded {
-    fn new(request: &AppendRequest) -> Result<Encoded, StoreError> {
-        Ok(Encoded {
-            event_ids: request.events.iter().map(|e| e.id.0.to_string()).collect(),
-            data: request.events.iter().map(|e| to_json(&e.data)).collect::<Result<_, _>>()?,
-            metadata: request.events.iter().map(|e| to_json(&e.metadata)).collect::<Result<_, _>>()?,
-            state: to_json(&request.document.state)?,
-            command_id: request.command.id.0.to_string(),
-            extra: to_json(&request.command.extra)?,
-        })
+impl WriterHandle for Writer {
+    fn sender(&self) -> &mpsc::Sender<Job> {
+        &self.sender
     }
-}
-
-/// What the writer did with one append; the caller builds the recorded events from its own
-/// request, so the writer copies no JSON.
-enum Written {
-    Appended {
-        /// The first event's position; the others follow without gaps.
-        first_position: Position,
-        /// The first event's version; the others follow without gaps.
-        first_version: Version,
-    },
-    Duplicate(CommandRecord),
-}
-
-#[derive(Default)]
-struct Counters {
-    commits: AtomicU64,
-    appends: AtomicU64,
-    events: AtomicU64,
-    /// Events returned by reads.
-    events_read: AtomicU64,
-    /// The last committed position; moved by the writer only, after a commit and before
-    /// anyone hears of it.
-    head: AtomicU64,
-    /// Appends handed to the writer's queue.
-    accepted: AtomicU64,
-    /// Appends the writer has answered.
-    answered: AtomicU64,
 }
 
 impl SqliteStore {
@@ -296,7 +247,7 @@ impl SqliteStore {
         let readers = Arc::new(ReaderPool::open(path, options.readers)?);
         let feed_readers = Arc::new(ReaderPool::open(path, options.feed_readers)?);
         let counters = Arc::new(Counters::default());
-        counters.head.store(next_position - 1, Ordering::SeqCst);
+        let head = Arc::new(AtomicU64::new(next_position - 1));
         // Checkpoints run on their own thread and connection, not inside the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         let checkpointer_conn = Connection::open(path).map_err(sql_err)?;
@@ -310,13 +261,14 @@ impl SqliteStore {
         let listener: Arc<OnceLock<Arc<dyn CommitListener>>> = Arc::new(OnceLock::new());
         let thread = {
             let counters = Arc::clone(&counters);
+            let head = Arc::clone(&head);
             let listener = Arc::clone(&listener);
             let batch_appends_max = options.batch_appends_max;
             let wal = Wal { path: wal_path(path), bytes_max: options.wal_bytes_max };
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
                 .spawn(move || {
-                    let writer = WriterState { counters: &counters, checkpoint, listener: &listener, wal };
+                    let writer = WriterState { counters: &counters, head: &head, checkpoint, listener: &listener, wal };
                     write_loop(conn, receiver, batch_appends_max, next_position, writer)
                 })
                 .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
@@ -324,10 +276,11 @@ impl SqliteStore {
         tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
         Ok(SqliteStore {
             path: path.to_owned(),
-            writer: Mutex::new(Some(Writer { sender, thread, checkpointer })),
+            writer: WriterSlot::new(Writer { sender, thread, checkpointer }, "SQLite"),
             readers,
             feed_readers,
             counters,
+            head,
             listener,
             indexes: Arc::new(std::sync::RwLock::new(indexes)),
         })
@@ -341,14 +294,12 @@ impl SqliteStore {
     /// Appends handed to the writer and not answered yet (queued, or in the batch being
     /// committed), for metrics. It may briefly count low, never high.
     pub fn pending_appends(&self) -> u64 {
-        // Accepted first: answers counted after it can only make the difference smaller.
-        let accepted = self.counters.accepted.load(Ordering::SeqCst);
-        accepted.saturating_sub(self.counters.answered.load(Ordering::SeqCst))
+        self.counters.pending_appends()
     }
 
     /// Whether [`EventStore::close`] has begun: appends are refused from then on.
     pub fn is_closed(&self) -> bool {
-        self.writer.lock().expect("the SQLite writer mutex is poisoned").is_none()
+        self.writer.is_closed()
     }
 
     /// Runs `f` on a read connection, on tokio's blocking pool.
@@ -431,14 +382,6 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("a SQLite read task failed: {e}")))?
     }
 
-    /// Counts the events a read returned.
-    fn counted(&self, events: Result<Vec<RecordedEvent>, StoreError>) -> Result<Vec<RecordedEvent>, StoreError> {
-        if let Ok(events) = &events {
-            self.counters.events_read.fetch_add(events.len() as u64, Ordering::Relaxed);
-        }
-        events
-    }
-
     /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
     /// the queued appends. Blocking.
     fn stop_writer(writer: Option<Writer>) {
@@ -458,7 +401,7 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        let writer = self.writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let writer = self.writer.take_mut();
         Self::stop_writer(writer);
     }
 }
@@ -466,30 +409,7 @@ impl Drop for SqliteStore {
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        validate_append(&request)?;
-        let encoded = Encoded::new(&request)?;
-        let sender = self
-            .writer
-            .lock()
-            .expect("the SQLite writer mutex is poisoned")
-            .as_ref()
-            .map(|w| w.sender.clone())
-            .ok_or(StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send(Job { request, encoded, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?;
-        self.counters.accepted.fetch_add(1, Ordering::SeqCst);
-        drop(sender);
-        let (request, written) =
-            answer.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped before answering".into()))?;
-        match written? {
-            Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
-            Written::Appended { first_position, first_version } => {
-                Ok(AppendOutcome::Appended(crate::recorded_events(request, first_position, first_version)))
-            }
-        }
+        append::enqueue(request, &self.writer, &self.counters).await
     }
 
     async fn read_stream(
@@ -505,7 +425,7 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let key = key.clone();
-        self.counted(self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await)
+        self.counters.counted(self.read(move |conn| read_stream(conn, &key, after, upper, limit)).await)
     }
 
     async fn read_all(
@@ -519,7 +439,8 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let tenant = tenant.clone();
-        self.counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
+        self.counters
+            .counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -527,7 +448,7 @@ impl EventStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
+        self.counters.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
     }
 
     async fn get_document(&self, key: &StreamKey) -> Result<Option<DocumentRow>, StoreError> {
@@ -718,17 +639,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
-        Ok(Position(self.counters.head.load(Ordering::SeqCst)))
+        Ok(Position(self.head.load(Ordering::SeqCst)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let writer_stopped = match self.writer.lock().expect("the SQLite writer mutex is poisoned").as_ref() {
-            None => return Err(StoreError::Closed),
-            Some(w) => w.sender.is_closed(),
-        };
-        if writer_stopped {
-            return Err(StoreError::Unavailable("the SQLite writer has stopped".into()));
-        }
+        self.writer.check()?;
         self.read(|conn| {
             let one: i64 = conn.query_row("SELECT 1", [], |r| r.get(0)).map_err(sql_err)?;
             debug_assert_eq!(one, 1);
@@ -738,7 +653,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn close(&self) {
-        let writer = self.writer.lock().expect("the SQLite writer mutex is poisoned").take();
+        let writer = self.writer.take();
         let readers = Arc::clone(&self.readers);
         let feed_readers = Arc::clone(&self.feed_readers);
         let stopped = tokio::task::spawn_blocking(move || {
@@ -753,12 +668,7 @@ impl EventStore for SqliteStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats {
-            commits: self.counters.commits.load(Ordering::Relaxed),
-            appends: self.counters.appends.load(Ordering::Relaxed),
-            events: self.counters.events.load(Ordering::Relaxed),
-            events_read: self.counters.events_read.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) -> bool {
@@ -819,7 +729,7 @@ fn write_loop(
     mut next_position: u64,
     writer: WriterState<'_>,
 ) {
-    let WriterState { counters, checkpoint, listener, wal } = writer;
+    let WriterState { counters, head, checkpoint, listener, wal } = writer;
     let mut batch: Vec<Job> = Vec::with_capacity(batch_appends_max.min(1_024));
     let mut commits_since_checkpoint = 0u32;
     // Commits to wait before the next TRUNCATE attempt (after readers blocked one).
@@ -836,18 +746,14 @@ fn write_loop(
         debug_assert_eq!(results.len(), batch.len());
         // The head moves before anyone hears of the commit: a subscription that takes its hub
         // receiver and then reads the head misses nothing (engine/src/subscriptions.rs).
-        counters.head.store(next_position.saturating_sub(1), Ordering::SeqCst);
+        head.store(next_position.saturating_sub(1), Ordering::SeqCst);
         // Committed and durable: the listener hears it before any caller does, in commit
         // (= position) order, since this thread is the only one that commits.
         if let Some(listener) = listener.get() {
             let events = if listener.wants_events() { committed_events(&batch, &results) } else { Vec::new() };
             listener.committed(Position(next_position.saturating_sub(1)), events);
         }
-        for (job, result) in batch.drain(..).zip(results) {
-            // The caller may have gone away; the write stands either way.
-            let _ = job.reply.send((job.request, result));
-            counters.answered.fetch_add(1, Ordering::SeqCst);
-        }
+        append::answer(&mut batch, results, counters);
         commits_since_checkpoint += 1;
         if commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS {
             commits_since_checkpoint = 0;
@@ -912,37 +818,10 @@ fn truncate_wal(conn: &Connection, wait: Duration) -> bool {
 /// What the writer thread shares with the rest of the store.
 struct WriterState<'a> {
     counters: &'a Counters,
+    head: &'a AtomicU64,
     checkpoint: std::sync::mpsc::SyncSender<()>,
     listener: &'a OnceLock<Arc<dyn CommitListener>>,
     wal: Wal,
-}
-
-/// The events one commit stored, in position order, for the commit listener.
-fn committed_events(batch: &[Job], results: &[Result<Written, StoreError>]) -> Vec<RecordedEvent> {
-    let mut out = Vec::new();
-    for (job, result) in batch.iter().zip(results) {
-        if let Ok(Written::Appended { first_position, first_version }) = result {
-            let r = &job.request;
-            let timestamp = truncate(r.timestamp);
-            out.extend(r.events.iter().enumerate().map(|(i, e)| RecordedEvent {
-                id: e.id,
-                position: Position(first_position.0 + i as u64),
-                tenant: r.key.tenant.clone(),
-                target_name: r.key.type_name.clone(),
-                target_id: r.key.id.clone(),
-                version: Version(first_version.0 + i as u64),
-                event_type: e.event_type.clone(),
-                data: e.data.clone(),
-                metadata: e.metadata.clone(),
-                timestamp,
-            }));
-        }
-    }
-    debug_assert!(
-        out.windows(2).all(|w| w[0].position.0 + 1 == w[1].position.0),
-        "a commit's positions are contiguous"
-    );
-    out
 }
 
 /// Commits between two checkpoint requests.
@@ -971,37 +850,18 @@ fn commit_batch(
     let batch_start_position = *next_position;
     match run_batch(conn, batch, next_position) {
         Ok(results) => {
-            let mut appends = 0;
-            let mut events = 0;
-            for (job, result) in batch.iter().zip(&results) {
-                if let Ok(Written::Appended { .. }) = result {
-                    appends += 1;
-                    events += job.request.events.len() as u64;
-                }
-            }
+            let events = counters.committed(batch, &results);
             assert_eq!(
                 *next_position,
                 batch_start_position + events,
                 "the writer's next position must move by exactly the events committed"
             );
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.appends.fetch_add(appends, Ordering::Relaxed);
-            counters.events.fetch_add(events, Ordering::Relaxed);
             results
         }
         Err(e) => {
             tracing::error!(error = %e, appends = batch.len(), "a SQLite batch was not committed");
             *next_position = load_next_position(conn).unwrap_or(batch_start_position);
-            batch
-                .iter()
-                .map(|_| {
-                    Err(match &e {
-                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-                        other => StoreError::Backend(format!("the batch was not committed: {other}")),
-                    })
-                })
-                .collect()
+            append::batch_failed(&e, batch.len())
         }
     }
 }
@@ -1082,13 +942,12 @@ fn apply(
     next_position: &mut u64,
 ) -> Result<Written, StoreError> {
     let key = &request.key;
-    if let Some(record) = select_command(conn, &key.tenant, request.command.id)? {
-        return Ok(Written::Duplicate(record));
-    }
-    let head = select_head(conn, key)?;
-    if !request.expected.matches(head) {
-        return Err(StoreError::Conflict { expected: request.expected, actual: head });
-    }
+    let record = select_command(conn, &key.tenant, request.command.id)?;
+    let span = match decide_append(record, || select_head(conn, key), request, *next_position)? {
+        Decision::Duplicate(record) => return Ok(Written::Duplicate(record)),
+        Decision::Conflict(actual) => return Err(StoreError::Conflict { expected: request.expected, actual }),
+        Decision::Write(span) => span,
+    };
 
     let ts_us = to_micros(&truncate(request.timestamp));
     let mut insert = conn
@@ -1098,9 +957,7 @@ fn apply(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(sql_err)?;
-    let first_position = Position(*next_position);
-    let first_version = head.version.next();
-    let mut version = head.version;
+    let mut version = Version(span.first_version.0 - 1);
     for (i, event) in request.events.iter().enumerate() {
         version = version.next();
         let position = *next_position;
@@ -1121,9 +978,7 @@ fn apply(
             .map_err(write_err)?;
     }
     // What was written must continue the stream and the global order exactly.
-    if version.0 != head.version.0 + request.events.len() as u64
-        || *next_position != first_position.0 + request.events.len() as u64
-    {
+    if version != span.last_version() || *next_position != span.next_position() {
         return Err(StoreError::Corrupt(format!("{key}: an append did not continue its stream contiguously")));
     }
 
@@ -1157,7 +1012,7 @@ fn apply(
         request.command.fingerprint,
         key.type_name.as_str(),
         key.id.as_str(),
-        to_sql_int(first_version.0)?,
+        to_sql_int(span.first_version.0)?,
         to_sql_int(version.0)?,
         encoded.extra,
     ])
@@ -1184,7 +1039,7 @@ fn apply(
         .map_err(write_err)?;
     }
 
-    Ok(Written::Appended { first_position, first_version })
+    Ok(span.written())
 }
 
 /// The stream's head, from its read-model row (no row: version 0, not deleted).
@@ -1285,36 +1140,44 @@ impl ReaderPool {
     }
 }
 
+/// The columns of an event of its own, before any key columns (see [`EventScope`]).
+const EVENT_COLUMNS: &str = "position, version, event_id, event_type, data, metadata, ts";
+
 /// An `events` row as stored.
 struct RawEvent {
     position: i64,
-    type_name: Option<String>,
-    agg_id: Option<String>,
     version: i64,
     event_id: String,
     event_type: String,
     data: String,
     metadata: String,
     ts: i64,
+    /// The key columns the scope asked for.
+    key: Vec<String>,
 }
 
 impl RawEvent {
-    fn decode(self, tenant: &TenantId, key: Option<&StreamKey>) -> Result<RecordedEvent, StoreError> {
-        let (target_name, target_id) = match key {
-            Some(key) => (key.type_name.clone(), key.id.clone()),
-            None => (
-                TypeName::parse(self.type_name.as_deref().unwrap_or_default())
-                    .map_err(|v| corrupt_row("events.type", v.message))?,
-                AggregateId::parse(self.agg_id.as_deref().unwrap_or_default())
-                    .map_err(|v| corrupt_row("events.agg_id", v.message))?,
-            ),
-        };
+    fn from_row(r: &rusqlite::Row<'_>, key_columns: usize) -> rusqlite::Result<RawEvent> {
+        Ok(RawEvent {
+            position: r.get(0)?,
+            version: r.get(1)?,
+            event_id: r.get(2)?,
+            event_type: r.get(3)?,
+            data: r.get(4)?,
+            metadata: r.get(5)?,
+            ts: r.get(6)?,
+            key: (7..7 + key_columns).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?,
+        })
+    }
+
+    fn decode(self, scope: &EventScope<'_>) -> Result<RecordedEvent, StoreError> {
+        let StreamKey { tenant, type_name, id } = scope.stream(&self.key, "events")?;
         Ok(RecordedEvent {
             id: EventId(Uuid::parse_str(&self.event_id).map_err(|e| corrupt_row("events.event_id", e))?),
             position: Position(from_sql_int(self.position, "position")?),
-            tenant: tenant.clone(),
-            target_name,
-            target_id,
+            tenant,
+            target_name: type_name,
+            target_id: id,
             version: Version(from_sql_int(self.version, "version")?),
             event_type: self.event_type,
             data: from_json(&self.data, "events.data")?,
@@ -1324,6 +1187,25 @@ impl RawEvent {
     }
 }
 
+/// The events of `scope` meeting `condition` (the SQL after `WHERE`, with its order and limit).
+fn select_events(
+    conn: &Connection,
+    scope: &EventScope<'_>,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let (key_columns, key_count) = scope.key_columns();
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {EVENT_COLUMNS}{key_columns} FROM events WHERE {condition}"))
+        .map_err(sql_err)?;
+    let raws = stmt
+        .query_map(params, |r| RawEvent::from_row(r, key_count))
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    raws.into_iter().map(|raw| raw.decode(scope)).collect()
+}
+
 fn read_stream(
     conn: &Connection,
     key: &StreamKey,
@@ -1331,41 +1213,19 @@ fn read_stream(
     upper: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, version, event_id, event_type, data, metadata, ts FROM events
-             WHERE tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version > ?4 AND version <= ?5
-             ORDER BY version LIMIT ?6",
-        )
-        .map_err(sql_err)?;
-    let raws = stmt
-        .query_map(
-            params![
-                key.tenant.as_str(),
-                key.type_name.as_str(),
-                key.id.as_str(),
-                clamp_sql_int(after.0),
-                upper,
-                to_sql_int(limit as u64)?
-            ],
-            |r| {
-                Ok(RawEvent {
-                    position: r.get(0)?,
-                    type_name: None,
-                    agg_id: None,
-                    version: r.get(1)?,
-                    event_id: r.get(2)?,
-                    event_type: r.get(3)?,
-                    data: r.get(4)?,
-                    metadata: r.get(5)?,
-                    ts: r.get(6)?,
-                })
-            },
-        )
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let events = raws.into_iter().map(|raw| raw.decode(&key.tenant, Some(key))).collect::<Result<Vec<_>, _>>()?;
+    let events = select_events(
+        conn,
+        &EventScope::Stream(key),
+        "tenant = ?1 AND type = ?2 AND agg_id = ?3 AND version > ?4 AND version <= ?5 ORDER BY version LIMIT ?6",
+        params![
+            key.tenant.as_str(),
+            key.type_name.as_str(),
+            key.id.as_str(),
+            clamp_sql_int(after.0),
+            upper,
+            to_sql_int(limit as u64)?
+        ],
+    )?;
     crate::check_stream_read(key, after, &events)?;
     Ok(events)
 }
@@ -1376,65 +1236,24 @@ fn read_all(
     after: Position,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts FROM events
-             WHERE tenant = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
-        )
-        .map_err(sql_err)?;
-    let raws = stmt
-        .query_map(params![tenant.as_str(), clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
-            Ok(RawEvent {
-                position: r.get(0)?,
-                type_name: Some(r.get(1)?),
-                agg_id: Some(r.get(2)?),
-                version: r.get(3)?,
-                event_id: r.get(4)?,
-                event_type: r.get(5)?,
-                data: r.get(6)?,
-                metadata: r.get(7)?,
-                ts: r.get(8)?,
-            })
-        })
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let events = raws.into_iter().map(|raw| raw.decode(tenant, None)).collect::<Result<Vec<_>, _>>()?;
+    let events = select_events(
+        conn,
+        &EventScope::Tenant(tenant),
+        "tenant = ?1 AND position > ?2 ORDER BY position LIMIT ?3",
+        params![tenant.as_str(), clamp_sql_int(after.0), to_sql_int(limit as u64)?],
+    )?;
     crate::check_feed_read(after, &events)?;
     Ok(events)
 }
 
 /// Every tenant's events after `after`, in position order.
 fn read_global(conn: &Connection, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT position, type, agg_id, version, event_id, event_type, data, metadata, ts, tenant FROM events
-             WHERE position > ?1 ORDER BY position LIMIT ?2",
-        )
-        .map_err(sql_err)?;
-    let rows = stmt
-        .query_map(params![clamp_sql_int(after.0), to_sql_int(limit as u64)?], |r| {
-            let raw = RawEvent {
-                position: r.get(0)?,
-                type_name: Some(r.get(1)?),
-                agg_id: Some(r.get(2)?),
-                version: r.get(3)?,
-                event_id: r.get(4)?,
-                event_type: r.get(5)?,
-                data: r.get(6)?,
-                metadata: r.get(7)?,
-                ts: r.get(8)?,
-            };
-            Ok((raw, r.get::<_, String>(9)?))
-        })
-        .map_err(sql_err)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(sql_err)?;
-    let mut events = Vec::with_capacity(rows.len());
-    for (raw, tenant) in rows {
-        let tenant = TenantId::parse(&tenant).map_err(|v| corrupt_row("events.tenant", v.message))?;
-        events.push(raw.decode(&tenant, None)?);
-    }
+    let events = select_events(
+        conn,
+        &EventScope::Global,
+        "position > ?1 ORDER BY position LIMIT ?2",
+        params![clamp_sql_int(after.0), to_sql_int(limit as u64)?],
+    )?;
     crate::check_feed_read(after, &events)?;
     Ok(events)
 }
@@ -1529,14 +1348,6 @@ fn select_command(conn: &Connection, tenant: &TenantId, id: CommandId) -> Result
 // ---------------------------------------------------------------------------------------------
 // Conversions and errors
 
-fn to_json(value: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
-}
-
-fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt_row(column, e))
-}
-
 /// A stream key read from a table's columns.
 fn stream_key(tenant: &str, type_name: &str, id: &str, table: &str) -> Result<StreamKey, StoreError> {
     Ok(StreamKey {
@@ -1557,23 +1368,6 @@ fn to_sql_param(p: &Param) -> rusqlite::types::Value {
             None => V::Real(n.as_f64().unwrap_or(0.0)),
         },
     }
-}
-
-fn to_sql_int(n: u64) -> Result<i64, StoreError> {
-    i64::try_from(n).map_err(|_| StoreError::InvalidRequest(format!("{n} is beyond what the store can hold")))
-}
-
-/// For bounds of reads: nothing stored is above `i64::MAX`.
-fn clamp_sql_int(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
-}
-
-fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{column} does not decode: {e}"))
 }
 
 /// Maps a SQLite error: lock, I/O and space problems may pass ([`StoreError::Unavailable`]);
