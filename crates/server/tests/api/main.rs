@@ -18,6 +18,7 @@ mod crash;
 mod faithful;
 mod http_api;
 mod idempotency;
+mod limits;
 mod postgres;
 mod queries;
 mod rebuild;
