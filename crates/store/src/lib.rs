@@ -465,6 +465,17 @@ pub(crate) fn check_feed_read(after: Position, events: &[RecordedEvent]) -> Resu
 }
 
 /// FNV-1a, 64 bits: a stable hash for names that must agree across processes and builds.
+/// A backend's options, checked: each `(name, value, min, max)` out of its bounds is one problem,
+/// all reported at once.
+pub(crate) fn check_options<T: PartialOrd + std::fmt::Display>(bounds: &[(&str, T, T, T)]) -> Result<(), StoreError> {
+    let problems: Vec<String> = bounds
+        .iter()
+        .filter(|(_, value, min, max)| !(min..=max).contains(&value))
+        .map(|(name, value, min, max)| format!("{name} must be {min}..={max}, not {value}"))
+        .collect();
+    if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+}
+
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }

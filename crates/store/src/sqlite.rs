@@ -159,23 +159,15 @@ impl Default for SqliteOptions {
 
 impl SqliteOptions {
     fn validate(&self) -> Result<(), StoreError> {
-        let mut problems = Vec::new();
-        if !(1..=BATCH_APPENDS_MAX).contains(&self.batch_appends_max) {
-            problems.push(format!("batch_appends_max must be 1..={BATCH_APPENDS_MAX}, not {}", self.batch_appends_max));
-        }
-        if !(1..=READERS_MAX).contains(&self.readers) {
-            problems.push(format!("readers must be 1..={READERS_MAX}, not {}", self.readers));
-        }
-        if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
-            problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
-        }
-        if !(1..=READERS_MAX).contains(&self.feed_readers) {
-            problems.push(format!("feed_readers must be 1..={READERS_MAX}, not {}", self.feed_readers));
-        }
-        if self.wal_bytes_max < WAL_BYTES_MIN || i64::try_from(self.wal_bytes_max).is_err() {
-            problems.push(format!("wal_bytes_max must be {WAL_BYTES_MIN}..={}, not {}", i64::MAX, self.wal_bytes_max));
-        }
-        if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+        let as_u64 = |n: usize| n as u64;
+        crate::check_options(&[
+            ("batch_appends_max", as_u64(self.batch_appends_max), 1, as_u64(BATCH_APPENDS_MAX)),
+            ("readers", as_u64(self.readers), 1, as_u64(READERS_MAX)),
+            ("queue_capacity", as_u64(self.queue_capacity), 1, as_u64(QUEUE_CAPACITY_MAX)),
+            ("feed_readers", as_u64(self.feed_readers), 1, as_u64(READERS_MAX)),
+            // Stored in a signed SQLite integer.
+            ("wal_bytes_max", self.wal_bytes_max, WAL_BYTES_MIN, i64::MAX as u64),
+        ])
     }
 }
 

@@ -175,27 +175,15 @@ impl Default for PostgresOptions {
 
 impl PostgresOptions {
     fn validate(&self) -> Result<(), StoreError> {
-        let mut problems = Vec::new();
-        if !(1..=BATCH_APPENDS_MAX).contains(&self.batch_appends_max) {
-            problems.push(format!("batch_appends_max must be 1..={BATCH_APPENDS_MAX}, not {}", self.batch_appends_max));
-        }
-        if !(2..=POOL_SIZE_MAX).contains(&self.pool_size) {
-            problems.push(format!("pool_size must be 2..={POOL_SIZE_MAX}, not {}", self.pool_size));
-        }
-        if !(1..=POOL_SIZE_MAX).contains(&self.feed_pool_size) {
-            problems.push(format!("feed_pool_size must be 1..={POOL_SIZE_MAX}, not {}", self.feed_pool_size));
-        }
-        if !(1..=QUEUE_CAPACITY_MAX).contains(&self.queue_capacity) {
-            problems.push(format!("queue_capacity must be 1..={QUEUE_CAPACITY_MAX}, not {}", self.queue_capacity));
-        }
-        for (name, value) in
-            [("connect_timeout_ms", self.connect_timeout_ms), ("lock_timeout_ms", self.lock_timeout_ms)]
-        {
-            if !(1..=TIMEOUT_MS_MAX).contains(&value) {
-                problems.push(format!("{name} must be 1..={TIMEOUT_MS_MAX}, not {value}"));
-            }
-        }
-        if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+        let as_u64 = |n: usize| n as u64;
+        crate::check_options(&[
+            ("batch_appends_max", as_u64(self.batch_appends_max), 1, as_u64(BATCH_APPENDS_MAX)),
+            ("pool_size", as_u64(self.pool_size), 2, as_u64(POOL_SIZE_MAX)),
+            ("feed_pool_size", as_u64(self.feed_pool_size), 1, as_u64(POOL_SIZE_MAX)),
+            ("queue_capacity", as_u64(self.queue_capacity), 1, as_u64(QUEUE_CAPACITY_MAX)),
+            ("connect_timeout_ms", self.connect_timeout_ms, 1, TIMEOUT_MS_MAX),
+            ("lock_timeout_ms", self.lock_timeout_ms, 1, TIMEOUT_MS_MAX),
+        ])
     }
 }
 
