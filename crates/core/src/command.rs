@@ -11,8 +11,7 @@ use crate::version::ExpectedVersion;
 
 /// The `name` of every generic command.
 pub const GENERIC_COMMAND_NAME: &str = "aggregate-modification";
-/// Longest command name accepted.
-pub const COMMAND_NAME_LEN_MAX: usize = 128;
+pub use crate::limits::COMMAND_NAME_LEN_MAX;
 
 const ENVELOPE_FIELDS: &[&str] =
     &["id", "type", "name", "tenant", "targetName", "targetId", "version", "body", "context"];
@@ -138,10 +137,106 @@ impl Command {
             v.push(Violation::new("/body", "the body must be an object or an array"));
         }
         let context = v.take(context(env.get("context"))).unwrap_or_default();
+        let given_id_malformed = given_id.is_none() && env.get("targetId").is_some_and(|f| !f.is_null());
+        Parts { id, kind, name, tenant, type_name, given_id, given_id_malformed, expected, body, context }
+            .resolve(v, &defaults)
+    }
+}
+
+/// A command whose fields a transport has already read (raw → resolved): an HTTP route knows
+/// the kind, the type and id from its path, the expected version from its preconditions and
+/// the command id from `Idempotency-Key`, so nothing goes back through a JSON envelope.
+/// [`CommandDraft::resolve`] applies the same rules as [`Command::from_envelope_value`] to what
+/// is left: the body's shape, the create's id, the tenant, the fingerprint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandDraft {
+    /// The command id; the defaults' generated one when none.
+    pub id: Option<CommandId>,
+    /// What it asks for ([`CommandKind::MergePatch`] included).
+    pub kind: CommandKind,
+    /// A custom command's name; none for a generic command.
+    pub name: Option<String>,
+    /// The tenant; the defaults' when none.
+    pub tenant: Option<TenantId>,
+    /// The target type.
+    pub type_name: TypeName,
+    /// The target id (for a create: optional, else the body's `id`, else the generated one).
+    pub target_id: Option<AggregateId>,
+    /// The expected version.
+    pub expected: Option<ExpectedVersion>,
+    /// Document, patch, merge patch or payload; `Null` when absent.
+    pub body: Value,
+    /// Free metadata copied to the events.
+    pub context: Map<String, Value>,
+}
+
+impl CommandDraft {
+    /// A draft of `kind` on `type_name` with nothing else set.
+    pub fn new(kind: CommandKind, type_name: TypeName) -> Self {
+        CommandDraft {
+            id: None,
+            kind,
+            name: None,
+            tenant: None,
+            type_name,
+            target_id: None,
+            expected: None,
+            body: Value::Null,
+            context: Map::new(),
+        }
+    }
+
+    /// The validated command, or every violation found.
+    pub fn resolve(self, defaults: &EnvelopeDefaults) -> Result<Command, DomainError> {
+        crate::json::check_strings(&self.body, "/body")?;
+        crate::json::check_members(&self.context, "/context")?;
+        let mut v = Violations::default();
+        let tenant = match self.tenant {
+            None => Some(defaults.tenant.clone()),
+            Some(t) => v.take(fixed_tenant(t, defaults)),
+        };
+        // A malformed name counts as none, as in an envelope.
+        let name = self.name.and_then(|n| v.take(command_name(Some(&Value::from(n)))).flatten());
+        Parts {
+            id: Some(self.id.unwrap_or(defaults.generated_command_id)),
+            kind: Some(self.kind),
+            name,
+            tenant,
+            type_name: Some(self.type_name),
+            given_id: self.target_id,
+            given_id_malformed: false,
+            expected: self.expected,
+            body: self.body,
+            context: self.context,
+        }
+        .resolve(v, defaults)
+    }
+}
+
+/// Every field of a command as read, each `None` when it was missing or malformed (its
+/// violation is then already collected).
+struct Parts {
+    id: Option<CommandId>,
+    kind: Option<CommandKind>,
+    name: Option<String>,
+    tenant: Option<TenantId>,
+    type_name: Option<TypeName>,
+    given_id: Option<AggregateId>,
+    /// `targetId` was given but malformed (reported already; not "missing").
+    given_id_malformed: bool,
+    expected: Option<ExpectedVersion>,
+    body: Value,
+    context: Map<String, Value>,
+}
+
+impl Parts {
+    /// The rules that tie fields together, then the command, or every violation.
+    fn resolve(self, mut v: Violations, defaults: &EnvelopeDefaults) -> Result<Command, DomainError> {
+        let Parts { id, kind, name, tenant, type_name, given_id, given_id_malformed, expected, body, context } = self;
         let target_id = match kind {
             Some(kind) => {
                 v.extend(shape_rules(kind, name.as_deref(), &body));
-                v.take(aggregate_id(kind, &body, given_id.as_ref(), env.get("targetId"), &defaults)).flatten()
+                v.take(aggregate_id(kind, &body, given_id.as_ref(), given_id_malformed, defaults)).flatten()
             }
             None => given_id.clone(),
         };
@@ -229,15 +324,20 @@ fn command_name(field: Option<&Value>) -> Result<Option<String>, Violation> {
 fn tenant(field: Option<&Value>, defaults: &EnvelopeDefaults) -> Result<TenantId, Violation> {
     match field {
         None | Some(Value::Null) => Ok(defaults.tenant.clone()),
-        Some(Value::String(s)) => match TenantId::parse(s)? {
-            t if defaults.tenant_fixed && t != defaults.tenant => Err(Violation::new(
-                "/tenant",
-                format!("this connection acts for tenant '{}', not '{t}'", defaults.tenant),
-            )),
-            t => Ok(t),
-        },
+        Some(Value::String(s)) => fixed_tenant(TenantId::parse(s)?, defaults),
         Some(_) => Err(Violation::new("/tenant", "the tenant must be a string")),
     }
+}
+
+/// `tenant`, when the transport fixes one: only that one.
+fn fixed_tenant(t: TenantId, defaults: &EnvelopeDefaults) -> Result<TenantId, Violation> {
+    if defaults.tenant_fixed && t != defaults.tenant {
+        return Err(Violation::new(
+            "/tenant",
+            format!("this connection acts for tenant '{}', not '{t}'", defaults.tenant),
+        ));
+    }
+    Ok(t)
 }
 
 /// `targetName`, required.
@@ -308,13 +408,13 @@ fn aggregate_id(
     kind: CommandKind,
     body: &Value,
     given: Option<&AggregateId>,
-    field: Option<&Value>,
+    given_malformed: bool,
     defaults: &EnvelopeDefaults,
 ) -> Result<Option<AggregateId>, Violation> {
     if kind != CommandKind::Create {
         return match given {
             Some(id) => Ok(Some(id.clone())),
-            None if field.is_some_and(|f| !f.is_null()) => Ok(None),
+            None if given_malformed => Ok(None),
             None => Err(Violation::new("/targetId", format!("targetId is required for {}", kind.as_str()))),
         };
     }
@@ -466,6 +566,103 @@ mod tests {
             DomainError::InvalidCommand(v) => v.into_iter().map(|v| v.pointer).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A draft and the envelope that says the same thing give the same command (fingerprint
+    /// included), and the same violations when they break the same rule.
+    #[test]
+    fn a_draft_resolves_as_its_envelope_parses() {
+        let order = TypeName::parse("order").unwrap();
+        let o1 = AggregateId::parse("o1").unwrap();
+        let id = CommandId(Uuid::from_u128(42));
+        let on = |kind, target: Option<&AggregateId>, body: Value| CommandDraft {
+            target_id: target.cloned(),
+            body,
+            ..CommandDraft::new(kind, order.clone())
+        };
+        let cases: Vec<(CommandDraft, Value)> = vec![
+            (
+                on(CommandKind::Create, None, json!({"a": 1})),
+                json!({"type": "create", "targetName": "order", "body": {"a": 1}}),
+            ),
+            (
+                on(CommandKind::Create, Some(&o1), json!({"a": 1})),
+                json!({"type": "create", "targetName": "order", "targetId": "o1", "body": {"a": 1}}),
+            ),
+            (
+                CommandDraft {
+                    expected: Some(ExpectedVersion::Exact(crate::Version(3))),
+                    ..on(CommandKind::Patch, Some(&o1), json!([]))
+                },
+                json!({"type": "patch", "targetName": "order", "targetId": "o1", "version": 3, "body": []}),
+            ),
+            (
+                CommandDraft { id: Some(id), ..on(CommandKind::Replace, Some(&o1), json!({"b": 2})) },
+                json!({"id": id.to_string(), "type": "replace", "targetName": "order", "targetId": "o1", "body": {"b": 2}}),
+            ),
+            (
+                on(CommandKind::Delete, Some(&o1), Value::Null),
+                json!({"type": "delete", "targetName": "order", "targetId": "o1"}),
+            ),
+            (
+                CommandDraft { name: Some("submit".into()), ..on(CommandKind::Logic, Some(&o1), json!({"x": true})) },
+                json!({"type": "logic", "name": "submit", "targetName": "order", "targetId": "o1", "body": {"x": true}}),
+            ),
+        ];
+        for (draft, envelope) in cases {
+            let from_draft = draft.clone().resolve(&defaults());
+            let from_envelope = Command::from_envelope(&envelope, defaults());
+            assert_eq!(from_draft, from_envelope, "{draft:?} vs {envelope}");
+            assert!(from_draft.is_ok(), "{draft:?}");
+        }
+        // The same broken rules, the same pointers.
+        let broken: Vec<(CommandDraft, Value)> = vec![
+            (on(CommandKind::Patch, None, json!({})), json!({"type": "patch", "targetName": "order", "body": {}})),
+            (
+                on(CommandKind::Logic, Some(&o1), json!({})),
+                json!({"type": "logic", "targetName": "order", "targetId": "o1", "body": {}}),
+            ),
+            (
+                on(CommandKind::Delete, Some(&o1), json!({})),
+                json!({"type": "delete", "targetName": "order", "targetId": "o1", "body": {}}),
+            ),
+            (
+                CommandDraft {
+                    name: Some("x".repeat(COMMAND_NAME_LEN_MAX + 1)),
+                    ..on(CommandKind::Logic, Some(&o1), json!({}))
+                },
+                json!({"type": "logic", "name": "x".repeat(COMMAND_NAME_LEN_MAX + 1), "targetName": "order", "targetId": "o1", "body": {}}),
+            ),
+        ];
+        for (draft, envelope) in broken {
+            let d = pointers(draft.clone().resolve(&defaults()).unwrap_err());
+            let e = pointers(Command::from_envelope(&envelope, defaults()).unwrap_err());
+            assert_eq!(d, e, "{draft:?}");
+        }
+    }
+
+    #[test]
+    fn a_draft_of_a_merge_patch_is_its_own_kind_and_refuses_nul_and_other_tenants() {
+        let order = TypeName::parse("order").unwrap();
+        let draft = CommandDraft {
+            target_id: Some(AggregateId::parse("o1").unwrap()),
+            body: json!({"a": null}),
+            ..CommandDraft::new(CommandKind::MergePatch, order.clone())
+        };
+        let c = draft.clone().resolve(&defaults()).unwrap();
+        let swapped = Command::from_envelope(
+            &json!({"type": "patch", "targetName": "order", "targetId": "o1", "body": []}),
+            defaults(),
+        )
+        .unwrap()
+        .into_merge_patch(json!({"a": null}))
+        .unwrap();
+        assert_eq!(c, swapped);
+        let nul = CommandDraft { body: json!({"a": "x\u{0}"}), ..draft.clone() };
+        assert!(matches!(nul.resolve(&defaults()), Err(DomainError::UnstorableValue(v)) if v[0].pointer == "/body/a"));
+        let fixed = EnvelopeDefaults { tenant_fixed: true, ..defaults() };
+        let other = CommandDraft { tenant: Some(TenantId::parse("other").unwrap()), ..draft };
+        assert_eq!(pointers(other.resolve(&fixed).unwrap_err()), ["/tenant"]);
     }
 
     #[test]

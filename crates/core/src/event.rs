@@ -14,8 +14,7 @@ pub const PATCHED: &str = "patched";
 /// Event type of a delete: `data` is null.
 pub const DELETED: &str = "deleted";
 
-/// Longest event type name accepted.
-pub const EVENT_TYPE_LEN_MAX: usize = 128;
+pub use crate::limits::EVENT_TYPE_LEN_MAX;
 
 /// An event decided but not yet stored: the store gives it a version and a position.
 #[derive(Clone, Debug, PartialEq)]

@@ -22,12 +22,9 @@ pub const RESERVED_TYPE_NAMES: &[&str] = &[
     "processes",
 ];
 
-/// Longest tenant name accepted.
-pub const TENANT_LEN_MAX: usize = 64;
-/// Longest aggregate id accepted (SPEC §1).
-pub const AGGREGATE_ID_LEN_MAX: usize = 128;
-/// Longest aggregate type accepted (SPEC §1).
-pub const TYPE_NAME_LEN_MAX: usize = 64;
+pub use crate::limits::AGGREGATE_ID_LEN_MAX;
+pub use crate::limits::TENANT_LEN_MAX;
+pub use crate::limits::TYPE_NAME_LEN_MAX;
 
 macro_rules! string_newtype {
     ($(#[$doc:meta])* $name:ident) => {

@@ -17,8 +17,7 @@ use serde_json::Value;
 
 use crate::error::{DomainError, LimitKind, Violation};
 
-/// Most violations one scan reports; the rest are counted in the last one's message.
-const VIOLATIONS_MAX: usize = 20;
+use crate::limits::JSON_VIOLATIONS_MAX as VIOLATIONS_MAX;
 
 /// Why a JSON text was refused.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ pub mod version;
 pub mod violation;
 
 pub use aggregate::{Aggregate, Change, Decision, Evolved, FoldError, decide, evolve, new_events};
-pub use command::{Command, CommandKind, EnvelopeDefaults};
+pub use command::{Command, CommandDraft, CommandKind, EnvelopeDefaults};
 pub use error::{DomainError, LimitKind, Violation};
 pub use event::{NewEvent, RecordedEvent};
 pub use ids::{AggregateId, CommandId, EventId, Position, StreamKey, TenantId, TypeName, Version};

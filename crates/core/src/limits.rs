@@ -4,6 +4,62 @@ use serde_json::Value;
 
 use crate::error::{DomainError, LimitKind};
 
+// Used by command.rs.
+/// Longest command name accepted.
+pub const COMMAND_NAME_LEN_MAX: usize = 128;
+
+// Used by event.rs.
+/// Longest event type name accepted.
+pub const EVENT_TYPE_LEN_MAX: usize = 128;
+
+// Used by ids.rs.
+/// Longest tenant name accepted.
+pub const TENANT_LEN_MAX: usize = 64;
+/// Longest aggregate id accepted (SPEC §1).
+pub const AGGREGATE_ID_LEN_MAX: usize = 128;
+/// Longest aggregate type accepted (SPEC §1).
+pub const TYPE_NAME_LEN_MAX: usize = 64;
+
+// Used by json.rs.
+/// Most violations one scan reports; the rest are counted in the last one's message.
+pub const JSON_VIOLATIONS_MAX: usize = 20;
+
+// Used by query.rs.
+/// Most segments in a field path.
+pub const PATH_SEGMENTS_MAX: usize = 8;
+/// Longest segment of a field path, in bytes.
+pub const SEGMENT_BYTES_MAX: usize = 64;
+/// Most filters in one query.
+pub const FILTERS_MAX: usize = 16;
+/// Most values in one `in` filter.
+pub const IN_VALUES_MAX: usize = 100;
+/// Most sort keys in one query (the id tie-break not counted).
+pub const SORT_KEYS_MAX: usize = 4;
+/// Most fields in one projection.
+pub const FIELDS_MAX: usize = 32;
+/// Longest filter value, in bytes.
+pub const VALUE_BYTES_MAX: usize = 1_024;
+
+// Used by artifacts/expr.rs.
+/// Longest expression accepted by default, in bytes.
+pub const EXPR_LEN_MAX: usize = 4_096;
+
+// Used by artifacts/lifecycle.rs.
+/// Most states one lifecycle may define.
+pub const STATES_MAX: usize = 256;
+
+// Used by artifacts/mod.rs.
+/// Most files one artifact set may hold.
+pub const FILES_MAX: usize = 10_000;
+/// Largest artifact file, in bytes.
+pub const FILE_BYTES_MAX: usize = 1024 * 1024;
+/// Most fields one type's `indexes.yaml` may name: each index costs every write.
+pub const INDEXES_PER_TYPE_MAX: usize = 32;
+
+// Used by artifacts/schema.rs.
+/// Most violations reported for one document.
+pub const DOCUMENT_VIOLATIONS_MAX: usize = 100;
+
 /// The core's share of the limits; the server adds body and frame sizes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {

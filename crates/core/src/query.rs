@@ -17,20 +17,13 @@ use std::fmt;
 
 use serde_json::Value;
 
-/// Most segments in a field path.
-pub const PATH_SEGMENTS_MAX: usize = 8;
-/// Longest segment of a field path, in bytes.
-pub const SEGMENT_BYTES_MAX: usize = 64;
-/// Most filters in one query.
-pub const FILTERS_MAX: usize = 16;
-/// Most values in one `in` filter.
-pub const IN_VALUES_MAX: usize = 100;
-/// Most sort keys in one query (the id tie-break not counted).
-pub const SORT_KEYS_MAX: usize = 4;
-/// Most fields in one projection.
-pub const FIELDS_MAX: usize = 32;
-/// Longest filter value, in bytes.
-pub const VALUE_BYTES_MAX: usize = 1_024;
+pub use crate::limits::FIELDS_MAX;
+pub use crate::limits::FILTERS_MAX;
+pub use crate::limits::IN_VALUES_MAX;
+pub use crate::limits::PATH_SEGMENTS_MAX;
+pub use crate::limits::SEGMENT_BYTES_MAX;
+pub use crate::limits::SORT_KEYS_MAX;
+pub use crate::limits::VALUE_BYTES_MAX;
 
 /// A query that cannot be run: which parameter, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

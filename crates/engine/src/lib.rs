@@ -6,6 +6,7 @@
 
 mod cache;
 pub mod fresh;
+pub mod limits;
 mod reads;
 pub mod rebuild;
 pub mod subscriptions;

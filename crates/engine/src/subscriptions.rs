@@ -35,8 +35,7 @@ use sourced_store::{CommitListener, EventStore, StoreError};
 
 /// Events one catch-up read asks the store for.
 pub const CATCH_UP_PAGE_EVENTS: usize = 256;
-/// Bounds of the live buffer (events kept for receivers that have not taken them yet).
-pub const LIVE_BUFFER_EVENTS_MAX: usize = 1 << 20;
+pub use crate::limits::LIVE_BUFFER_EVENTS_MAX;
 
 /// A committed event as subscribers share it: serialized to its wire JSON at most once, by
 /// the first subscriber that sends it, however many subscribers send it.

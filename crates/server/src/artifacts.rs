@@ -67,8 +67,7 @@ pub fn load(source: &ArtifactsSource, limits: &ExprLimits) -> Result<Loaded, Loa
     }
 }
 
-/// Deepest directory nesting read.
-const DEPTH_MAX: usize = 8;
+use crate::limits::ARTIFACT_DIR_DEPTH_MAX as DEPTH_MAX;
 
 /// Reads and checks the set under `dir`, with the default expression limits.
 pub fn load_dir(dir: &Path) -> Result<ArtifactSet, Vec<Problem>> {

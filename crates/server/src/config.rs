@@ -171,8 +171,7 @@ pub struct Config {
     pub admin_api: bool,
 }
 
-/// Most fields `INDEXES` may name: each index costs every write.
-pub const INDEXES_MAX: usize = 32;
+pub use crate::limits::INDEXES_MAX;
 
 /// The page size of a list that names no `limit` (at most `MAX_PAGE_LIMIT`).
 pub const PAGE_LIMIT_DEFAULT: usize = 100;

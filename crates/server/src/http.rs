@@ -12,14 +12,17 @@ use serde_json::{Value, json};
 
 use sourced_core::aggregate::document;
 use sourced_core::query;
-use sourced_core::{AggregateId, Command, ExpectedVersion, Position, StreamKey, TypeName, Version, Violation};
+use sourced_core::{
+    AggregateId, Command, CommandDraft, CommandKind, ExpectedVersion, Position, StreamKey, TypeName, Version, Violation,
+};
 use sourced_engine::CommandOutcome;
 use sourced_store::{DocumentRow, DocumentText, ListCursor, ListQuery};
 
+use crate::commands::{Sender, command_problem, execute_envelope};
 use crate::problem::{Problem, from_engine};
 use crate::request::{
-    Caller, flag, idempotency_key, is_json, media_type, page_limit, param, parse_json, prefers_minimal, query_pairs,
-    read_body, type_name, unsupported_media,
+    Caller, flag, idempotency_key, idempotency_key_text, is_json, media_type, page_limit, param, parse_json,
+    prefers_minimal, query_pairs, read_body, type_name, unsupported_media,
 };
 use crate::state::{AppState, Result};
 
@@ -389,47 +392,24 @@ fn insert_warnings(h: &mut HeaderMap, warnings: &[Value]) {
     }
 }
 
-/// Builds the command for a resource route from its envelope, with the `Idempotency-Key`
-/// header as its id and the `X-Tenant` header as its tenant.
-fn build(caller: &Caller, headers: &HeaderMap, mut envelope: serde_json::Map<String, Value>) -> Result<Command> {
-    if let Some(id) = idempotency_key(headers)? {
-        envelope.insert("id".into(), Value::from(id.to_string()));
-    }
+/// The command of a resource route: its draft, with the `Idempotency-Key` header as its id and
+/// the caller's tenant.
+fn build(caller: &Caller, headers: &HeaderMap, mut draft: CommandDraft) -> Result<Command> {
+    draft.id = idempotency_key(headers)?;
     let defaults = sourced_engine::fresh::envelope_defaults(caller.tenant(), true);
-    Ok(Command::from_envelope_value(Value::Object(envelope), defaults)?)
+    Ok(draft.resolve(&defaults)?)
 }
 
 /// Runs a command. `precondition` says whether its expected version came from an HTTP
 /// precondition header (a mismatch is then 412, else 409).
 async fn exec(s: &AppState, headers: &HeaderMap, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
-    s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, headers, precondition))
+    let sender = Sender { tenant: None, idempotency_key: idempotency_key_text(headers) };
+    s.engine.execute(cmd, None).await.map_err(|e| command_problem(e, sender, precondition))
 }
 
-/// [`from_engine`], except that a reused `Idempotency-Key` is named as the client gave it, not
-/// as the command id derived from it (which the client never saw).
-fn engine_problem(e: sourced_engine::EngineError, headers: &HeaderMap, precondition: bool) -> Problem {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::trim);
-    match (e, key) {
-        (sourced_engine::EngineError::IdempotencyMismatch { .. }, Some(key)) => Problem::idempotency_key_reused(key),
-        (e, _) => from_engine(e, precondition),
-    }
-}
-
-fn envelope(kind: &str, ty: &TypeName, id: Option<&AggregateId>) -> serde_json::Map<String, Value> {
-    let mut m = serde_json::Map::new();
-    m.insert("type".into(), Value::from(kind));
-    m.insert("targetName".into(), Value::from(ty.as_str()));
-    if let Some(id) = id {
-        m.insert("targetId".into(), Value::from(id.as_str()));
-    }
-    m
-}
-
-fn with_version(mut m: serde_json::Map<String, Value>, v: Option<ExpectedVersion>) -> serde_json::Map<String, Value> {
-    if let Some(v) = v {
-        m.insert("version".into(), json!(v));
-    }
-    m
+/// The draft of a command on one aggregate: `kind` on `key`, expecting `expected`.
+fn draft(kind: CommandKind, key: &StreamKey, expected: Option<ExpectedVersion>, body: Value) -> CommandDraft {
+    CommandDraft { target_id: Some(key.id.clone()), expected, body, ..CommandDraft::new(kind, key.type_name.clone()) }
 }
 
 pub(crate) async fn create(
@@ -443,9 +423,8 @@ pub(crate) async fn create(
     // The target is the collection: it exists and has no entity tag.
     Preconditions::read(&headers)?.evaluate(Current { exists: true, version: None }, false)?;
     let doc = json_body(body, &headers, &s, false).await?;
-    let mut env = envelope("create", &ty, None);
-    env.insert("body".into(), doc);
-    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, false).await?;
+    let create = CommandDraft { body: doc, ..CommandDraft::new(CommandKind::Create, ty.clone()) };
+    let outcome = exec(&s, &headers, build(&caller, &headers, create)?, false).await?;
     let location = format!("/{}/{}", ty, outcome.result.target_id);
     Ok(WriteReply {
         outcome,
@@ -466,9 +445,8 @@ pub(crate) async fn replace(
     let expected = write_preconditions(&s, &headers, &key).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
-    let mut env = with_version(envelope("replace", &key.type_name, Some(&key.id)), expected);
-    env.insert("body".into(), doc);
-    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, precondition).await?;
+    let replace = draft(CommandKind::Replace, &key, expected, doc);
+    let outcome = exec(&s, &headers, build(&caller, &headers, replace)?, precondition).await?;
     let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
     let (status, location) = if created {
         (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
@@ -497,16 +475,9 @@ pub(crate) async fn patch(
         _ => return Err(unsupported_media(media, ACCEPTED)),
     };
     let value = parse_json(&read_body(body, &headers, &s.http).await?, body_depth(&s))?;
-    let merge = merge.unwrap_or(value.is_object());
-    let mut env = with_version(envelope("patch", &key.type_name, Some(&key.id)), expected);
-    let cmd = if merge {
-        // Merge patch is HTTP only, not an envelope type: parse a patch envelope, then swap.
-        env.insert("body".into(), Value::Array(Vec::new()));
-        build(&caller, &headers, env)?.into_merge_patch(value)?
-    } else {
-        env.insert("body".into(), value);
-        build(&caller, &headers, env)?
-    };
+    // Merge patch is HTTP only, not an envelope type.
+    let kind = if merge.unwrap_or(value.is_object()) { CommandKind::MergePatch } else { CommandKind::Patch };
+    let cmd = build(&caller, &headers, draft(kind, &key, expected, value))?;
     let outcome = exec(&s, &headers, cmd, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
@@ -519,8 +490,8 @@ pub(crate) async fn delete(
 ) -> Result<WriteReply> {
     let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
-    let env = with_version(envelope("delete", &key.type_name, Some(&key.id)), expected);
-    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, expected.is_some()).await?;
+    let delete = draft(CommandKind::Delete, &key, expected, Value::Null);
+    let outcome = exec(&s, &headers, build(&caller, &headers, delete)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -534,10 +505,8 @@ pub(crate) async fn custom_command(
     let key = caller.key(&ty, &id)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let payload = json_body(body, &headers, &s, false).await?;
-    let mut env = with_version(envelope("logic", &key.type_name, Some(&key.id)), expected);
-    env.insert("name".into(), Value::from(command));
-    env.insert("body".into(), payload);
-    let outcome = exec(&s, &headers, build(&caller, &headers, env)?, expected.is_some()).await?;
+    let custom = CommandDraft { name: Some(command), ..draft(CommandKind::Logic, &key, expected, payload) };
+    let outcome = exec(&s, &headers, build(&caller, &headers, custom)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
         .into_response())
 }
@@ -562,9 +531,8 @@ pub(crate) async fn post_command(
             }
         }
     }
-    let defaults = sourced_engine::fresh::envelope_defaults(caller.tenant(), caller.named_tenant().is_some());
-    let cmd = Command::from_envelope_value(env, defaults)?;
-    let outcome = s.engine.execute(cmd, None).await.map_err(|e| engine_problem(e, &headers, false))?;
+    let sender = Sender { tenant: caller.named_tenant(), idempotency_key: idempotency_key_text(&headers) };
+    let outcome = execute_envelope(&s.engine, env, sender).await.map_err(|e| e.1)?;
     let mut r = if prefers_minimal(&headers) {
         StatusCode::NO_CONTENT.into_response()
     } else {

@@ -4,9 +4,11 @@
 #![warn(missing_docs)]
 
 pub mod artifacts;
+pub mod commands;
 pub mod config;
 pub mod git;
 pub mod http;
+pub mod limits;
 pub mod openapi;
 pub mod problem;
 pub mod reload;

@@ -182,6 +182,11 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>> 
     }
 }
 
+/// The `Idempotency-Key` header as the client sent it (trimmed), to name it in a problem.
+pub(crate) fn idempotency_key_text(headers: &HeaderMap) -> Option<&str> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
 pub(crate) fn prefers_minimal(headers: &HeaderMap) -> bool {
     headers
         .get_all("prefer")

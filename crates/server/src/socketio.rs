@@ -2,7 +2,7 @@
 //! a client emits `commands` with a command envelope (SPEC §2.1) and receives the outcome on
 //! `events`: the command result as `POST /commands` answers it (plus `"replayed": true` on a
 //! retry), or `{"id": commandId-or-null, "error": problem}`. Commands go through the same
-//! pipeline as the WebSocket API (`ws::execute_envelope`), so validation, errors and
+//! pipeline as the WebSocket API (`commands::execute_envelope`), so validation, errors and
 //! idempotency are the same as over HTTP and WebSocket. Subscriptions are not offered here
 //! (use `/ws` or SSE).
 //!
@@ -31,11 +31,12 @@ use tokio::sync::Semaphore;
 use sourced_core::TenantId;
 use sourced_engine::Engine;
 
+use crate::commands::{Sender, execute_envelope};
 use crate::config::WsLimits;
 use crate::problem::Problem;
 use crate::request::Caller;
 use crate::state::LiveState;
-use crate::ws::{ResultReply, execute_envelope};
+use crate::ws::ResultReply;
 
 /// The event a client emits a command envelope on.
 pub const COMMANDS_EVENT: &str = "commands";
@@ -132,19 +133,23 @@ async fn run_command(
         }
         Ok(_permit) => match envelope(data, engine.config().limits.json_depth_max + 1) {
             Err(p) => error_reply(None, &p),
-            Ok(envelope) => match execute_envelope(&engine, envelope, tenant).await {
-                Ok(outcome) => {
-                    let reply = ResultReply::new(None, &outcome);
-                    serde_json::to_value(&reply).unwrap_or_else(|e| {
-                        let (id, problem) = reply.unserialisable(&e);
+            Ok(envelope) => {
+                match execute_envelope(&engine, envelope, Sender { tenant: tenant.as_ref(), idempotency_key: None })
+                    .await
+                {
+                    Ok(outcome) => {
+                        let reply = ResultReply::new(None, &outcome);
+                        serde_json::to_value(&reply).unwrap_or_else(|e| {
+                            let (id, problem) = reply.unserialisable(&e);
+                            error_reply(id, &problem)
+                        })
+                    }
+                    Err(e) => {
+                        let (id, problem) = *e;
                         error_reply(id, &problem)
-                    })
+                    }
                 }
-                Err(e) => {
-                    let (id, problem) = *e;
-                    error_reply(id, &problem)
-                }
-            },
+            }
         },
     };
     match s.emit(EVENTS_EVENT, &reply) {

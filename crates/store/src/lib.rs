@@ -21,15 +21,14 @@ use sourced_core::{
 
 mod append;
 pub mod contract;
+pub mod limits;
 mod listing;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
 
-/// Most events one append may carry.
-pub const APPEND_EVENTS_MAX: usize = 1_000;
-/// Most rows one read may return, whatever the caller asks.
-pub const READ_LIMIT_MAX: usize = 10_000;
+pub use crate::limits::APPEND_EVENTS_MAX;
+pub use crate::limits::READ_LIMIT_MAX;
 
 /// One command's write: its events, the resulting read-model row and the command record.
 #[derive(Clone, Debug)]

@@ -120,12 +120,9 @@ const MIGRATIONS: &[&str] = &[
 /// How long a connection waits for a lock held by another connection (another process, or a
 /// checkpoint) before it reports [`StoreError::Unavailable`].
 const BUSY_TIMEOUT_MS: u64 = 5_000;
-/// Most read connections a store may open.
-pub const READERS_MAX: usize = 64;
-/// Most appends one commit may carry.
-pub const BATCH_APPENDS_MAX: usize = 65_536;
-/// Most appends that may wait for the writer.
-pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
+pub use crate::limits::BATCH_APPENDS_MAX;
+pub use crate::limits::QUEUE_CAPACITY_MAX;
+pub use crate::limits::READERS_MAX;
 /// Smallest WAL bound a store may be given.
 pub const WAL_BYTES_MIN: u64 = 64 * 1024;
 /// How long the writer's TRUNCATE checkpoint waits for readers before it gives up (for now).

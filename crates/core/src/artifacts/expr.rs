@@ -22,8 +22,7 @@ use serde_json::Value;
 
 use crate::error::{DomainError, LimitKind};
 
-/// Longest expression accepted by default, in bytes.
-pub const EXPR_LEN_MAX: usize = 4_096;
+pub use crate::limits::EXPR_LEN_MAX;
 
 /// Limits on expressions (SPEC §8.3 "expression evaluation cost"); the server reads them from
 /// `EXPR_BYTES_MAX`, `EXPR_NODES_MAX`, `EXPR_COST_MAX` and `EXPR_VALUE_BYTES_MAX`.

@@ -8,8 +8,7 @@ use super::expr::{Bindings, Expr, ExprLimits};
 use super::from_json;
 use crate::error::DomainError;
 
-/// Most states one lifecycle may define.
-pub const STATES_MAX: usize = 256;
+pub use crate::limits::STATES_MAX;
 
 /// A state machine over one field.
 #[derive(Clone, Debug)]

@@ -20,10 +20,8 @@ use lifecycle::Lifecycle;
 use rules::Rule;
 use schema::Schema;
 
-/// Most files one artifact set may hold.
-pub const FILES_MAX: usize = 10_000;
-/// Largest artifact file, in bytes.
-pub const FILE_BYTES_MAX: usize = 1024 * 1024;
+pub use crate::limits::FILE_BYTES_MAX;
+pub use crate::limits::FILES_MAX;
 
 /// One problem in an artifact set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -342,8 +340,7 @@ enum Kind {
     Command(String),
 }
 
-/// Most fields one type's `indexes.yaml` may name: each index costs every write.
-pub const INDEXES_PER_TYPE_MAX: usize = 32;
+pub use crate::limits::INDEXES_PER_TYPE_MAX;
 
 /// `indexes.yaml`: `fields: [customer.id, status]`, document fields to index (SPEC §5).
 fn parse_indexes(doc: &Value) -> Result<Vec<crate::query::FieldPath>, Vec<(String, String)>> {

@@ -40,8 +40,7 @@ fn meta_validator(schema: &Value) -> Option<jsonschema::meta::MetaValidator<'sta
     }
 }
 
-/// Most violations reported for one document.
-pub const VIOLATIONS_MAX: usize = 100;
+pub use crate::limits::DOCUMENT_VIOLATIONS_MAX as VIOLATIONS_MAX;
 
 impl Schema {
     /// Compiles a schema (draft 2020-12 unless it names another with `$schema`); `format` is

@@ -26,11 +26,11 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
-use sourced_core::{AggregateId, Command, Position, TenantId, TypeName};
+use sourced_core::{AggregateId, Position, TenantId, TypeName};
 use sourced_engine::{CommandOutcome, Engine, Start, SubscriptionFilter, SubscriptionItem};
 
 use crate::config::WsLimits;
-use crate::problem::{Problem, from_engine};
+use crate::problem::Problem;
 use crate::request::Caller;
 use crate::state::{AppState, LiveState};
 
@@ -38,19 +38,16 @@ mod frames;
 mod outbound;
 mod protocol;
 
+use crate::commands::{Sender, execute_envelope};
 pub(crate) use frames::ResultReply;
 use frames::*;
 use outbound::*;
-pub(crate) use protocol::execute_envelope;
 pub use protocol::serve;
 use protocol::*;
 
-/// Longest subscription name.
-const SUB_NAME_BYTES_MAX: usize = 128;
+use crate::limits::SUB_NAME_BYTES_MAX;
 
-/// Once the writer has fed this many messages to the socket it takes no more queued items
-/// before a flush (the last item may bring up to [`WAKE_EVENTS_MAX`] more).
-const WRITE_BATCH_MAX: usize = 64;
+use crate::limits::WRITE_BATCH_MAX;
 
 /// When only subscription events are queued and the writer flushed less than this long ago,
 /// it waits out the rest before flushing, so that under load one write carries several
@@ -67,9 +64,7 @@ const EVENT_LINGER: Duration = Duration::from_micros(500);
 /// still arrive whole (the buffer grows as a frame needs).
 const READ_BUFFER_BYTES: usize = 8 * 1024;
 
-/// Most events a subscription takes at one wake: one `{"op":"events"}` frame (subscriptions
-/// opened with `"batch": true`), or one run of `{"op":"event"}` frames in one queue slot.
-const WAKE_EVENTS_MAX: usize = 256;
+use crate::limits::WAKE_EVENTS_MAX;
 
 /// A wake takes no further event once its events are this long; a single event longer than
 /// this still goes, alone.

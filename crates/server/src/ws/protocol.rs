@@ -197,44 +197,18 @@ pub(super) fn too_large(e: &axum::Error) -> Option<String> {
 
 /// One command, as `POST /commands` runs it; the reply frame as text.
 pub(super) async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
-    let (id, problem) = match execute_envelope(engine, envelope, tenant).await {
-        Ok(outcome) => {
-            let reply = ResultReply::new(Some("result"), &outcome);
-            match serde_json::to_string(&reply) {
-                Ok(text) => return text,
-                Err(e) => reply.unserialisable(&e),
+    let (id, problem) =
+        match execute_envelope(engine, envelope, Sender { tenant: tenant.as_ref(), idempotency_key: None }).await {
+            Ok(outcome) => {
+                let reply = ResultReply::new(Some("result"), &outcome);
+                match serde_json::to_string(&reply) {
+                    Ok(text) => return text,
+                    Err(e) => reply.unserialisable(&e),
+                }
             }
-        }
-        Err(e) => *e,
-    };
+            Err(e) => *e,
+        };
     error_frame(id, None, &problem).to_string()
-}
-
-/// A command envelope that failed: the command id, if one was found, and the problem (boxed:
-/// the error path is rare and the problem large).
-pub(crate) type EnvelopeError = Box<(Option<Value>, Problem)>;
-
-/// One command envelope through the pipeline of `POST /commands` (shared by the WebSocket and
-/// Socket.IO APIs): its outcome, or the problem. `tenant` is the one the connection fixes, if
-/// any.
-pub(crate) async fn execute_envelope(
-    engine: &Engine,
-    envelope: Value,
-    tenant: Option<TenantId>,
-) -> Result<CommandOutcome, EnvelopeError> {
-    let id = envelope.get("id").filter(|v| v.is_string()).cloned();
-    let tenant_fixed = tenant.is_some();
-    let defaults =
-        sourced_engine::fresh::envelope_defaults(tenant.unwrap_or_else(TenantId::default_tenant), tenant_fixed);
-    let cmd = match Command::from_envelope_value(envelope, defaults) {
-        Ok(c) => c,
-        Err(e) => return Err(Box::new((id, Problem::from(e)))),
-    };
-    let cmd_id = cmd.id;
-    engine
-        .execute(cmd, None)
-        .await
-        .map_err(|e| Box::new((Some(Value::from(cmd_id.to_string())), from_engine(e, false))))
 }
 
 /// How a subscription's events are framed.

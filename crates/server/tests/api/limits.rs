@@ -1,6 +1,7 @@
 //! docs/limits.md lists every fixed limit of the service (the `*_MAX` constants of core, store,
 //! engine and server) with the file it lives in and its value, so a reader finds them all in one
-//! place; this test keeps the table and the code the same.
+//! place; this test keeps the table and the code the same, and every one of them in its crate's
+//! `limits.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,8 @@ fn every_fixed_limit_is_listed() {
     let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let code = constants(crates);
     assert!(code.len() >= 30, "found only {} limits in the code", code.len());
+    let elsewhere: Vec<_> = code.iter().filter(|(_, file, _)| !file.ends_with("/src/limits.rs")).collect();
+    assert!(elsewhere.is_empty(), "a fixed limit is defined outside its crate's limits.rs: {elsewhere:?}");
     let doc = std::fs::read_to_string(crates.parent().unwrap().join("docs/limits.md")).unwrap();
     let listed: BTreeSet<(String, String, String)> = doc
         .lines()

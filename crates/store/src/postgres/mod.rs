@@ -127,17 +127,11 @@ use schema::{MIGRATION_LOCK_KEY, check_synchronous_commit, migrate, select_head,
 use writer::{INSERT_SNAPSHOTS, SnapColumns, SnapWrite, head_key, write_loop};
 pub use writer::{LOOK_UP_COMMANDS, LOOK_UP_HEADS};
 
-/// Most connections a pool may hold.
-pub const POOL_SIZE_MAX: usize = 1_024;
-/// Most appends one commit may carry.
-pub const BATCH_APPENDS_MAX: usize = 65_536;
-/// Most events one commit may carry (an append alone may carry up to
-/// [`APPEND_EVENTS_MAX`](crate::APPEND_EVENTS_MAX)).
-pub const BATCH_EVENTS_MAX: usize = 20_000;
-/// Most appends that may wait for the writer.
-pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
-/// Longest time any wait may be configured to last.
-pub const TIMEOUT_MS_MAX: u64 = 600_000;
+pub use crate::limits::BATCH_APPENDS_MAX;
+pub use crate::limits::BATCH_EVENTS_MAX;
+pub use crate::limits::POOL_SIZE_MAX;
+pub use crate::limits::QUEUE_CAPACITY_MAX;
+pub use crate::limits::TIMEOUT_MS_MAX;
 
 /// Tuning of a [`PostgresStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,21 @@
+//! Every fixed limit of the server crate (the `*_MAX` constants), in one place: what a
+//! deployment cannot set. docs/limits.md lists them all with their meaning; the limits a
+//! deployment sets are settings.
+
+// Used by artifacts.rs.
+/// Deepest directory nesting read in an artifact directory.
+pub const ARTIFACT_DIR_DEPTH_MAX: usize = 8;
+
+// Used by config.rs.
+/// Most fields `INDEXES` may name: each index costs every write.
+pub const INDEXES_MAX: usize = 32;
+
+// Used by ws/mod.rs.
+/// Longest subscription name.
+pub const SUB_NAME_BYTES_MAX: usize = 128;
+/// Once the writer has fed this many messages to the socket it takes no more queued items
+/// before a flush (the last item may bring up to [`WAKE_EVENTS_MAX`] more).
+pub const WRITE_BATCH_MAX: usize = 64;
+/// Most events a subscription takes at one wake: one `{"op":"events"}` frame (subscriptions
+/// opened with `"batch": true`), or one run of `{"op":"event"}` frames in one queue slot.
+pub const WAKE_EVENTS_MAX: usize = 256;
