@@ -117,7 +117,7 @@ async fn fold_stream(store: &dyn EventStore, key: StreamKey, every: u64) -> Resu
         snapshots.push(agg.clone());
     }
     let (Some(created_at), Some(updated_at)) = (agg.created_at, agg.updated_at) else {
-        return Err(EngineError::Store(sourced_store::StoreError::Corrupt(format!("{key}: a stream without events"))));
+        return Err(EngineError::Store(sourced_store::StoreError::corrupt(format!("{key}: a stream without events"))));
     };
     let row = DocumentRow {
         key,

@@ -323,7 +323,7 @@ impl Subscription {
     fn next_in_page(&mut self) -> Option<Result<SubscriptionItem, StoreError>> {
         while let Some(e) = self.page.pop_front() {
             if e.position <= self.last {
-                return Some(Err(StoreError::Corrupt(format!(
+                return Some(Err(StoreError::corrupt(format!(
                     "the feed went back from position {} to {}",
                     self.last, e.position
                 ))));

@@ -66,10 +66,10 @@ impl EventStore for Faulty {
                 };
                 Err(StoreError::Conflict { expected: request.expected, actual: StreamHead { version, deleted: false } })
             }
-            Some(Fault::Unavailable) => Err(StoreError::Unavailable("injected: the store is away".into())),
+            Some(Fault::Unavailable) => Err(StoreError::unavailable("injected: the store is away")),
             Some(Fault::LostAck) => {
                 self.inner.append(request).await?;
-                Err(StoreError::Unavailable("injected: the acknowledgement was lost".into()))
+                Err(StoreError::unavailable("injected: the acknowledgement was lost"))
             }
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;

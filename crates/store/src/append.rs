@@ -24,6 +24,17 @@ pub(crate) struct Job {
     reply: oneshot::Sender<(AppendRequest, Result<Written, StoreError>)>,
 }
 
+#[cfg(test)]
+impl Job {
+    /// A job for `request` as [`enqueue`] would queue it, for tests that drive a writer's
+    /// batch directly (nobody waits for its answer).
+    pub(crate) fn for_test(request: AppendRequest) -> Job {
+        let encoded = Encoded::new(&request).expect("a request that encodes");
+        let (reply, _) = oneshot::channel();
+        Job { request, encoded, reply }
+    }
+}
+
 /// An append's text columns, ready to bind: the JSON texts, and the ids as text (SQLite binds
 /// them so; PostgreSQL binds the ids as `uuid` from the request).
 pub(crate) struct Encoded {
@@ -169,7 +180,7 @@ impl<W: WriterHandle> WriterSlot<W> {
             Some(w) => w.sender().is_closed(),
         };
         if writer_stopped {
-            return Err(StoreError::Unavailable(format!("the {} writer has stopped", self.backend)));
+            return Err(StoreError::unavailable(format!("the {} writer has stopped", self.backend)));
         }
         Ok(())
     }
@@ -190,11 +201,11 @@ pub(crate) async fn enqueue(
     sender
         .send(Job { request, encoded, reply })
         .await
-        .map_err(|_| StoreError::Unavailable(format!("the {backend} writer has stopped")))?;
+        .map_err(|_| StoreError::unavailable(format!("the {backend} writer has stopped")))?;
     counters.accepted.fetch_add(1, Ordering::SeqCst);
     drop(sender);
     let (request, written) =
-        answer.await.map_err(|_| StoreError::Unavailable(format!("the {backend} writer stopped before answering")))?;
+        answer.await.map_err(|_| StoreError::unavailable(format!("the {backend} writer stopped before answering")))?;
     match written? {
         Written::Duplicate(record) => Ok(AppendOutcome::Duplicate(record)),
         Written::Appended { first_position, first_version } => {
@@ -220,7 +231,7 @@ pub(crate) fn batch_failed(e: &StoreError, appends: usize) -> Vec<Result<Written
                 StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
                 StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
                 StoreError::Closed => StoreError::Closed,
-                other => StoreError::Backend(format!("the batch was not committed: {other}")),
+                other => StoreError::backend(format!("the batch was not committed: {other}")),
             })
         })
         .collect()
@@ -315,7 +326,7 @@ pub(crate) fn decide_append(
         events: request.events.len() as u64,
     };
     if span.events == 0 {
-        return Err(StoreError::InvalidRequest("an append needs at least one event".into()));
+        return Err(StoreError::invalid_request("an append needs at least one event"));
     }
     to_sql_int(span.last_version().0)?;
     to_sql_int(span.next_position() - 1)?;
@@ -421,7 +432,7 @@ mod tests {
         let asked = std::cell::Cell::new(false);
         let head = || {
             asked.set(true);
-            Err(StoreError::Corrupt("a bad head".into()))
+            Err(StoreError::corrupt("a bad head"))
         };
         let decided = decide_append(Some(record()), head, &request(ExpectedVersion::NoStream, 1), 1);
         assert!(matches!(decided, Ok(Decision::Duplicate(_))), "{decided:?}");

@@ -12,6 +12,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::sync::Arc;
 
 use sourced_core::query::{FieldPath, Filter, SortKey, SortSlot};
 use sourced_core::{
@@ -146,8 +147,9 @@ pub struct DocumentText {
 impl DocumentText {
     /// The row with its document parsed.
     pub fn parse(self) -> Result<DocumentRow, StoreError> {
-        let state = serde_json::from_str(&self.state_json)
-            .map_err(|e| StoreError::Corrupt(format!("{}: the read model's document is not JSON: {e}", self.key)))?;
+        let state = serde_json::from_str(&self.state_json).map_err(|e| {
+            StoreError::corrupt(format!("{}: the read model's document is not JSON: {e}", self.key)).with_source(e)
+        })?;
         Ok(DocumentRow {
             key: self.key,
             version: self.version,
@@ -246,12 +248,16 @@ pub struct StoreStats {
     pub events_read: u64,
 }
 
+/// A read's `limit` capped at [`READ_LIMIT_MAX`], or `None` when the read returns nothing.
+pub(crate) fn read_limit(limit: usize) -> Option<usize> {
+    Some(limit.min(READ_LIMIT_MAX)).filter(|&limit| limit > 0)
+}
+
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The stream's head did not satisfy the expected version; nothing was written.
-    #[error("version conflict: expected {expected}, the stream is at version {}", .actual.version)]
     Conflict {
         /// What the append expected.
         expected: ExpectedVersion,
@@ -259,20 +265,126 @@ pub enum StoreError {
         actual: StreamHead,
     },
     /// The request is outside what the store accepts (no events, too many, bad limit).
-    #[error("invalid store request: {0}")]
-    InvalidRequest(String),
+    InvalidRequest(Detail),
     /// The store cannot be reached or cannot write now; the operation may succeed later.
-    #[error("the event store is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
     /// The store is shutting down and takes no more writes.
-    #[error("the event store is shutting down")]
     Closed,
     /// Stored data broke an invariant (e.g. a version gap).
-    #[error("stored data is inconsistent: {0}")]
-    Corrupt(String),
+    Corrupt(Detail),
     /// Any other backend failure.
-    #[error("event store error: {0}")]
-    Backend(String),
+    Backend(Detail),
+}
+
+impl StoreError {
+    /// [`StoreError::InvalidRequest`] with this message.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        StoreError::InvalidRequest(Detail::new(message))
+    }
+
+    /// [`StoreError::Unavailable`] with this message.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StoreError::Unavailable(Detail::new(message))
+    }
+
+    /// [`StoreError::Corrupt`] with this message.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        StoreError::Corrupt(Detail::new(message))
+    }
+
+    /// [`StoreError::Backend`] with this message.
+    pub fn backend(message: impl Into<String>) -> Self {
+        StoreError::Backend(Detail::new(message))
+    }
+
+    /// The same error with `source` as its [`std::error::Error::source`] (the driver's or the
+    /// system's error it was made from); a variant without a [`Detail`] stays as it is.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let StoreError::InvalidRequest(d)
+        | StoreError::Unavailable(d)
+        | StoreError::Corrupt(d)
+        | StoreError::Backend(d) = &mut self
+        {
+            d.source = Some(Arc::new(source));
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Conflict { expected, actual } => {
+                write!(f, "version conflict: expected {expected}, the stream is at version {}", actual.version)
+            }
+            StoreError::InvalidRequest(d) => write!(f, "invalid store request: {d}"),
+            StoreError::Unavailable(d) => write!(f, "the event store is unavailable: {d}"),
+            StoreError::Closed => f.write_str("the event store is shutting down"),
+            StoreError::Corrupt(d) => write!(f, "stored data is inconsistent: {d}"),
+            StoreError::Backend(d) => write!(f, "event store error: {d}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::InvalidRequest(d)
+            | StoreError::Unavailable(d)
+            | StoreError::Corrupt(d)
+            | StoreError::Backend(d) => d.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static)),
+            StoreError::Conflict { .. } | StoreError::Closed => None,
+        }
+    }
+}
+
+/// What a [`StoreError`] says (its message, which it displays as) and, when it was made from
+/// one, the error underneath (a `rusqlite`, `tokio_postgres` or I/O error), which
+/// [`std::error::Error::source`] returns. Shared, so a batch's one failure can be handed to
+/// each of its appends.
+#[derive(Clone, Debug)]
+pub struct Detail {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Detail {
+    /// A message without a source.
+    pub fn new(message: impl Into<String>) -> Self {
+        Detail { message: message.into(), source: None }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::ops::Deref for Detail {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Detail {
+    fn from(message: String) -> Self {
+        Detail::new(message)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(message: &str) -> Self {
+        Detail::new(message)
+    }
 }
 
 /// The event store: every backend implements this and passes [`contract`].
@@ -436,7 +548,7 @@ pub(crate) fn check_stream_read(key: &StreamKey, after: Version, events: &[Recor
     for event in events {
         expected_version = expected_version.next();
         if event.version != expected_version || event.position <= previous_position {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::corrupt(format!(
                 "{key}: read version {} at position {} where version {expected_version} after position \
                  {previous_position} was due",
                 event.version, event.position
@@ -453,7 +565,7 @@ pub(crate) fn check_feed_read(after: Position, events: &[RecordedEvent]) -> Resu
     let mut previous = after;
     for event in events {
         if event.position <= previous || event.version == Version::ZERO {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::corrupt(format!(
                 "read position {} (version {}) of {} after position {previous}",
                 event.position, event.version, event.tenant
             )));
@@ -472,7 +584,7 @@ pub(crate) fn check_options<T: PartialOrd + std::fmt::Display>(bounds: &[(&str, 
         .filter(|(_, value, min, max)| !(min..=max).contains(&value))
         .map(|(name, value, min, max)| format!("{name} must be {min}..={max}, not {value}"))
         .collect();
-    if problems.is_empty() { Ok(()) } else { Err(StoreError::InvalidRequest(problems.join("; "))) }
+    if problems.is_empty() { Ok(()) } else { Err(StoreError::invalid_request(problems.join("; "))) }
 }
 
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
@@ -482,19 +594,19 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 /// Checks a list query's shape and that its rows come back in its order.
 pub(crate) fn check_list(query: &ListQuery) -> Result<(), StoreError> {
     if query.filters.len() > sourced_core::query::FILTERS_MAX {
-        return Err(StoreError::InvalidRequest(format!(
+        return Err(StoreError::invalid_request(format!(
             "a list query has at most {} filters",
             sourced_core::query::FILTERS_MAX
         )));
     }
     if query.sort.len() > sourced_core::query::SORT_KEYS_MAX {
-        return Err(StoreError::InvalidRequest(format!(
+        return Err(StoreError::invalid_request(format!(
             "a list query has at most {} sort keys",
             sourced_core::query::SORT_KEYS_MAX
         )));
     }
     if query.after.as_ref().is_some_and(|c| c.slots.len() != query.sort.len()) {
-        return Err(StoreError::InvalidRequest("the cursor does not fit the query's sort keys".into()));
+        return Err(StoreError::invalid_request("the cursor does not fit the query's sort keys"));
     }
     Ok(())
 }
@@ -505,7 +617,7 @@ pub(crate) fn check_list_read(query: &ListQuery, rows: &[DocumentRow]) -> Result
         let a = (pair[0].key.id.as_str(), &pair[0].state);
         let b = (pair[1].key.id.as_str(), &pair[1].state);
         if sourced_core::query::compare_rows(&query.sort, a, b) != std::cmp::Ordering::Less {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::corrupt(format!(
                 "documents out of the list's order: {} then {}",
                 pair[0].key, pair[1].key
             )));
@@ -517,10 +629,10 @@ pub(crate) fn check_list_read(query: &ListQuery, rows: &[DocumentRow]) -> Result
 /// Checks the shape of an append before a backend runs it.
 pub fn validate_append(request: &AppendRequest) -> Result<(), StoreError> {
     if request.events.is_empty() {
-        return Err(StoreError::InvalidRequest("an append needs at least one event".into()));
+        return Err(StoreError::invalid_request("an append needs at least one event"));
     }
     if request.events.len() > APPEND_EVENTS_MAX {
-        return Err(StoreError::InvalidRequest(format!(
+        return Err(StoreError::invalid_request(format!(
             "an append carries at most {APPEND_EVENTS_MAX} events, not {}",
             request.events.len()
         )));

@@ -9,7 +9,8 @@ use crate::StoreError;
 
 /// A JSON value as the text the store keeps.
 pub(crate) fn to_json(value: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::InvalidRequest(format!("a JSON value cannot be stored: {e}")))
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::invalid_request(format!("a JSON value cannot be stored: {e}")).with_source(e))
 }
 
 /// A stored JSON text of `column`.
@@ -19,7 +20,7 @@ pub(crate) fn from_json(text: &str, column: &str) -> Result<Value, StoreError> {
 
 /// A number to write: refused beyond what a column holds.
 pub(crate) fn to_sql_int(n: u64) -> Result<i64, StoreError> {
-    i64::try_from(n).map_err(|_| StoreError::InvalidRequest(format!("{n} is beyond what the store can hold")))
+    i64::try_from(n).map_err(|_| StoreError::invalid_request(format!("{n} is beyond what the store can hold")))
 }
 
 /// For bounds of reads: nothing stored is above `i64::MAX`.
@@ -29,12 +30,12 @@ pub(crate) fn clamp_sql_int(n: u64) -> i64 {
 
 /// A stored number, which is never negative.
 pub(crate) fn from_sql_int(n: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative {what}: {n}")))
+    u64::try_from(n).map_err(|_| StoreError::corrupt(format!("a negative {what}: {n}")))
 }
 
 /// The error of a `column` whose value does not decode.
 pub(crate) fn corrupt_row(column: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{column} does not decode: {e}"))
+    StoreError::corrupt(format!("{column} does not decode: {e}"))
 }
 
 /// Which events a read selects, and so where each event's stream comes from: the query's key,

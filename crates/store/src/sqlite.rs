@@ -212,7 +212,7 @@ impl SqliteStore {
         options.validate()?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create the directory {}: {e}", parent.display()))
+                StoreError::unavailable(format!("cannot create the directory {}: {e}", parent.display())).with_source(e)
             })?;
         }
 
@@ -220,7 +220,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(sql_err)?;
         let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(sql_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Backend(format!("{} cannot use WAL (journal mode is {mode})", path.display())));
+            return Err(StoreError::backend(format!("{} cannot use WAL (journal mode is {mode})", path.display())));
         }
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err)?;
         let wal_bytes_max = i64::try_from(options.wal_bytes_max).unwrap_or(i64::MAX);
@@ -245,7 +245,9 @@ impl SqliteStore {
         let checkpointer = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpointer_conn, checkpoint_requests))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::unavailable(format!("cannot start the SQLite checkpointer thread: {e}")).with_source(e)
+            })?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
         let listener: Arc<OnceLock<Arc<dyn CommitListener>>> = Arc::new(OnceLock::new());
         let thread = {
@@ -260,7 +262,9 @@ impl SqliteStore {
                     let writer = WriterState { counters: &counters, head: &head, checkpoint, listener: &listener, wal };
                     write_loop(conn, receiver, batch_appends_max, next_position, writer)
                 })
-                .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}")))?
+                .map_err(|e| {
+                    StoreError::unavailable(format!("cannot start the SQLite writer thread: {e}")).with_source(e)
+                })?
         };
         tracing::debug!(path = %path.display(), next_position, "opened the SQLite store");
         Ok(SqliteStore {
@@ -311,13 +315,7 @@ impl SqliteStore {
                 .map_err(sql_err)?;
             let row = stmt
                 .query_row(params![key.tenant.as_str(), key.type_name.as_str(), key.id.as_str(), bound, fold], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, bool>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
+                    <(i64, String, bool, i64, i64)>::try_from(r)
                 })
                 .optional()
                 .map_err(sql_err)?;
@@ -348,7 +346,7 @@ impl SqliteStore {
             f(&conn).map_err(write_err)
         })
         .await
-        .map_err(|e| StoreError::Backend(format!("the maintenance task failed: {e}")))?
+        .map_err(|e| StoreError::backend(format!("the maintenance task failed: {e}")).with_source(e))?
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -368,7 +366,7 @@ impl SqliteStore {
         let pool = Arc::clone(pool);
         tokio::task::spawn_blocking(move || pool.with(f))
             .await
-            .map_err(|e| StoreError::Backend(format!("a SQLite read task failed: {e}")))?
+            .map_err(|e| StoreError::backend(format!("a SQLite read task failed: {e}")).with_source(e))?
     }
 
     /// Takes the writer out (later appends get `Closed`) and waits for its thread to finish
@@ -423,20 +421,14 @@ impl EventStore for SqliteStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let limit = limit.min(READ_LIMIT_MAX);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(limit) = crate::read_limit(limit) else { return Ok(Vec::new()) };
         let tenant = tenant.clone();
         self.counters
             .counted(Self::read_on(&self.feed_readers, move |conn| read_all(conn, &tenant, after, limit)).await)
     }
 
     async fn read_global(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        let limit = limit.min(READ_LIMIT_MAX);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(limit) = crate::read_limit(limit) else { return Ok(Vec::new()) };
         self.counters.counted(Self::read_on(&self.feed_readers, move |conn| read_global(conn, after, limit)).await)
     }
 
@@ -469,10 +461,7 @@ impl EventStore for SqliteStore {
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
         crate::check_list(query)?;
-        let limit = query.limit.min(READ_LIMIT_MAX);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(limit) = crate::read_limit(query.limit) else { return Ok(Vec::new()) };
         let query = query.clone();
         let indexes = Arc::clone(&self.indexes);
         self.read(move |conn| {
@@ -672,7 +661,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
     let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql_err)?;
     if current > SCHEMA_VERSION {
-        return Err(StoreError::Backend(format!(
+        return Err(StoreError::backend(format!(
             "the database's schema version is {current}, newer than this build's {SCHEMA_VERSION}"
         )));
     }
@@ -891,12 +880,20 @@ fn run_batch(
     run_batch_with_savepoints(conn, batch, next_position)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Batches this thread ran on the savepoint path, so a test can show it got there.
+    static SAVEPOINT_BATCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// The slow path of [`run_batch`]: one savepoint per append.
 fn run_batch_with_savepoints(
     conn: &mut Connection,
     batch: &[Job],
     next_position: &mut u64,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    #[cfg(test)]
+    SAVEPOINT_BATCHES.with(|n| n.set(n.get() + 1));
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
@@ -968,7 +965,7 @@ fn apply(
     }
     // What was written must continue the stream and the global order exactly.
     if version != span.last_version() || *next_position != span.next_position() {
-        return Err(StoreError::Corrupt(format!("{key}: an append did not continue its stream contiguously")));
+        return Err(StoreError::corrupt(format!("{key}: an append did not continue its stream contiguously")));
     }
 
     conn.prepare_cached(
@@ -1046,7 +1043,7 @@ fn select_head(conn: &Connection, key: &StreamKey) -> Result<StreamHead, StoreEr
         Some((version, deleted)) => {
             let version = Version(from_sql_int(version, "version")?);
             if version == Version::ZERO {
-                return Err(StoreError::Corrupt(format!("{key}: a read-model row at version 0")));
+                return Err(StoreError::corrupt(format!("{key}: a read-model row at version 0")));
             }
             Ok(StreamHead { version, deleted })
         }
@@ -1273,7 +1270,7 @@ impl RawDocument {
         let id = AggregateId::parse(&self.agg_id).map_err(|v| corrupt_row("documents.agg_id", v.message))?;
         let version = Version(from_sql_int(self.version, "version")?);
         if version == Version::ZERO {
-            return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
+            return Err(StoreError::corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
         }
         Ok(DocumentText {
             key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
@@ -1299,14 +1296,7 @@ fn select_command(conn: &Connection, tenant: &TenantId, id: CommandId) -> Result
         )
         .map_err(sql_err)?
         .query_row(params![tenant.as_str(), id.0.to_string()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-            ))
+            <(String, String, String, i64, i64, String)>::try_from(r)
         })
         .optional()
         .map_err(sql_err)?;
@@ -1316,7 +1306,7 @@ fn select_command(conn: &Connection, tenant: &TenantId, id: CommandId) -> Result
     let first_version = Version(from_sql_int(first_version, "first_version")?);
     let last_version = Version(from_sql_int(last_version, "last_version")?);
     if first_version == Version::ZERO || last_version < first_version {
-        return Err(StoreError::Corrupt(format!(
+        return Err(StoreError::corrupt(format!(
             "command {id} of tenant {tenant}: versions {first_version}..={last_version}"
         )));
     }
@@ -1362,7 +1352,7 @@ fn to_sql_param(p: &Param) -> rusqlite::types::Value {
 /// Maps a SQLite error: lock, I/O and space problems may pass ([`StoreError::Unavailable`]);
 /// values that do not convert are [`StoreError::Corrupt`]; the rest is [`StoreError::Backend`].
 fn sql_err(e: rusqlite::Error) -> StoreError {
-    match &e {
+    let error = match &e {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked
@@ -1370,23 +1360,24 @@ fn sql_err(e: rusqlite::Error) -> StoreError {
             | ErrorCode::DiskFull
             | ErrorCode::CannotOpen
             | ErrorCode::OutOfMemory
-            | ErrorCode::FileLockingProtocolFailed => StoreError::Unavailable(e.to_string()),
-            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Corrupt(e.to_string()),
-            _ => StoreError::Backend(e.to_string()),
+            | ErrorCode::FileLockingProtocolFailed => StoreError::unavailable(e.to_string()),
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::corrupt(e.to_string()),
+            _ => StoreError::backend(e.to_string()),
         },
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::IntegralValueOutOfRange(..)
         | rusqlite::Error::InvalidColumnType(..)
-        | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(e.to_string()),
-        _ => StoreError::Backend(e.to_string()),
-    }
+        | rusqlite::Error::Utf8Error(..) => StoreError::corrupt(e.to_string()),
+        _ => StoreError::backend(e.to_string()),
+    };
+    error.with_source(e)
 }
 
 /// Like [`sql_err`], but a constraint violation on a write means the events and the read
 /// model disagree (the writer checked the head first), so the data is corrupt.
 fn write_err(e: rusqlite::Error) -> StoreError {
     if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
-        StoreError::Corrupt(format!("the events and the read model disagree: {e}"))
+        StoreError::corrupt(format!("the events and the read model disagree: {e}")).with_source(e)
     } else {
         sql_err(e)
     }
@@ -1395,6 +1386,88 @@ fn write_err(e: rusqlite::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{CommandWrite, DocumentWrite, NewEvent};
+    use sourced_core::ExpectedVersion;
+
+    fn request(id: &str, command: u128, events: usize) -> AppendRequest {
+        let command = CommandId(Uuid::from_u128(command));
+        AppendRequest {
+            key: StreamKey {
+                tenant: TenantId::parse("t").expect("a tenant"),
+                type_name: TypeName::parse("order").expect("a type"),
+                id: AggregateId::parse(id).expect("an id"),
+            },
+            expected: ExpectedVersion::NoStream,
+            events: (0..events)
+                .map(|i| NewEvent {
+                    id: command.event_id(i),
+                    event_type: "created".into(),
+                    data: serde_json::json!({"i": i}),
+                    metadata: serde_json::json!({}),
+                })
+                .collect(),
+            timestamp: from_micros(1_700_000_000_000_000),
+            document: DocumentWrite { state: serde_json::json!({"id": id}), deleted: false },
+            command: CommandWrite { id: command, fingerprint: "fp".into(), extra: Value::Null },
+            snapshot: None,
+        }
+    }
+
+    /// A write that fails after its append passed its checks sends the batch down the
+    /// savepoint path: the appends around it commit, it alone fails and leaves nothing.
+    #[test]
+    fn a_write_failing_after_its_checks_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut conn = Connection::open(dir.path().join("sourced.db")).expect("a connection");
+        migrate(&mut conn).expect("migrate");
+        // An event of "b" that the read model does not know: "b"'s append finds no head and no
+        // command record, so it passes its checks, and its first event then collides with
+        // this one (UNIQUE (tenant, type, agg_id, version)).
+        conn.execute(
+            "INSERT INTO events (position, tenant, type, agg_id, version, event_id, event_type, data, metadata, ts)
+             VALUES (1000, 't', 'order', 'b', 1, ?1, 'created', 'null', '{}', 0)",
+            [Uuid::from_u128(99).to_string()],
+        )
+        .expect("inject an event");
+        let batch: Vec<Job> =
+            [request("a", 1, 2), request("b", 2, 1), request("c", 3, 1)].into_iter().map(Job::for_test).collect();
+        let mut next_position = 1;
+        let before = SAVEPOINT_BATCHES.with(std::cell::Cell::get);
+
+        let results = run_batch(&mut conn, &batch, &mut next_position).expect("the batch commits");
+
+        assert_eq!(SAVEPOINT_BATCHES.with(std::cell::Cell::get), before + 1, "the savepoint path ran");
+        assert!(
+            matches!(results[0], Ok(Written::Appended { first_position: Position(1), first_version: Version(1) })),
+            "{:?}",
+            results[0]
+        );
+        match &results[1] {
+            Err(e @ StoreError::Corrupt(m)) => {
+                assert!(m.contains("disagree"), "{m}");
+                let source = std::error::Error::source(e).expect("the driver's error");
+                assert!(source.downcast_ref::<rusqlite::Error>().is_some(), "{source:?}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // "c" takes the position "b" would have used.
+        assert!(
+            matches!(results[2], Ok(Written::Appended { first_position: Position(3), first_version: Version(1) })),
+            "{:?}",
+            results[2]
+        );
+        assert_eq!(next_position, 4);
+        let rows = |sql: &str| -> Vec<String> {
+            let mut stmt = conn.prepare(sql).expect("a query");
+            stmt.query_map([], |r| r.get::<_, String>(0)).expect("rows").collect::<Result<_, _>>().expect("rows")
+        };
+        assert_eq!(rows("SELECT agg_id FROM documents ORDER BY agg_id"), ["a", "c"]);
+        assert_eq!(rows("SELECT type || '/' || agg_id FROM commands ORDER BY agg_id"), ["order/a", "order/c"]);
+        assert_eq!(
+            rows("SELECT agg_id || '@' || position FROM events ORDER BY position"),
+            ["a@1", "a@2", "c@3", "b@1000"]
+        );
+    }
 
     /// A filter on an indexed field is answered from the index (SQLite's plan names it).
     #[tokio::test]

@@ -471,6 +471,20 @@ async fn bad_urls_options_and_absent_servers_are_refused() {
     }
 }
 
+/// A connection failure keeps the driver's error as its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_failure_has_the_drivers_error_as_source() {
+    let port = free_port().await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+    let e = match PostgresStore::connect(&url, PostgresOptions::default()).await {
+        Err(e) => e,
+        Ok(_) => panic!("connected to a port nothing listens on"),
+    };
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    let source = std::error::Error::source(&e).unwrap_or_else(|| panic!("no source: {e:?}"));
+    assert!(source.downcast_ref::<tokio_postgres::Error>().is_some(), "not tokio-postgres's: {source:?}");
+}
+
 /// The database goes away (a proxy in front of it stops, cutting every connection) and comes
 /// back: meanwhile ping, appends and reads fail as `Unavailable`; afterwards the same store
 /// works again by itself, and nothing acknowledged is lost.

@@ -195,6 +195,22 @@ async fn a_newer_schema_is_refused() {
     }
 }
 
+/// A backend failure keeps the driver's error as its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_database_fails_with_the_drivers_error_as_source() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("sourced.db");
+    std::fs::write(&path, vec![0x5a_u8; 64 * 1024]).expect("write a file that is not a database");
+    let e = match SqliteStore::open(&path, SqliteOptions::default()) {
+        Err(e) => e,
+        Ok(_) => panic!("opened a file that is not a database"),
+    };
+    let source = std::error::Error::source(&e).unwrap_or_else(|| panic!("no source: {e:?}"));
+    let driver = source.downcast_ref::<rusqlite::Error>().unwrap_or_else(|| panic!("not rusqlite's: {source:?}"));
+    assert_eq!(driver.sqlite_error_code(), Some(rusqlite::ErrorCode::NotADatabase), "{driver}");
+    assert!(e.to_string().contains(&driver.to_string()), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_options_are_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");

@@ -9,10 +9,7 @@ pub(super) async fn read_global(
     after: Position,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let limit = limit.min(READ_LIMIT_MAX);
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
+    let Some(limit) = crate::read_limit(limit) else { return Ok(Vec::new()) };
     let events = select_events(
         client,
         &EventScope::Global,
@@ -79,7 +76,7 @@ pub(super) fn decode_document_text(
     let id = AggregateId::parse(&agg_id).map_err(|v| corrupt_row("sourced_documents.agg_id", v.message))?;
     let version = Version(from_sql_int(r.try_get(1).map_err(pg_err)?, "version")?);
     if version == Version::ZERO {
-        return Err(StoreError::Corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
+        return Err(StoreError::corrupt(format!("{tenant}/{type_name}/{id}: a read-model row at version 0")));
     }
     Ok(DocumentText {
         key: StreamKey { tenant: tenant.clone(), type_name: type_name.clone(), id },
@@ -102,7 +99,7 @@ pub(super) fn decode_command(r: &Row) -> Result<CommandRecord, StoreError> {
     let last_version = Version(from_sql_int(r.try_get(6).map_err(pg_err)?, "last_version")?);
     let extra: String = r.try_get(7).map_err(pg_err)?;
     if first_version == Version::ZERO || last_version < first_version {
-        return Err(StoreError::Corrupt(format!(
+        return Err(StoreError::corrupt(format!(
             "command {id} of tenant {tenant}: versions {first_version}..={last_version}"
         )));
     }
@@ -173,15 +170,17 @@ pub(super) fn is_unavailable(e: &tokio_postgres::Error) -> bool {
 /// Maps a PostgreSQL error: see [`is_unavailable`]; data corruption is
 /// [`StoreError::Corrupt`]; the rest is [`StoreError::Backend`].
 pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    if is_unavailable(&e) {
-        return StoreError::Unavailable(format!("PostgreSQL: {e}"));
-    }
+    let error = if is_unavailable(&e) { StoreError::unavailable(format!("PostgreSQL: {e}")) } else { pg_failure(&e) };
+    error.with_source(e)
+}
+
+fn pg_failure(e: &tokio_postgres::Error) -> StoreError {
     match e.code().map(|c| c.code()) {
-        Some(code) if code.starts_with("XX00") => StoreError::Corrupt(format!("PostgreSQL: {e}")),
-        None if e.to_string().contains("deserializ") => StoreError::Corrupt(format!("PostgreSQL: {e}")),
+        Some(code) if code.starts_with("XX00") => StoreError::corrupt(format!("PostgreSQL: {e}")),
+        None if e.to_string().contains("deserializ") => StoreError::corrupt(format!("PostgreSQL: {e}")),
         _ => match e.as_db_error() {
-            Some(db) => StoreError::Backend(format!("PostgreSQL: {}: {}", db.code().code(), db.message())),
-            None => StoreError::Backend(format!("PostgreSQL: {e}")),
+            Some(db) => StoreError::backend(format!("PostgreSQL: {}: {}", db.code().code(), db.message())),
+            None => StoreError::backend(format!("PostgreSQL: {e}")),
         },
     }
 }
@@ -189,13 +188,13 @@ pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
 pub(super) fn pool_err(e: PoolError) -> StoreError {
     match e {
         PoolError::Timeout(kind) => {
-            StoreError::Unavailable(format!("timed out getting a PostgreSQL connection ({kind:?})"))
+            StoreError::unavailable(format!("timed out getting a PostgreSQL connection ({kind:?})"))
         }
         PoolError::Backend(e) => match pg_err(e) {
             StoreError::Backend(m) => StoreError::Unavailable(m),
             other => other,
         },
         PoolError::Closed => StoreError::Closed,
-        other => StoreError::Backend(format!("PostgreSQL pool: {other}")),
+        other => StoreError::backend(format!("PostgreSQL pool: {other}")).with_source(other),
     }
 }

@@ -157,7 +157,7 @@ pub(super) async fn feed_from_store(
         let page = read_global(&client, Position(*fed), limit as usize).await?;
         let Some(last) = page.last().map(|e| e.position.0) else { return Ok(()) };
         if page.first().map(|e| e.position.0) != Some(*fed + 1) || last != *fed + page.len() as u64 {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::corrupt(format!(
                 "the live feed read positions {:?}..={last} after position {fed}",
                 page.first().map(|e| e.position.0)
             )));

@@ -213,7 +213,7 @@ impl WriterHandle for Writer {
 pub fn check_url(url: &str) -> Result<(), StoreError> {
     url.parse::<tokio_postgres::Config>()
         .map(drop)
-        .map_err(|e| StoreError::InvalidRequest(format!("not a PostgreSQL URL: {e}")))
+        .map_err(|e| StoreError::invalid_request(format!("not a PostgreSQL URL: {e}")).with_source(e))
 }
 
 impl PostgresStore {
@@ -221,10 +221,11 @@ impl PostgresStore {
     /// `?options=-csearch_path%3DNAME`), brings the schema up to date and starts the writer.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         options.validate()?;
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::InvalidRequest(format!("not a PostgreSQL URL: {e}")))?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::invalid_request(format!("not a PostgreSQL URL: {e}")).with_source(e))?;
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| StoreError::Backend("the PostgreSQL store needs a tokio runtime".into()))?;
+            .map_err(|_| StoreError::backend("the PostgreSQL store needs a tokio runtime"))?;
         let connect_timeout = Duration::from_millis(options.connect_timeout_ms);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(connect_timeout);
@@ -246,7 +247,7 @@ impl PostgresStore {
                 .create_timeout(Some(connect_timeout))
                 .recycle_timeout(Some(connect_timeout))
                 .build()
-                .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))
+                .map_err(|e| StoreError::backend(format!("cannot build the PostgreSQL pool: {e}")).with_source(e))
         };
         let pool = build(config.clone(), options.pool_size)?;
         let feed_pool = build(config, options.feed_pool_size)?;
@@ -277,7 +278,7 @@ impl PostgresStore {
         let (writer, feed) = (self.client().await?, self.feed_pool.get().await.map_err(pool_err)?);
         let (writer, feed) = (show_synchronous_commit(&writer).await?, show_synchronous_commit(&feed).await?);
         if writer != feed {
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::backend(format!(
                 "synchronous_commit is {writer} on one pool, {feed} on the other"
             )));
         }
@@ -381,10 +382,7 @@ impl EventStore for PostgresStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let limit = limit.min(READ_LIMIT_MAX);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(limit) = crate::read_limit(limit) else { return Ok(Vec::new()) };
         let client = self.feed_pool.get().await.map_err(pool_err)?;
         let events = select_events(
             &client,
@@ -427,10 +425,7 @@ impl EventStore for PostgresStore {
 
     async fn list_documents(&self, query: &ListQuery) -> Result<Vec<DocumentRow>, StoreError> {
         crate::check_list(query)?;
-        let limit = query.limit.min(READ_LIMIT_MAX);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(limit) = crate::read_limit(query.limit) else { return Ok(Vec::new()) };
         let sql = listing::select(Dialect::Postgres, query, limit);
         let client = self.client().await?;
         // Not cached: the statement's text varies with the query's shape, without bound.

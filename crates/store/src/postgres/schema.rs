@@ -78,8 +78,8 @@ pub(super) async fn migrate(client: &mut Object) -> Result<String, StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     let schema: Option<String> = tx.query_one("SELECT current_schema()", &[]).await.map_err(pg_err)?.get(0);
     let Some(schema) = schema else {
-        return Err(StoreError::Backend(
-            "no schema to create Sourced's tables in: the search_path names no existing schema".into(),
+        return Err(StoreError::backend(
+            "no schema to create Sourced's tables in: the search_path names no existing schema",
         ));
     };
     // Two processes starting at once: the second waits here, then finds the work done.
@@ -101,15 +101,15 @@ pub(super) async fn migrate(client: &mut Object) -> Result<String, StoreError> {
         .map_err(pg_err)?
         .get(0);
     let latest = MIGRATIONS.len();
-    let current = usize::try_from(current).map_err(|_| StoreError::Corrupt(format!("schema version {current}")))?;
+    let current = usize::try_from(current).map_err(|_| StoreError::corrupt(format!("schema version {current}")))?;
     if current > latest {
-        return Err(StoreError::Backend(format!(
+        return Err(StoreError::backend(format!(
             "the database's schema version is {current}, newer than this build's {latest}"
         )));
     }
     for (from, (description, sql)) in MIGRATIONS.iter().enumerate().skip(current) {
         tx.batch_execute(sql).await.map_err(pg_err)?;
-        let to = i32::try_from(from + 1).map_err(|_| StoreError::Backend("too many migrations".into()))?;
+        let to = i32::try_from(from + 1).map_err(|_| StoreError::backend("too many migrations"))?;
         tx.execute("INSERT INTO sourced_schema_migrations (version, description) VALUES ($1, $2)", &[&to, description])
             .await
             .map_err(pg_err)?;
@@ -127,7 +127,7 @@ pub(super) async fn show_synchronous_commit(client: &ClientWrapper) -> Result<St
             SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
             _ => None,
         })
-        .ok_or_else(|| StoreError::Backend("SHOW synchronous_commit returned no row".into()))
+        .ok_or_else(|| StoreError::backend("SHOW synchronous_commit returned no row"))
 }
 
 /// Refuses a session whose commits are not durable when they return (see Durability).
@@ -135,7 +135,7 @@ pub(super) fn check_synchronous_commit(value: &str) -> Result<(), StoreError> {
     if value == "on" {
         Ok(())
     } else {
-        Err(StoreError::Backend(format!(
+        Err(StoreError::backend(format!(
             "PostgreSQL runs Sourced's connections with synchronous_commit={value}, although they ask for on: \
              acknowledged writes would not be durable, so Sourced does not start"
         )))

@@ -152,15 +152,8 @@ pub(super) struct Statements {
 
 impl Statements {
     async fn prepare(client: &ClientWrapper) -> Result<Statements, tokio_postgres::Error> {
-        let (
-            select_commands,
-            select_heads,
-            insert_events,
-            upsert_documents,
-            insert_commands,
-            update_counter,
-            insert_snapshots,
-        ) = tokio::try_join!(
+        // In the order of the struct's fields.
+        let prepared = tokio::try_join!(
             client.prepare_cached(LOOK_UP_COMMANDS),
             client.prepare_cached(LOOK_UP_HEADS),
             client.prepare_cached(
@@ -191,13 +184,13 @@ impl Statements {
             client.prepare_cached(INSERT_SNAPSHOTS),
         )?;
         Ok(Statements {
-            select_commands,
-            select_heads,
-            insert_events,
-            upsert_documents,
-            insert_commands,
-            update_counter,
-            insert_snapshots,
+            select_commands: prepared.0,
+            select_heads: prepared.1,
+            insert_events: prepared.2,
+            upsert_documents: prepared.3,
+            insert_commands: prepared.4,
+            update_counter: prepared.5,
+            insert_snapshots: prepared.6,
         })
     }
 }
@@ -308,7 +301,9 @@ pub(super) async fn run_batch_with_savepoints(
             Err(e) if e.as_db_error().is_some() && !is_unavailable(&e) => {
                 client.batch_execute("ROLLBACK TO SAVEPOINT append").await?;
                 tracing::error!(key = %job.request.key, error = %e, "an append found inconsistent data");
-                results.push(Err(StoreError::Corrupt(format!("the events and the read model disagree: {e}"))));
+                results.push(Err(
+                    StoreError::corrupt(format!("the events and the read model disagree: {e}")).with_source(e)
+                ));
             }
             Err(e) => return Err(e),
         }
@@ -319,7 +314,7 @@ pub(super) async fn run_batch_with_savepoints(
 
 /// The error of every append when the counter's row is missing.
 pub(super) fn missing_counter() -> StoreError {
-    StoreError::Corrupt("the position counter's row (sourced_position) is missing".into())
+    StoreError::corrupt("the position counter's row (sourced_position) is missing")
 }
 
 /// Commits the open transaction; when it wrote events (`before < head`), it first queues a
@@ -519,9 +514,9 @@ impl Plan {
         let request = &job.request;
         let key = &request.key;
         let record_key = (key.tenant.as_str().to_owned(), request.command.id.0);
-        let record = known.records.get(&record_key).cloned().transpose().map_err(StoreError::Corrupt)?;
+        let record = known.records.get(&record_key).cloned().transpose().map_err(StoreError::corrupt)?;
         let hk = head_key(key);
-        let head = || known.heads.get(&hk).cloned().unwrap_or(Ok(StreamHead::default())).map_err(StoreError::Corrupt);
+        let head = || known.heads.get(&hk).cloned().unwrap_or(Ok(StreamHead::default())).map_err(StoreError::corrupt);
         let span = match decide_append(record, head, request, self.last_position + 1 + self.events)? {
             Decision::Duplicate(record) => return Ok(Written::Duplicate(record)),
             Decision::Conflict(actual) => return Err(StoreError::Conflict { expected: request.expected, actual }),
