@@ -121,6 +121,13 @@ pub enum DomainError {
     },
 }
 
+impl DomainError {
+    /// A [`DomainError::LimitExceeded`]: `actual` is over `limit` of `kind`.
+    pub fn over_limit(kind: LimitKind, limit: usize, actual: usize, message: String) -> Self {
+        DomainError::LimitExceeded { kind, limit: limit as u64, actual: actual as u64, message }
+    }
+}
+
 fn summarize(v: &[Violation]) -> String {
     let mut parts: Vec<String> = v
         .iter()

@@ -41,12 +41,13 @@ pub enum JsonError {
 pub fn parse(text: &[u8], depth_max: usize) -> Result<Value, JsonError> {
     let scan = scan(text, depth_max);
     if let Scan::TooDeep = scan {
-        return Err(JsonError::Refused(DomainError::LimitExceeded {
-            kind: LimitKind::JsonDepth,
-            limit: depth_max as u64,
-            actual: depth_max as u64 + 1,
-            message: format!("JSON nesting depth exceeds the limit of {depth_max}"),
-        }));
+        let message = format!("JSON nesting depth exceeds the limit of {depth_max}");
+        return Err(JsonError::Refused(DomainError::over_limit(
+            LimitKind::JsonDepth,
+            depth_max,
+            depth_max + 1,
+            message,
+        )));
     }
     let value: Value = serde_json::from_slice(text).map_err(JsonError::Syntax)?;
     match scan {

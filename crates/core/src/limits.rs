@@ -103,12 +103,8 @@ impl Limits {
     pub fn check_depth(&self, v: &Value) -> Result<(), DomainError> {
         let depth = json_depth(v);
         if depth > self.json_depth_max {
-            return Err(DomainError::LimitExceeded {
-                kind: LimitKind::JsonDepth,
-                limit: self.json_depth_max as u64,
-                actual: depth as u64,
-                message: format!("JSON nesting depth {depth} exceeds the limit of {}", self.json_depth_max),
-            });
+            let message = format!("JSON nesting depth {depth} exceeds the limit of {}", self.json_depth_max);
+            return Err(DomainError::over_limit(LimitKind::JsonDepth, self.json_depth_max, depth, message));
         }
         Ok(())
     }
@@ -117,15 +113,9 @@ impl Limits {
     pub fn check_document_size(&self, doc: &Value) -> Result<(), DomainError> {
         let size = serialized_len(doc);
         if size > self.document_bytes_max {
-            return Err(DomainError::LimitExceeded {
-                kind: LimitKind::DocumentSize,
-                limit: self.document_bytes_max as u64,
-                actual: size as u64,
-                message: format!(
-                    "the resulting document is {size} bytes, over the limit of {} bytes",
-                    self.document_bytes_max
-                ),
-            });
+            let max = self.document_bytes_max;
+            let message = format!("the resulting document is {size} bytes, over the limit of {max} bytes");
+            return Err(DomainError::over_limit(LimitKind::DocumentSize, max, size, message));
         }
         Ok(())
     }

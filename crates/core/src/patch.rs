@@ -20,12 +20,9 @@ pub fn parse_patch(body: &Value, limits: &Limits) -> Result<Patch, DomainError> 
         )]));
     };
     if ops.len() > limits.patch_ops_max {
-        return Err(DomainError::LimitExceeded {
-            kind: LimitKind::PatchOps,
-            limit: limits.patch_ops_max as u64,
-            actual: ops.len() as u64,
-            message: format!("the patch has {} operations, over the limit of {}", ops.len(), limits.patch_ops_max),
-        });
+        let (max, n) = (limits.patch_ops_max, ops.len());
+        let message = format!("the patch has {n} operations, over the limit of {max}");
+        return Err(DomainError::over_limit(LimitKind::PatchOps, max, n, message));
     }
     let mut parsed = Vec::with_capacity(ops.len());
     let mut violations = Vec::new();
@@ -55,15 +52,9 @@ pub fn parse_patch(body: &Value, limits: &Limits) -> Result<Patch, DomainError> 
         .filter(|op| op.path().as_str().ends_with("/-"))
         .count();
     if appends > limits.array_appends_max {
-        return Err(DomainError::LimitExceeded {
-            kind: LimitKind::ArrayAppends,
-            limit: limits.array_appends_max as u64,
-            actual: appends as u64,
-            message: format!(
-                "the patch appends {appends} array elements, over the limit of {}",
-                limits.array_appends_max
-            ),
-        });
+        let max = limits.array_appends_max;
+        let message = format!("the patch appends {appends} array elements, over the limit of {max}");
+        return Err(DomainError::over_limit(LimitKind::ArrayAppends, max, appends, message));
     }
     Ok(Patch(parsed))
 }
@@ -165,15 +156,11 @@ fn apply_ops(doc: &Value, patch: &Patch, copy_budget: Option<usize>) -> Result<V
             match serialized_len_within(source, left) {
                 Some(n) => copied += n,
                 None => {
-                    return Err(DomainError::LimitExceeded {
-                        kind: LimitKind::DocumentSize,
-                        limit: budget as u64,
-                        actual: (budget + 1) as u64,
-                        message: format!(
-                            "operation {index} would copy more than {budget} bytes in all (the document size \
-                             limit); the copies of one patch may not total more than the largest document"
-                        ),
-                    });
+                    let message = format!(
+                        "operation {index} would copy more than {budget} bytes in all (the document size \
+                         limit); the copies of one patch may not total more than the largest document"
+                    );
+                    return Err(DomainError::over_limit(LimitKind::DocumentSize, budget, budget + 1, message));
                 }
             }
         }

@@ -274,6 +274,21 @@ fn count_nodes(e: &Expression) -> usize {
     n
 }
 
+/// `out`, a literal list, map or message, grown by the estimates of its parts: their sizes
+/// add up, its largest element is the largest part, and (for lists and maps, `nested`) its
+/// longest inner collection is the longest of theirs.
+fn holding<'v>(mut out: Est<'v>, parts: impl Iterator<Item = Est<'v>>, nested: bool) -> Est<'v> {
+    for v in parts {
+        out.stats.size += v.size();
+        if nested {
+            out.stats.len = out.stats.len.max(v.stats.len);
+        }
+        out.stats.elem = out.stats.elem.max(v.size()).max(v.stats.elem);
+        out.peak = out.peak.max(v.peak);
+    }
+    out
+}
+
 fn entry_exprs(e: &cel::common::ast::IdedEntryExpr) -> Vec<&Expression> {
     match &e.expr {
         EntryExpr::StructField(f) => vec![&f.value],
@@ -380,36 +395,16 @@ fn estimate<'e, 'v>(
             if s.test { Est::SCALAR } else { operand.part(Some(&Value::String(s.field.clone()))) }
         }
         Ast::List(l) => {
-            let mut out = Est::new(2.0 + l.elements.len() as f64, l.elements.len() as f64, 0.0);
-            for x in &l.elements {
-                let v = estimate(x, scope, cost, accu);
-                out.stats.size += v.size();
-                out.stats.len = out.stats.len.max(v.stats.len);
-                out.stats.elem = out.stats.elem.max(v.size()).max(v.stats.elem);
-                out.peak = out.peak.max(v.peak);
-            }
-            out
+            let out = Est::new(2.0 + l.elements.len() as f64, l.elements.len() as f64, 0.0);
+            holding(out, l.elements.iter().map(|x| estimate(x, scope, cost, accu)), true)
         }
         Ast::Map(m) => {
-            let mut out = Est::new(2.0 + 2.0 * m.entries.len() as f64, m.entries.len() as f64, 0.0);
-            for x in m.entries.iter().flat_map(entry_exprs) {
-                let v = estimate(x, scope, cost, accu);
-                out.stats.size += v.size();
-                out.stats.len = out.stats.len.max(v.stats.len);
-                out.stats.elem = out.stats.elem.max(v.size()).max(v.stats.elem);
-                out.peak = out.peak.max(v.peak);
-            }
-            out
+            let out = Est::new(2.0 + 2.0 * m.entries.len() as f64, m.entries.len() as f64, 0.0);
+            holding(out, m.entries.iter().flat_map(entry_exprs).map(|x| estimate(x, scope, cost, accu)), true)
         }
         Ast::Struct(st) => {
-            let mut out = Est::new(2.0, st.entries.len() as f64, 0.0);
-            for x in st.entries.iter().flat_map(entry_exprs) {
-                let v = estimate(x, scope, cost, accu);
-                out.stats.size += v.size();
-                out.stats.elem = out.stats.elem.max(v.size()).max(v.stats.elem);
-                out.peak = out.peak.max(v.peak);
-            }
-            out
+            let out = Est::new(2.0, st.entries.len() as f64, 0.0);
+            holding(out, st.entries.iter().flat_map(entry_exprs).map(|x| estimate(x, scope, cost, accu)), false)
         }
         Ast::Call(c) => {
             let is_accu = |x: &Expression| matches!(&x.expr, Ast::Ident(n) if Some(n.as_str()) == accu);
