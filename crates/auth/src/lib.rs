@@ -171,3 +171,43 @@ impl Authenticator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slugs are the problem types clients see: each refusal has its own, and they do not
+    /// change (docs/security.md lists them).
+    #[test]
+    fn every_refusal_has_its_own_stable_slug() {
+        let all = [
+            (AuthError::Missing, "credential-missing", Refusal::Unauthenticated),
+            (AuthError::TooLarge(9000), "credential-too-large", Refusal::Unauthenticated),
+            (AuthError::UnknownKey, "key-unknown", Refusal::Unauthenticated),
+            (AuthError::Malformed("x".into()), "token-malformed", Refusal::Unauthenticated),
+            (AuthError::WrongAlgorithm("none".into()), "token-wrong-algorithm", Refusal::Unauthenticated),
+            (AuthError::UnknownKid(None), "token-unknown-kid", Refusal::Unauthenticated),
+            (AuthError::InvalidSignature, "token-invalid-signature", Refusal::Unauthenticated),
+            (AuthError::Expired, "token-expired", Refusal::Unauthenticated),
+            (AuthError::NotYetValid, "token-not-yet-valid", Refusal::Unauthenticated),
+            (AuthError::WrongIssuer, "token-wrong-issuer", Refusal::Unauthenticated),
+            (AuthError::WrongAudience, "token-wrong-audience", Refusal::Unauthenticated),
+            (AuthError::MissingClaim("exp".into()), "token-missing-claim", Refusal::Unauthenticated),
+            (
+                AuthError::InvalidClaim { claim: "tenant".into(), reason: "x".into() },
+                "token-invalid-claim",
+                Refusal::Unauthenticated,
+            ),
+            (AuthError::TenantNotAllowed("beta".into()), "tenant-not-allowed", Refusal::Forbidden),
+            (AuthError::TenantRequired, "tenant-required", Refusal::Forbidden),
+        ];
+        let docs = include_str!("../../../docs/security.md");
+        let mut seen = std::collections::BTreeSet::new();
+        for (e, slug, refusal) in &all {
+            assert_eq!((e.slug(), e.refusal()), (*slug, *refusal), "{e}");
+            assert!(seen.insert(*slug), "{slug} twice");
+            let status = if *refusal == Refusal::Forbidden { 403 } else { 401 };
+            assert!(docs.contains(&format!("| `{slug}` | {status} |")), "docs/security.md lacks {slug} ({status})");
+        }
+    }
+}
