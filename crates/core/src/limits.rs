@@ -60,6 +60,22 @@ pub const INDEXES_PER_TYPE_MAX: usize = 32;
 /// Most violations reported for one document.
 pub const DOCUMENT_VIOLATIONS_MAX: usize = 100;
 
+// Used by principal.rs.
+/// Longest principal id accepted (a JWT `sub` or a keys file `principal`), in bytes.
+pub const PRINCIPAL_ID_LEN_MAX: usize = 256;
+/// Most tenants one principal may be allowed.
+pub const PRINCIPAL_TENANTS_MAX: usize = 64;
+/// Most roles one principal may carry.
+pub const PRINCIPAL_ROLES_MAX: usize = 64;
+/// Longest role name accepted, in bytes.
+pub const ROLE_LEN_MAX: usize = 64;
+
+// Used by artifacts/permissions.rs.
+/// Most roles one permissions file may define.
+pub const ROLES_MAX: usize = 256;
+/// Most grants one role may hold.
+pub const GRANTS_PER_ROLE_MAX: usize = 256;
+
 /// The core's share of the limits; the server adds body and frame sizes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {

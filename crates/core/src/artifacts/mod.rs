@@ -6,6 +6,7 @@
 pub mod decide;
 pub mod expr;
 pub mod lifecycle;
+pub mod permissions;
 pub mod rules;
 pub mod schema;
 
@@ -17,6 +18,7 @@ use serde_json::Value;
 use crate::ids::TypeName;
 use expr::{Expr, ExprLimits};
 use lifecycle::Lifecycle;
+use permissions::Permissions;
 use rules::Rule;
 use schema::Schema;
 
@@ -51,6 +53,8 @@ impl std::fmt::Display for Problem {
 #[derive(Clone, Debug, Default)]
 pub struct ArtifactSet {
     types: BTreeMap<TypeName, TypeArtifacts>,
+    /// `permissions.yaml`, or the rule of its absence.
+    permissions: Permissions,
 }
 
 /// Everything defined for one aggregate type.
@@ -134,6 +138,11 @@ impl ArtifactSet {
         self.types.get(t)
     }
 
+    /// The set's permissions (`permissions.yaml`; [`Permissions::absent`] without it).
+    pub fn permissions(&self) -> &Permissions {
+        &self.permissions
+    }
+
     /// The types that have artifacts.
     pub fn types(&self) -> impl Iterator<Item = (&TypeName, &TypeArtifacts)> {
         self.types.iter()
@@ -165,11 +174,13 @@ impl ArtifactSet {
             indexes_files: BTreeMap::new(),
             rule_targets: BTreeMap::new(),
             broken_commands: Default::default(),
+            permissions_file: None,
         };
         for (path, text) in files {
             loader.file(path, text);
         }
         loader.check_references();
+        loader.permissions();
         if loader.problems.is_empty() { Ok(loader.set) } else { Err(loader.problems) }
     }
 }
@@ -188,6 +199,8 @@ struct Loader<'a> {
     /// Commands whose file exists but has problems of its own: other files that name them are
     /// not told the command is missing (its file's problems say what is wrong).
     broken_commands: std::collections::BTreeSet<(TypeName, String)>,
+    /// `permissions.yaml` as parsed, checked once every type is loaded.
+    permissions_file: Option<(String, Value)>,
 }
 
 impl Loader<'_> {
@@ -200,6 +213,9 @@ impl Loader<'_> {
         if text.len() > FILE_BYTES_MAX {
             let message = format!("the file is {} bytes, over the limit of {FILE_BYTES_MAX}", text.len());
             return self.problem(path, String::new(), message);
+        }
+        if matches!(path, "permissions.yaml" | "permissions.yml" | "permissions.json") {
+            return self.permissions_file(path, text);
         }
         let (t, kind) = match classify(path) {
             Ok(Some(found)) => found,
@@ -280,6 +296,31 @@ impl Loader<'_> {
         !generic && !self.broken_commands.contains(&(t.clone(), name.to_owned())) && !a.commands.contains_key(name)
     }
 
+    /// Keeps the parsed permissions file for [`Loader::permissions`].
+    fn permissions_file(&mut self, path: &str, text: &str) {
+        if let Some((first, _)) = &self.permissions_file {
+            let message = format!("the set already has its permissions in {first}; keep one file");
+            return self.problem(path, String::new(), message);
+        }
+        match parse_document(path, text) {
+            Ok(doc) => self.permissions_file = Some((path.to_owned(), doc)),
+            Err((location, message)) => self.problem(path, location, message),
+        }
+    }
+
+    /// Checks the permissions file against the loaded types and keeps it.
+    fn permissions(&mut self) {
+        let Some((path, doc)) = self.permissions_file.take() else { return };
+        match Permissions::parse(&doc, &self.set.types) {
+            Ok(p) => self.set.permissions = p,
+            Err(all) => {
+                for (location, message) in all {
+                    self.problem(&path, location, message);
+                }
+            }
+        }
+    }
+
     /// Checks across files: lifecycles and rules name commands that exist.
     fn check_references(&mut self) {
         let mut found = Vec::new();
@@ -323,7 +364,7 @@ fn classify(path: &str) -> Result<Option<(TypeName, Kind)>, String> {
         _ if parts.iter().any(|s| s.starts_with('.')) => return Ok(None),
         _ => {
             return Err("not part of an artifact set: expected types/<type>/schema.json, rules.yaml, lifecycle.yaml, \
-                        indexes.yaml, commands/<name>.yaml, or processes/<name>.yaml"
+                        indexes.yaml, commands/<name>.yaml, processes/<name>.yaml, or permissions.yaml"
                 .into());
         }
     };

@@ -4,5 +4,6 @@
 mod artifacts;
 mod conformance;
 mod given_when_then;
+mod permissions;
 mod properties;
 mod purity;

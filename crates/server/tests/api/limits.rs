@@ -1,5 +1,5 @@
 //! docs/limits.md lists every fixed limit of the service (the `*_MAX` constants of core, store,
-//! engine and server) with the file it lives in and its value, so a reader finds them all in one
+//! engine, server and auth) with the file it lives in and its value, so a reader finds them all in one
 //! place; this test keeps the table and the code the same, and every one of them in its crate's
 //! `limits.rs`.
 
@@ -20,7 +20,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// (name, file below crates/, value as written) of every `*_MAX` constant in production code.
 fn constants(crates: &Path) -> BTreeSet<(String, String, String)> {
     let mut found = BTreeSet::new();
-    for krate in ["core", "store", "engine", "server"] {
+    for krate in ["core", "store", "engine", "server", "auth"] {
         let mut files = Vec::new();
         rust_files(&crates.join(krate).join("src"), &mut files);
         for file in files {
