@@ -297,7 +297,7 @@ fn patched(p: json_patch::Patch, current: &Value, limits: &Limits) -> Result<(Ch
 }
 
 /// Turns decided changes into events with deterministic ids and the command's metadata.
-pub fn new_events(cmd: &Command, changes: &[Change], principal: Option<&str>) -> Vec<NewEvent> {
+pub fn new_events(cmd: &Command, changes: &[Change], principal: Option<&Value>) -> Vec<NewEvent> {
     let correlation = cmd.context.get("correlationId").cloned().unwrap_or_else(|| Value::from(cmd.id.to_string()));
     let causation = cmd.context.get("causationId").cloned().unwrap_or_else(|| Value::from(cmd.id.to_string()));
     let metadata = json!({

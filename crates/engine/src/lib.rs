@@ -216,14 +216,16 @@ impl Engine {
         &self.config
     }
 
-    /// Runs one command through the pipeline of SPEC §2.3 (without artifacts and auth).
+    /// Runs one command through the pipeline of SPEC §2.3. `principal` (`Principal::to_json`,
+    /// none with authentication off) is `principal` in CEL and is recorded in every event's
+    /// metadata; whether the principal may send the command is the caller's check.
     ///
     /// The happy path reads nothing before its append: a create assumes the aggregate is new,
     /// other commands use the cached aggregate when there is one, and the idempotency record
     /// is looked up only when something fails (the store refuses a recorded command id at
     /// append, so a retry never writes twice). Every failure is confirmed against a fresh load
     /// and the command records before it is reported.
-    pub async fn execute(&self, cmd: Command, principal: Option<&str>) -> Result<CommandOutcome, EngineError> {
+    pub async fn execute(&self, cmd: Command, principal: Option<&Value>) -> Result<CommandOutcome, EngineError> {
         let client_exact = matches!(cmd.expected, Some(ExpectedVersion::Exact(_) | ExpectedVersion::NoStream));
         let mut retry = Retry::default();
         loop {
@@ -258,7 +260,7 @@ impl Engine {
 
     /// One pass of the pipeline: load (from the store when `fresh`), check the client's
     /// version, decide, append with the version the decision was made on.
-    async fn pass(&self, cmd: &Command, principal: Option<&str>, fresh: bool) -> Result<Pass, EngineError> {
+    async fn pass(&self, cmd: &Command, principal: Option<&Value>, fresh: bool) -> Result<Pass, EngineError> {
         let agg = self.aggregate_for(cmd, fresh).await?;
         if self.config.require_version && cmd.expected.is_none() && agg.version > Version::ZERO {
             return Ok(Pass::Refused(EngineError::VersionRequired));
@@ -270,12 +272,10 @@ impl Engine {
         }
         let now = timestamp::truncate(self.clock.now());
         let artifacts = self.artifacts();
-        let principal_json = principal.map(Value::from);
-        let checked =
-            match artifacts::decide::decide(&artifacts, &agg, cmd, &self.config.limits, now, principal_json.as_ref()) {
-                Ok(c) => c,
-                Err(e) => return Ok(Pass::Refused(e.into())),
-            };
+        let checked = match artifacts::decide::decide(&artifacts, &agg, cmd, &self.config.limits, now, principal) {
+            Ok(c) => c,
+            Err(e) => return Ok(Pass::Refused(e.into())),
+        };
         let (decision, warnings) = (checked.decision, checked.warnings);
         // Warnings are stored with the command record so a retry returns them too.
         let extra = if warnings.is_empty() { Value::Null } else { serde_json::json!({"warnings": warnings}) };

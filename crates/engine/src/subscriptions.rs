@@ -140,6 +140,8 @@ pub struct SubscriptionFilter {
     pub target_name: Option<TypeName>,
     /// Only events of aggregates with this id.
     pub target_id: Option<AggregateId>,
+    /// Only events of these types (the ones the subscriber may read); `None`: every type.
+    pub types: Option<std::sync::Arc<std::collections::BTreeSet<TypeName>>>,
 }
 
 impl SubscriptionFilter {
@@ -147,6 +149,7 @@ impl SubscriptionFilter {
     pub fn matches(&self, e: &RecordedEvent) -> bool {
         self.target_name.as_ref().is_none_or(|t| *t == e.target_name)
             && self.target_id.as_ref().is_none_or(|i| *i == e.target_id)
+            && self.types.as_ref().is_none_or(|types| types.contains(&e.target_name))
     }
 }
 
@@ -373,7 +376,7 @@ mod tests {
 
     #[test]
     fn filter_matches_type_and_id() {
-        let f = SubscriptionFilter { target_name: Some(TypeName::parse("order").unwrap()), target_id: None };
+        let f = SubscriptionFilter { target_name: Some(TypeName::parse("order").unwrap()), ..Default::default() };
         let e = |t: &str, id: &str| RecordedEvent {
             id: sourced_core::EventId(uuid::Uuid::nil()),
             position: Position(1),

@@ -5,22 +5,48 @@
 
 use serde_json::Value;
 
-use sourced_core::{Command, TenantId};
+use sourced_core::artifacts::permissions::Action;
+use sourced_core::{Command, CommandKind, Principal, TenantId};
 use sourced_engine::{CommandOutcome, Engine, EngineError};
 
 use crate::problem::{Problem, from_engine};
+use crate::request::Caller;
 
 /// A command envelope that failed: the command id, if one was found, and the problem (boxed:
 /// the error path is rare and the problem large).
 pub(crate) type EnvelopeError = Box<(Option<Value>, Problem)>;
 
-/// Who sends an envelope: the tenant the transport fixes, if any (an envelope may name its own
-/// when none is fixed), and the `Idempotency-Key` the command id came from, if any (a reused
-/// key is named as the client gave it, not as the command id derived from it).
-#[derive(Clone, Copy, Debug, Default)]
+/// Who sends an envelope: the caller (its tenant, if it fixes one: an envelope may name its own
+/// when none is fixed; its principal and permissions), and the `Idempotency-Key` the command id
+/// came from, if any (a reused key is named as the client gave it, not as the command id
+/// derived from it).
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Sender<'a> {
-    pub tenant: Option<&'a TenantId>,
+    pub caller: &'a Caller,
     pub idempotency_key: Option<&'a str>,
+}
+
+/// The action `permissions.yaml` grants for a command: its kind, or a custom command's name.
+pub(crate) fn action_of(cmd: &Command) -> Action {
+    match cmd.kind {
+        CommandKind::Create => Action::Create,
+        CommandKind::Patch | CommandKind::MergePatch => Action::Patch,
+        CommandKind::Replace => Action::Replace,
+        CommandKind::Delete => Action::Delete,
+        CommandKind::Logic | CommandKind::Orchestration => Action::Command(cmd.name.clone()),
+    }
+}
+
+/// Runs a parsed command for `caller`: 403 unless its roles grant the command's action on its
+/// type; the principal goes to the engine (CEL's `principal`, the events' metadata).
+pub(crate) async fn run(
+    engine: &Engine,
+    cmd: Command,
+    caller: &Caller,
+) -> Result<Result<CommandOutcome, EngineError>, Problem> {
+    caller.allow(&action_of(&cmd), &cmd.key.type_name)?;
+    let principal = caller.principal().map(Principal::to_json);
+    Ok(engine.execute(cmd, principal.as_ref()).await)
 }
 
 /// Runs one command envelope: its outcome, or the command id (when one was found) and the
@@ -31,14 +57,19 @@ pub(crate) async fn execute_envelope(
     sender: Sender<'_>,
 ) -> Result<CommandOutcome, EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
-    let tenant = sender.tenant.cloned().unwrap_or_else(TenantId::default_tenant);
-    let defaults = sourced_engine::fresh::envelope_defaults(tenant, sender.tenant.is_some());
+    let fixed = sender.caller.named_tenant();
+    let tenant = fixed.cloned().unwrap_or_else(TenantId::default_tenant);
+    let defaults = sourced_engine::fresh::envelope_defaults(tenant, fixed.is_some());
     let cmd = match Command::from_envelope_value(envelope, defaults) {
         Ok(c) => c,
         Err(e) => return Err(Box::new((id, Problem::from(e)))),
     };
     let cmd_id = Value::from(cmd.id.to_string());
-    engine.execute(cmd, None).await.map_err(|e| Box::new((Some(cmd_id), command_problem(e, sender, false))))
+    match run(engine, cmd, sender.caller).await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(e)) => Err(Box::new((Some(cmd_id), command_problem(e, sender, false)))),
+        Err(p) => Err(Box::new((Some(cmd_id), p))),
+    }
 }
 
 /// The problem of a command the engine refused. `precondition` says whether its expected

@@ -169,6 +169,8 @@ pub struct Config {
     pub live_buffer_events: usize,
     /// Whether the admin endpoints are served.
     pub admin_api: bool,
+    /// Authentication (`AUTH` and its settings), loaded.
+    pub gate: std::sync::Arc<crate::auth::Gate>,
 }
 
 pub use crate::limits::INDEXES_MAX;
@@ -231,6 +233,8 @@ impl Config {
             body_read_timeout_ms: raw.number("BODY_READ_TIMEOUT_MS")?,
             idle_timeout_ms: raw.number("IDLE_TIMEOUT_MS")?,
         };
+        let gate = crate::auth::Gate::from_settings(raw)?;
+        gate.check_listen(listen, raw.flag("INSECURE")?)?;
         let ws = WsLimits {
             inflight_max: raw.size("WS_INFLIGHT_MAX")?,
             message_bytes_max: raw.size("WS_MESSAGE_BYTES_MAX")?,
@@ -261,6 +265,7 @@ impl Config {
             ws,
             live_buffer_events: raw.size("LIVE_BUFFER_EVENTS")?,
             admin_api: raw.flag("ADMIN_API")?,
+            gate: std::sync::Arc::new(gate),
         })
     }
 

@@ -25,6 +25,7 @@ use crate::request::{
     prefers_minimal, query_pairs, read_body, type_name, unsupported_media,
 };
 use crate::state::{AppState, Result};
+use sourced_core::artifacts::permissions::Action;
 
 /// `GET /schemas/command.json` (the envelope of SPEC §2.1) and `GET /schemas/{type}.json` (a
 /// loaded aggregate schema).
@@ -51,10 +52,11 @@ pub(crate) async fn schema_file(
 
 /// `POST /admin/reload`: 200 with the new set's summary, or a problem listing why the old set
 /// stays (422 with every problem of a broken set, 502 when git failed).
-pub(crate) async fn admin_reload(State(s): State<AppState>, _caller: Caller) -> Result<Response> {
+pub(crate) async fn admin_reload(State(s): State<AppState>, caller: Caller) -> Result<Response> {
     use crate::artifacts::LoadError;
     use crate::reload::ReloadError;
     let Some(reloader) = &s.reloader else { return Err(Problem::not_found("no route matches this path")) };
+    caller.allow_admin()?;
     match reloader.reload().await {
         Ok(summary) => Ok(axum::Json(summary).into_response()),
         Err(e @ ReloadError::NoSource) => Err(Problem::no_artifacts_source(e.to_string())),
@@ -400,11 +402,17 @@ fn build(caller: &Caller, headers: &HeaderMap, mut draft: CommandDraft) -> Resul
     Ok(draft.resolve(&defaults)?)
 }
 
-/// Runs a command. `precondition` says whether its expected version came from an HTTP
-/// precondition header (a mismatch is then 412, else 409).
-async fn exec(s: &AppState, headers: &HeaderMap, cmd: Command, precondition: bool) -> Result<CommandOutcome> {
-    let sender = Sender { tenant: None, idempotency_key: idempotency_key_text(headers) };
-    s.engine.execute(cmd, None).await.map_err(|e| command_problem(e, sender, precondition))
+/// Runs a command for `caller`. `precondition` says whether its expected version came from an
+/// HTTP precondition header (a mismatch is then 412, else 409).
+async fn exec(
+    s: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    cmd: Command,
+    precondition: bool,
+) -> Result<CommandOutcome> {
+    let sender = Sender { caller, idempotency_key: idempotency_key_text(headers) };
+    crate::commands::run(&s.engine, cmd, caller).await?.map_err(|e| command_problem(e, sender, precondition))
 }
 
 /// The draft of a command on one aggregate: `kind` on `key`, expecting `expected`.
@@ -420,11 +428,12 @@ pub(crate) async fn create(
     body: Body,
 ) -> Result<WriteReply> {
     let ty = type_name(&ty)?;
+    caller.allow(&Action::Create, &ty)?;
     // The target is the collection: it exists and has no entity tag.
     Preconditions::read(&headers)?.evaluate(Current { exists: true, version: None }, false)?;
     let doc = json_body(body, &headers, &s, false).await?;
     let create = CommandDraft { body: doc, ..CommandDraft::new(CommandKind::Create, ty.clone()) };
-    let outcome = exec(&s, &headers, build(&caller, &headers, create)?, false).await?;
+    let outcome = exec(&s, &caller, &headers, build(&caller, &headers, create)?, false).await?;
     let location = format!("/{}/{}", ty, outcome.result.target_id);
     Ok(WriteReply {
         outcome,
@@ -442,11 +451,12 @@ pub(crate) async fn replace(
     body: Body,
 ) -> Result<WriteReply> {
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Replace, &key.type_name)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
     let replace = draft(CommandKind::Replace, &key, expected, doc);
-    let outcome = exec(&s, &headers, build(&caller, &headers, replace)?, precondition).await?;
+    let outcome = exec(&s, &caller, &headers, build(&caller, &headers, replace)?, precondition).await?;
     let created = outcome.result.events.first().is_some_and(|e| e.event_type == sourced_core::event::CREATED);
     let (status, location) = if created {
         (StatusCode::CREATED, Some(format!("/{}/{}", key.type_name, key.id)))
@@ -464,6 +474,7 @@ pub(crate) async fn patch(
     body: Body,
 ) -> Result<WriteReply> {
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Patch, &key.type_name)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
     let media = media_type(&headers);
@@ -478,7 +489,7 @@ pub(crate) async fn patch(
     // Merge patch is HTTP only, not an envelope type.
     let kind = if merge.unwrap_or(value.is_object()) { CommandKind::MergePatch } else { CommandKind::Patch };
     let cmd = build(&caller, &headers, draft(kind, &key, expected, value))?;
-    let outcome = exec(&s, &headers, cmd, expected.is_some()).await?;
+    let outcome = exec(&s, &caller, &headers, cmd, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -489,9 +500,10 @@ pub(crate) async fn delete(
     headers: HeaderMap,
 ) -> Result<WriteReply> {
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Delete, &key.type_name)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let delete = draft(CommandKind::Delete, &key, expected, Value::Null);
-    let outcome = exec(&s, &headers, build(&caller, &headers, delete)?, expected.is_some()).await?;
+    let outcome = exec(&s, &caller, &headers, build(&caller, &headers, delete)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
 }
 
@@ -503,10 +515,11 @@ pub(crate) async fn custom_command(
     body: Body,
 ) -> Result<Response> {
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Command(command.clone()), &key.type_name)?;
     let expected = write_preconditions(&s, &headers, &key).await?;
     let payload = json_body(body, &headers, &s, false).await?;
     let custom = CommandDraft { name: Some(command), ..draft(CommandKind::Logic, &key, expected, payload) };
-    let outcome = exec(&s, &headers, build(&caller, &headers, custom)?, expected.is_some()).await?;
+    let outcome = exec(&s, &caller, &headers, build(&caller, &headers, custom)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) }
         .into_response())
 }
@@ -531,7 +544,7 @@ pub(crate) async fn post_command(
             }
         }
     }
-    let sender = Sender { tenant: caller.named_tenant(), idempotency_key: idempotency_key_text(&headers) };
+    let sender = Sender { caller: &caller, idempotency_key: idempotency_key_text(&headers) };
     let outcome = execute_envelope(&s.engine, env, sender).await.map_err(|e| e.1)?;
     let mut r = if prefers_minimal(&headers) {
         StatusCode::NO_CONTENT.into_response()
@@ -564,6 +577,7 @@ pub(crate) async fn get_document(
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["version", "at"])?;
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Read, &key.type_name)?;
     let conditions = Preconditions::read(&headers)?;
     if param(&pairs, "version").is_some() || param(&pairs, "at").is_some() {
         return time_travel(&s, &key, &pairs, &conditions).await;
@@ -688,6 +702,7 @@ pub(crate) async fn diff(
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["from", "to"])?;
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Read, &key.type_name)?;
     let from =
         version_param(&pairs, "from")?.ok_or_else(|| Problem::bad_request("from (a version) is required", vec![]))?;
     let to_asked = version_param(&pairs, "to")?;
@@ -728,6 +743,7 @@ pub(crate) async fn history(
 ) -> Result<Response> {
     let pairs = query_pairs(&q, &["limit", "cursor", "from", "to"])?;
     let key = caller.key(&ty, &id)?;
+    caller.allow(&Action::Read, &key.type_name)?;
     let limit = page_limit(&pairs, &s.http)?;
     let from = version_param(&pairs, "from")?;
     let to = version_param(&pairs, "to")?;
@@ -757,6 +773,8 @@ pub(crate) async fn list(
     Path(ty): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
+    let list_type = type_name(&ty)?;
+    caller.allow(&Action::List, &list_type)?;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}"), vec![]))?;
     let mut violations = Vec::new();
@@ -891,8 +909,12 @@ pub(crate) async fn feed(
         })?,
         (None, None) => 0,
     };
-    let items = s.engine.feed(&caller.tenant(), Position(after), limit).await?;
+    let mut filter = sourced_engine::SubscriptionFilter::default();
+    caller.restrict(&mut filter)?;
+    let mut items = s.engine.feed(&caller.tenant(), Position(after), limit).await?;
+    // The cursor moves past what was read, shown or not.
     let last = items.last().map_or(after, |e| e.position.0);
+    items.retain(|e| filter.matches(e));
     Ok(axum::Json(json!({"items": items, "next": encode_cursor("feed", json!(last))})).into_response())
 }
 

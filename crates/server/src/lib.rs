@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod artifacts;
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod git;
@@ -90,7 +91,7 @@ fn build_app(
         Arc::new(SystemClock),
     );
     engine.set_artifacts(config.artifact_set.clone());
-    let socketio = socketio::layer(engine.clone(), &config.ws, live.clone());
+    let socketio = socketio::layer(engine.clone(), &config.ws, live.clone(), config.gate.clone());
     let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone()));
     let state = AppState {
         engine,
@@ -98,6 +99,7 @@ fn build_app(
         ws: config.ws.clone(),
         live: live.clone(),
         reloader: config.admin_api.then(|| reloader.clone()),
+        gate: config.gate.clone(),
     };
     // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
     let app = router(state)

@@ -51,6 +51,33 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }
 
+    /// 401 (with `WWW-Authenticate: Bearer`) for a missing or invalid credential, 403 for a
+    /// valid one that does not allow the tenant asked for (SPEC §8.1). The problem type is the
+    /// refusal's slug (docs/security.md lists them).
+    pub fn auth(e: &sourced_auth::AuthError) -> Self {
+        match e.refusal() {
+            sourced_auth::Refusal::Unauthenticated => {
+                Problem::new(StatusCode::UNAUTHORIZED, e.slug(), "Not authenticated", e.to_string())
+            }
+            sourced_auth::Refusal::Forbidden => {
+                Problem::new(StatusCode::FORBIDDEN, e.slug(), "Not allowed", e.to_string())
+            }
+        }
+    }
+
+    /// 403: the principal's roles grant no `action` on `type_name` (`permissions.yaml`).
+    pub fn forbidden(action: &str, type_name: Option<&str>) -> Self {
+        let detail = match type_name {
+            Some(t) => format!("the caller's roles do not grant '{action}' on type '{t}'"),
+            None => format!("the caller's roles do not grant '{action}'"),
+        };
+        let p = Problem::new(StatusCode::FORBIDDEN, "forbidden", "Not allowed", detail).with("action", action);
+        match type_name {
+            Some(t) => p.with("targetName", t),
+            None => p,
+        }
+    }
+
     /// 409: a reload was asked for, but no artifact source is configured.
     pub fn no_artifacts_source(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::CONFLICT, "no-artifacts-source", "Nothing to reload", detail)
@@ -243,6 +270,9 @@ impl IntoResponse for Problem {
         }
         let mut r = (self.status, axum::Json(self.body())).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if self.status == StatusCode::REQUEST_TIMEOUT {
             // What is left of the body is not worth waiting for: the connection ends here.
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

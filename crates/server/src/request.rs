@@ -8,12 +8,22 @@ use axum::http::{HeaderMap, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use sourced_auth::{AuthError, Authenticated};
+use sourced_core::Principal;
+use sourced_core::artifacts::ArtifactSet;
+use sourced_core::artifacts::permissions::{Action, Selection};
 use sourced_core::ids::RESERVED_TYPE_NAMES;
+use sourced_engine::{Engine, SubscriptionFilter};
+
+use crate::auth::Gate;
 use sourced_core::{AggregateId, CommandId, StreamKey, TenantId, TypeName, Violation};
 
 use crate::config::HttpLimits;
 use crate::problem::Problem;
-use crate::state::Result;
+use crate::state::{AppState, Result};
 
 /// The tenant named by `X-Tenant`, if any (SPEC §1: until auth, the header chooses it).
 fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
@@ -29,29 +39,143 @@ fn tenant_header(headers: &HeaderMap) -> Result<Option<TenantId>> {
     }
 }
 
-/// Who asks, and for which tenant: resolved once per request, before its handler runs, from
-/// `X-Tenant` (SPEC §1). Every handler takes it; this is the one place where credentials will
-/// name the principal and the tenants it may act for.
+/// Who asks, and for which tenant: resolved once per request, before its handler runs (SPEC
+/// §1, §8). With `AUTH=none` the tenant is `X-Tenant`'s and everything is allowed; with
+/// authentication on, the credential names the principal, `X-Tenant` may only name one of its
+/// tenants (403, never switched), and [`Caller::allow`] checks `permissions.yaml`. Every
+/// handler takes it.
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// The tenant the request names, if it names one.
     named: Option<TenantId>,
+    /// With authentication on: who, where, and what the artifact set lets them do.
+    access: Option<Arc<Access>>,
+}
+
+/// An authenticated (or, where `permissions.yaml` allows it, anonymous) caller.
+#[derive(Debug)]
+pub struct Access {
+    /// Who.
+    pub principal: Principal,
+    /// The tenant every operation of the request acts in.
+    pub tenant: TenantId,
+    /// When the credential stops being valid (seconds since the epoch), if it does.
+    pub expires_at: Option<i64>,
+    /// The artifact set whose `permissions.yaml` decides (the one current at the request).
+    set: Arc<ArtifactSet>,
 }
 
 impl Caller {
-    /// The caller of a request with these headers.
+    /// The caller of a request with these headers, authentication off (`AUTH=none`).
     pub fn from_headers(headers: &HeaderMap) -> Result<Caller> {
-        Ok(Caller { named: tenant_header(headers)? })
+        Ok(Caller { named: tenant_header(headers)?, access: None })
     }
 
-    /// The tenant the request acts for: the one it names, else the default tenant.
+    /// The caller of a request with these headers, as `state`'s gate sees it: 401 for a
+    /// missing or invalid credential, 403 for a tenant it does not allow.
+    pub fn resolve(headers: &HeaderMap, state: &AppState) -> Result<Caller> {
+        Caller::resolve_with(headers, &state.gate, &state.engine)
+    }
+
+    /// [`Caller::resolve`] with the gate and the engine (whose artifact set holds the
+    /// permissions) given apart.
+    pub fn resolve_with(headers: &HeaderMap, gate: &Gate, engine: &Engine) -> Result<Caller> {
+        let named = tenant_header(headers)?;
+        if !gate.is_on() {
+            return Ok(Caller { named, access: None });
+        }
+        let set = engine.artifacts();
+        let authenticated = match crate::auth::credential(headers).map_err(|e| Problem::auth(&e))? {
+            Some(credential) => match gate.authenticate(credential) {
+                Some(Ok(a)) => a,
+                Some(Err(e)) => return Err(Problem::auth(&e)),
+                None => unreachable!("the gate is on"),
+            },
+            None if set.permissions().anonymous_allowed() => {
+                Authenticated { principal: Principal::anonymous(), expires_at: None }
+            }
+            None => return Err(Problem::auth(&AuthError::Missing)),
+        };
+        let tenant = authenticated.tenant(named.as_ref()).map_err(|e| Problem::auth(&e))?;
+        let Authenticated { principal, expires_at } = authenticated;
+        Ok(Caller { named, access: Some(Arc::new(Access { principal, tenant, expires_at, set })) })
+    }
+
+    /// The tenant the request acts for: the credential's (with authentication on), else the
+    /// one it names, else the default tenant.
     pub fn tenant(&self) -> TenantId {
-        self.named.clone().unwrap_or_else(TenantId::default_tenant)
+        match &self.access {
+            Some(a) => a.tenant.clone(),
+            None => self.named.clone().unwrap_or_else(TenantId::default_tenant),
+        }
     }
 
-    /// The tenant the request names, if any (an envelope may name one when it does not).
+    /// The tenant the request fixes, if any: the credential's with authentication on, else
+    /// the one `X-Tenant` names (an envelope may name one when none is fixed).
     pub fn named_tenant(&self) -> Option<&TenantId> {
-        self.named.as_ref()
+        match &self.access {
+            Some(a) => Some(&a.tenant),
+            None => self.named.as_ref(),
+        }
+    }
+
+    /// Who, with authentication on.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.access.as_ref().map(|a| &a.principal)
+    }
+
+    /// The authenticated caller, if authentication is on.
+    pub fn access(&self) -> Option<&Arc<Access>> {
+        self.access.as_ref()
+    }
+
+    /// 403 unless the caller may do `action` on `type_name` (always allowed with
+    /// authentication off).
+    pub fn allow(&self, action: &Action, type_name: &TypeName) -> Result<()> {
+        match &self.access {
+            Some(a) if !a.set.permissions().allows(&a.principal, action, type_name) => {
+                Err(Problem::forbidden(action.name(), Some(type_name.as_str())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// 403 unless the caller holds the `admin` action (always allowed with authentication off).
+    pub fn allow_admin(&self) -> Result<()> {
+        match &self.access {
+            Some(a) if !a.set.permissions().allows_admin(&a.principal) => Err(Problem::forbidden("admin", None)),
+            _ => Ok(()),
+        }
+    }
+
+    /// 403 unless the caller may do `action` on some type; `Some` of the types it may, when
+    /// not on every type (`None`: every type, or authentication off). Subscriptions and the
+    /// feed use it with `subscribe`, keeping to the types the caller may also read.
+    pub fn types_allowed(&self, action: &Action) -> Result<Option<BTreeSet<TypeName>>> {
+        let Some(a) = &self.access else { return Ok(None) };
+        let permissions = a.set.permissions();
+        let both = match (permissions.types_allowed(&a.principal, action), permissions.readable_types(&a.principal)) {
+            (Selection::All, Selection::All) => return Ok(None),
+            (Selection::All, Selection::Only(t)) | (Selection::Only(t), Selection::All) => t,
+            (Selection::Only(x), Selection::Only(y)) => x.intersection(&y).cloned().collect(),
+        };
+        if both.is_empty() {
+            return Err(Problem::forbidden(action.name(), None));
+        }
+        Ok(Some(both))
+    }
+
+    /// Keeps a subscription (WebSocket, SSE) or a feed read to the types the caller may
+    /// subscribe to and read: 403 when it names a type outside them, or when there are none.
+    pub fn restrict(&self, filter: &mut SubscriptionFilter) -> Result<()> {
+        let Some(types) = self.types_allowed(&Action::Subscribe)? else { return Ok(()) };
+        if let Some(t) = &filter.target_name
+            && !types.contains(t)
+        {
+            return Err(Problem::forbidden("subscribe", Some(t.as_str())));
+        }
+        filter.types = Some(Arc::new(types));
+        Ok(())
     }
 
     /// The stream a resource path names, in the caller's tenant.
@@ -60,11 +184,11 @@ impl Caller {
     }
 }
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+impl axum::extract::FromRequestParts<AppState> for Caller {
     type Rejection = Problem;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Caller> {
-        Caller::from_headers(&parts.headers)
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Caller> {
+        Caller::resolve(&parts.headers, state)
     }
 }
 

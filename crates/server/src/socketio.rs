@@ -28,9 +28,9 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::Semaphore;
 
-use sourced_core::TenantId;
 use sourced_engine::Engine;
 
+use crate::auth::Gate;
 use crate::commands::{Sender, execute_envelope};
 use crate::config::WsLimits;
 use crate::problem::Problem;
@@ -72,7 +72,7 @@ pub(crate) async fn errors_as_problems(res: axum::response::Response) -> axum::r
 
 /// The Socket.IO layer (path `/socket.io/`, namespace `/`); every other request passes through
 /// to the inner service. Its connections are disconnected when `live` closes (shutdown).
-pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> SocketIoLayer {
+pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>, gate: Arc<Gate>) -> SocketIoLayer {
     let (layer, io) = SocketIo::builder()
         .max_buffer_size(limits.outbound_max)
         .max_payload(limits.message_bytes_max as u64)
@@ -81,7 +81,7 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> 
         .build_layer();
     let inflight_max = limits.inflight_max;
     let stats = live.clone();
-    io.ns("/", move |s: SocketRef| on_connect(s, engine, inflight_max, stats));
+    io.ns("/", move |s: SocketRef| on_connect(s, engine, inflight_max, stats, gate));
     // Long-polling requests and upgraded sockets would otherwise hold the graceful shutdown.
     // Without a runtime (an app built outside one) there is nothing to close yet.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -96,9 +96,10 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>) -> 
 
 /// A client joined the namespace: registers its `commands` handler with its own in-flight
 /// limit and fixed tenant.
-async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Arc<LiveState>) {
-    let tenant = match Caller::from_headers(&s.req_parts().headers) {
-        Ok(caller) => caller.named_tenant().cloned(),
+async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Arc<LiveState>, gate: Arc<Gate>) {
+    // The handshake's headers: its credential and X-Tenant fix who and where.
+    let caller = match Caller::resolve_with(&s.req_parts().headers, &gate, &engine) {
+        Ok(caller) => caller,
         Err(p) => {
             let _ = s.emit(EVENTS_EVENT, &error_reply(None, &p));
             let _ = s.disconnect();
@@ -112,7 +113,7 @@ async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Ar
     });
     let inflight = Arc::new(Semaphore::new(inflight_max));
     s.on(COMMANDS_EVENT, move |s: SocketRef, TryData::<Value>(data)| {
-        run_command(s, data, engine, tenant, inflight, inflight_max, stats)
+        run_command(s, data, engine, caller.clone(), inflight, inflight_max, stats)
     });
 }
 
@@ -121,7 +122,7 @@ async fn run_command(
     s: SocketRef,
     data: Result<Value, socketioxide::ParserError>,
     engine: Engine,
-    tenant: Option<TenantId>,
+    caller: Caller,
     inflight: Arc<Semaphore>,
     inflight_max: usize,
     stats: Arc<LiveState>,
@@ -134,9 +135,7 @@ async fn run_command(
         Ok(_permit) => match envelope(data, engine.config().limits.json_depth_max + 1) {
             Err(p) => error_reply(None, &p),
             Ok(envelope) => {
-                match execute_envelope(&engine, envelope, Sender { tenant: tenant.as_ref(), idempotency_key: None })
-                    .await
-                {
+                match execute_envelope(&engine, envelope, Sender { caller: &caller, idempotency_key: None }).await {
                     Ok(outcome) => {
                         let reply = ResultReply::new(None, &outcome);
                         serde_json::to_value(&reply).unwrap_or_else(|e| {

@@ -65,7 +65,7 @@ pub(crate) fn live_feed(
         (None, Some("now")) => Start::Now,
         (None, Some(a)) => Start::After(position("after", a)?),
     };
-    let filter = SubscriptionFilter {
+    let mut filter = SubscriptionFilter {
         target_name: param(&pairs, "targetName")
             .map(|t| {
                 TypeName::parse(t)
@@ -78,7 +78,9 @@ pub(crate) fn live_feed(
                     .map_err(|e| Problem::bad_request(format!("invalid targetId: {}", e.message), vec![]))
             })
             .transpose()?,
+        types: None,
     };
+    caller.restrict(&mut filter)?;
     let tenant = caller.tenant();
     let Some(slot) = StreamSlot::take(&s.live, s.ws.sse_streams_max) else {
         let max = s.ws.sse_streams_max;

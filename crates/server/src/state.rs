@@ -23,6 +23,8 @@ pub struct AppState {
     /// Reloads the artifact set; `Some` only when `ADMIN_API=true` (the admin routes exist
     /// only then).
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
+    /// Authentication: off (`AUTH=none`) or the loaded keys and JWT verifier.
+    pub gate: std::sync::Arc<crate::auth::Gate>,
 }
 
 /// What handlers return: a response, or the problem that answers instead.

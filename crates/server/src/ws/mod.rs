@@ -82,8 +82,9 @@ pub struct Connection {
     pub limits: WsLimits,
     /// Counters.
     pub stats: Arc<LiveState>,
-    /// The tenant fixed by the upgrade request (`X-Tenant`), if any.
-    pub tenant: Option<TenantId>,
+    /// Who opened it (the upgrade request's credential and `X-Tenant`): its tenant, if fixed,
+    /// and what it may do.
+    pub caller: Caller,
 }
 
 /// `GET /ws`: upgrades, with the message and frame size limits set.
@@ -102,11 +103,11 @@ pub(crate) async fn upgrade(
             return Problem::websocket_required(status, detail).into_response();
         }
     };
-    let tenant = match caller {
-        Ok(caller) => caller.named_tenant().cloned(),
+    let caller = match caller {
+        Ok(caller) => caller,
         Err(p) => return p.into_response(),
     };
-    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), tenant };
+    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), caller };
     let max = conn.limits.message_bytes_max;
     ws.max_message_size(max).max_frame_size(max).read_buffer_size(READ_BUFFER_BYTES).on_upgrade(move |socket| {
         let (sink, stream) = socket.split();
@@ -148,7 +149,8 @@ mod tests {
         let (to_server, rx) = mpsc::channel(16);
         let (sink, from_server) = recording_sink();
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let conn = Connection { engine, limits, stats: Arc::default(), tenant: None };
+        let caller = Caller::from_headers(&axum::http::HeaderMap::new()).unwrap();
+        let conn = Connection { engine, limits, stats: Arc::default(), caller };
         tokio::spawn(serve(sink, Box::pin(stream), conn));
         Harness { to_server, from_server, _dir: dir }
     }

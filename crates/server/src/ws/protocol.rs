@@ -117,9 +117,9 @@ impl Session<'_> {
         match frame {
             Frame::Ping => self.send(json!({"op": "pong"})).await,
             Frame::Command(envelope) => {
-                let (engine, out, tenant) = (self.conn.engine.clone(), self.out.clone(), self.conn.tenant.clone());
+                let (engine, out, caller) = (self.conn.engine.clone(), self.out.clone(), self.conn.caller.clone());
                 self.tasks.spawn(async move {
-                    let reply = run_command(&engine, envelope, tenant).await;
+                    let reply = run_command(&engine, envelope, &caller).await;
                     let _ = out.send(Outbound::reply(Message::Text(reply.into()))).await;
                     drop(permit);
                 });
@@ -150,7 +150,7 @@ impl Session<'_> {
         &mut self,
         sub: String,
         tenant: Option<TenantId>,
-        filter: SubscriptionFilter,
+        mut filter: SubscriptionFilter,
         start: Start,
         framing: Framing,
     ) -> Result<(), End> {
@@ -163,13 +163,14 @@ impl Session<'_> {
         } else {
             None
         };
-        let tenant = match (tenant, &self.conn.tenant) {
+        let problem = problem.or_else(|| self.conn.caller.restrict(&mut filter).err());
+        let tenant = match (tenant, self.conn.caller.named_tenant()) {
             (Some(t), Some(fixed)) if t != *fixed => {
                 let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
                 let _ = self.send(error_frame(None, Some(&sub), &p)).await;
                 return Ok(());
             }
-            (t, fixed) => t.or_else(|| fixed.clone()).unwrap_or_else(TenantId::default_tenant),
+            (t, fixed) => t.or_else(|| fixed.cloned()).unwrap_or_else(TenantId::default_tenant),
         };
         if let Some(p) = problem {
             return self.send(error_frame(None, Some(&sub), &p)).await;
@@ -196,18 +197,17 @@ pub(super) fn too_large(e: &axum::Error) -> Option<String> {
 }
 
 /// One command, as `POST /commands` runs it; the reply frame as text.
-pub(super) async fn run_command(engine: &Engine, envelope: Value, tenant: Option<TenantId>) -> String {
-    let (id, problem) =
-        match execute_envelope(engine, envelope, Sender { tenant: tenant.as_ref(), idempotency_key: None }).await {
-            Ok(outcome) => {
-                let reply = ResultReply::new(Some("result"), &outcome);
-                match serde_json::to_string(&reply) {
-                    Ok(text) => return text,
-                    Err(e) => reply.unserialisable(&e),
-                }
+pub(super) async fn run_command(engine: &Engine, envelope: Value, caller: &Caller) -> String {
+    let (id, problem) = match execute_envelope(engine, envelope, Sender { caller, idempotency_key: None }).await {
+        Ok(outcome) => {
+            let reply = ResultReply::new(Some("result"), &outcome);
+            match serde_json::to_string(&reply) {
+                Ok(text) => return text,
+                Err(e) => reply.unserialisable(&e),
             }
-            Err(e) => *e,
-        };
+        }
+        Err(e) => *e,
+    };
     error_frame(id, None, &problem).to_string()
 }
 
