@@ -12,7 +12,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use sourced_core::artifacts::ArtifactSet;
+use sourced_core::artifacts::{ArtifactSet, TypeArtifacts};
 use sourced_core::ids::RESERVED_TYPE_NAMES;
 
 use crate::state::AppState;
@@ -58,6 +58,32 @@ const LIST_ERRORS: &[u16] = &[400, 404, 405, 503];
 pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value {
     let mut paths = Map::new();
     let mut schemas = base_schemas();
+    service_paths(&mut paths);
+    command_and_feed_paths(&mut paths, page_limit_max);
+    if admin {
+        admin_paths(&mut paths);
+    }
+    generic_type_paths(&mut paths, page_limit_max);
+    // Per type with artifacts: its schema, and one path per custom command with its payload.
+    for (name, a) in set.types() {
+        type_paths(&mut paths, &mut schemas, name.as_str(), a, page_limit_max);
+    }
+    link_creates_to_their_aggregates(&mut paths);
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Sourced",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "A generic CQRS / event-sourcing service. Every write is a command that becomes events. The WebSocket protocol (`GET /ws`) and Socket.IO (`/socket.io/`) carry the same commands and are not described here. Errors are RFC 9457 `application/problem+json`."
+        },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "paths": paths,
+        "components": {"schemas": schemas}
+    })
+}
+
+/// The service's own routes: health, readiness, this document and the schemas.
+fn service_paths(paths: &mut Map<String, Value>) {
     paths.insert("/healthz".into(), json!({"get": {
         "operationId": "healthz", "summary": "Liveness", "tags": ["service"],
         "responses": {"200": json_response("alive", json!({"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})), "400": problem_response("query parameters are refused")}
@@ -83,6 +109,10 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
             "404": problem_response("no such schema")
         }
     }}));
+}
+
+/// `POST /commands` and the global feed `GET /events`.
+fn command_and_feed_paths(paths: &mut Map<String, Value>, page_limit_max: usize) {
     paths.insert("/commands".into(), json!({"post": {
         "operationId": "postCommand", "summary": "Run a raw command envelope (same semantics as the WebSocket)", "tags": ["commands"],
         "parameters": [idempotency_key(), tenant(), prefer()],
@@ -107,20 +137,25 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
             }}
         }), &[400, 503])
     }}));
-    if admin {
-        paths.insert("/admin/reload".into(), json!({"post": {
-            "operationId": "adminReload", "tags": ["admin"],
-            "summary": "Read the artifact set again and swap it in, or keep the running one",
-            "description": "Served only with ADMIN_API=true. Unauthenticated: protect it at the network level until Sourced has authentication.",
-            "responses": {
-                "200": json_response("the new set's types and commands", json!({"type": "object"})),
-                "409": problem_response("ARTIFACTS is not set"),
-                "422": problem_response("the new set has problems (listed in `problems`); the old set stays"),
-                "502": problem_response("git could not fetch the set; the old set stays")
-            }
-        }}));
-    }
-    // The generic routes, for every type (free JSON where no artifacts say otherwise).
+}
+
+/// `POST /admin/reload`, served only with `ADMIN_API=true`.
+fn admin_paths(paths: &mut Map<String, Value>) {
+    paths.insert("/admin/reload".into(), json!({"post": {
+        "operationId": "adminReload", "tags": ["admin"],
+        "summary": "Read the artifact set again and swap it in, or keep the running one",
+        "description": "Served only with ADMIN_API=true. Unauthenticated: protect it at the network level until Sourced has authentication.",
+        "responses": {
+            "200": json_response("the new set's types and commands", json!({"type": "object"})),
+            "409": problem_response("ARTIFACTS is not set"),
+            "422": problem_response("the new set has problems (listed in `problems`); the old set stays"),
+            "502": problem_response("git could not fetch the set; the old set stays")
+        }
+    }}));
+}
+
+/// The generic routes, for every type (free JSON where no artifacts say otherwise).
+fn generic_type_paths(paths: &mut Map<String, Value>, page_limit_max: usize) {
     // Reserved names are not excluded by the schema: a path that spells one of the service's own
     // routes is that route (OpenAPI matches concrete paths first), and the type refused
     // elsewhere (404) is said in the description.
@@ -140,53 +175,48 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
             "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}}),
         &any_object, "customCommand", "Run a custom command of the type (SPEC §4.2); the body is its payload")}),
     );
-    // Per type with artifacts: its schema, and one path per custom command with its payload.
-    for (name, a) in set.types() {
-        let t = name.as_str();
-        let doc_schema = match &a.schema {
-            Some(s) => {
-                schemas.insert(t.to_owned(), component(s.source(), t));
-                json!({"$ref": format!("#/components/schemas/{t}")})
-            }
-            None => any_object.clone(),
-        };
-        paths.insert(format!("/{t}"), collection_item(None, &doc_schema, page_limit_max, t));
-        paths.insert(format!("/{t}/{{id}}"), document_item(None, &doc_schema, t));
-        paths.insert(format!("/{t}/{{id}}/events"), history_item(None, page_limit_max, t));
-        paths.insert(format!("/{t}/{{id}}/diff"), diff_item(None, t));
-        for (c, def) in &a.commands {
-            let payload = match &def.payload {
-                Some(p) => {
-                    let key = format!("{t}.{c}.payload");
-                    schemas.insert(key.clone(), component(p.source(), &key));
-                    json!({"$ref": format!("#/components/schemas/{key}")})
-                }
-                None => any_object.clone(),
-            };
-            let mut summary = format!("Custom command `{c}` of `{t}`");
-            let events: Vec<&str> = def.emit.iter().map(|e| e.event.as_str()).collect();
-            summary.push_str(&format!(" (emits {})", events.join(", ")));
-            if def.creates {
-                summary.push_str("; may create the aggregate");
-            }
-            paths.insert(
-                format!("/{t}/{{id}}/{c}"),
-                json!({"post": command_op(None, &Value::Null, &payload, &format!("{}_{}", camel(t), camel(c)), &summary)}),
-            );
+}
+
+/// The routes of type `t` with artifacts `a`: its schema and its custom commands' payloads
+/// become components.
+fn type_paths(
+    paths: &mut Map<String, Value>,
+    schemas: &mut Map<String, Value>,
+    t: &str,
+    a: &TypeArtifacts,
+    page_limit_max: usize,
+) {
+    let doc_schema = match &a.schema {
+        Some(s) => {
+            schemas.insert(t.to_owned(), component(s.source(), t));
+            json!({"$ref": format!("#/components/schemas/{t}")})
         }
+        None => json!({"type": "object"}),
+    };
+    paths.insert(format!("/{t}"), collection_item(None, &doc_schema, page_limit_max, t));
+    paths.insert(format!("/{t}/{{id}}"), document_item(None, &doc_schema, t));
+    paths.insert(format!("/{t}/{{id}}/events"), history_item(None, page_limit_max, t));
+    paths.insert(format!("/{t}/{{id}}/diff"), diff_item(None, t));
+    for (c, def) in &a.commands {
+        let payload = match &def.payload {
+            Some(p) => {
+                let key = format!("{t}.{c}.payload");
+                schemas.insert(key.clone(), component(p.source(), &key));
+                json!({"$ref": format!("#/components/schemas/{key}")})
+            }
+            None => json!({"type": "object"}),
+        };
+        let mut summary = format!("Custom command `{c}` of `{t}`");
+        let events: Vec<&str> = def.emit.iter().map(|e| e.event.as_str()).collect();
+        summary.push_str(&format!(" (emits {})", events.join(", ")));
+        if def.creates {
+            summary.push_str("; may create the aggregate");
+        }
+        paths.insert(
+            format!("/{t}/{{id}}/{c}"),
+            json!({"post": command_op(None, &Value::Null, &payload, &format!("{}_{}", camel(t), camel(c)), &summary)}),
+        );
     }
-    link_creates_to_their_aggregates(&mut paths);
-    json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Sourced",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "A generic CQRS / event-sourcing service. Every write is a command that becomes events. The WebSocket protocol (`GET /ws`) and Socket.IO (`/socket.io/`) carry the same commands and are not described here. Errors are RFC 9457 `application/problem+json`."
-        },
-        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
-        "paths": paths,
-        "components": {"schemas": schemas}
-    })
 }
 
 /// OpenAPI links from each create (`POST /{type}` → 201) to the operations on the aggregate it
@@ -255,13 +285,24 @@ fn component(source: &Value, key: &str) -> Value {
     v
 }
 
+/// The components every document has: problems, documents and events, pages, and the command
+/// envelope.
 fn base_schemas() -> Map<String, Value> {
+    let mut schemas = problem_schemas();
+    schemas.extend(document_schemas());
+    schemas.extend(page_schemas());
     let mut envelope = command_schema();
     if let Value::Object(m) = &mut envelope {
         m.remove("$schema");
         m.remove("$id");
     }
-    let s = json!({
+    schemas.insert("CommandEnvelope".into(), envelope);
+    schemas
+}
+
+/// `Problem` and its `Violation`s.
+fn problem_schemas() -> Map<String, Value> {
+    object(json!({
         "Problem": {
             "type": "object",
             "description": "RFC 9457 problem details; `type` is `urn:sourced:problem:<slug>`",
@@ -280,7 +321,13 @@ fn base_schemas() -> Map<String, Value> {
             "type": "object",
             "required": ["pointer", "message"],
             "properties": {"pointer": {"type": "string"}, "message": {"type": "string"}, "rule": {"type": "string"}}
-        },
+        }
+    }))
+}
+
+/// A document, its `_meta`, an event, and the result of a command.
+fn document_schemas() -> Map<String, Value> {
+    object(json!({
         "Meta": {
             "type": "object",
             "required": ["version", "deleted"],
@@ -324,7 +371,13 @@ fn base_schemas() -> Map<String, Value> {
                 "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
                 "warnings": {"type": "array", "items": {"type": "object", "properties": {"rule": {"type": "string"}, "message": {"type": "string"}}}}
             }
-        },
+        }
+    }))
+}
+
+/// Pages of documents and events, a diff, and the JSON Patch it is made of.
+fn page_schemas() -> Map<String, Value> {
+    object(json!({
         "DocumentPage": {
             "type": "object",
             "required": ["items", "next"],
@@ -367,10 +420,12 @@ fn base_schemas() -> Map<String, Value> {
                     "value": {}
                 }
             }
-        },
-        "CommandEnvelope": envelope
-    });
-    match s {
+        }
+    }))
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
         Value::Object(m) => m,
         _ => unreachable!("an object literal"),
     }

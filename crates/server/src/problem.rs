@@ -297,104 +297,108 @@ impl From<DomainError> for Problem {
                 Problem::new(StatusCode::CONFLICT, "already-exists", "The aggregate already exists", detail)
                     .with("currentVersion", version.0)
             }
-            DomainError::PatchFailed { index, pointer, message, .. } => {
-                let v = Violation::new(pointer, message);
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "patch-failed", "The patch cannot be applied", detail)
-                    .with("violations", violations_json(&[v]))
-                    .with("operation", index)
-            }
-            DomainError::ProtectedField(v) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "protected-field",
-                "Server-owned fields cannot be written",
-                detail,
-            )
-            .with("violations", violations_json(&v)),
-            DomainError::NoOp => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "no-op", "The command changes nothing", detail)
-            }
-            DomainError::UnknownCommand { .. } => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown-command", "No such command", detail)
-            }
-            DomainError::IllegalTransition { field, from, to, allowed, .. } => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "illegal-transition",
-                "The lifecycle does not allow this transition",
-                detail,
-            )
-            .with("violations", violations_json(&[Violation::new(field.clone(), format!("cannot move to '{to}'"))]))
-            .with("field", field)
-            .with("from", from)
-            .with("to", to)
-            .with("allowed", allowed),
-            DomainError::RuleViolations(v) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rule-violation",
-                "Business rules refused the command",
-                detail,
-            )
-            .with("violations", violations_json(&v)),
-            DomainError::PreconditionFailed(v) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "command-precondition-failed",
-                "The command's preconditions are not met",
-                detail,
-            )
-            .with("violations", violations_json(&v)),
-            DomainError::InvalidPayload(v) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-payload",
-                "The command payload is invalid",
-                detail,
-            )
-            .with("violations", violations_json(&v)),
-            DomainError::ExpressionFailed { .. } => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "expression-failed",
-                "An artifact expression failed for this command",
-                detail,
-            ),
-            DomainError::InvalidDocument(v) => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-document", "The document is invalid", detail)
-                    .with("violations", violations_json(&v))
-            }
-            DomainError::UnstorableValue(v) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unstorable-value",
-                "A value cannot be stored exactly as sent",
-                detail,
-            )
-            .with("violations", violations_json(&v)),
-            DomainError::LimitExceeded { kind, limit, actual, .. } => {
-                let (status, slug, title) = match kind {
-                    LimitKind::DocumentSize => {
-                        (StatusCode::PAYLOAD_TOO_LARGE, "document-too-large", "The document is too large")
-                    }
-                    LimitKind::JsonDepth => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "too-deep", "The JSON is nested too deeply")
-                    }
-                    LimitKind::PatchOps => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "too-many-operations", "The patch has too many operations")
-                    }
-                    LimitKind::ArrayAppends => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "too-many-appends", "The patch appends too many elements")
-                    }
-                    LimitKind::ExpressionCost => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "expression-too-costly",
-                        "An artifact expression would cost too much on this input",
-                    ),
-                    LimitKind::ExpressionValue => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "expression-value-too-large",
-                        "An artifact expression would build too large a value",
-                    ),
-                };
-                Problem::new(status, slug, title, detail).with("limit", limit).with("actual", actual)
-            }
-            _ => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", "The command was refused", detail),
+            DomainError::LimitExceeded { kind, limit, actual, .. } => limit_exceeded(kind, limit, actual, detail),
+            other => refused(other, detail),
         }
     }
+}
+
+/// The 422 family: the command is well formed but the domain refuses it (a patch that does not
+/// apply, a rule, a lifecycle, a schema, an expression).
+fn refused(e: DomainError, detail: String) -> Problem {
+    match e {
+        DomainError::PatchFailed { index, pointer, message, .. } => {
+            let v = Violation::new(pointer, message);
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "patch-failed", "The patch cannot be applied", detail)
+                .with("violations", violations_json(&[v]))
+                .with("operation", index)
+        }
+        DomainError::ProtectedField(v) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "protected-field",
+            "Server-owned fields cannot be written",
+            detail,
+        )
+        .with("violations", violations_json(&v)),
+        DomainError::NoOp => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "no-op", "The command changes nothing", detail)
+        }
+        DomainError::UnknownCommand { .. } => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown-command", "No such command", detail)
+        }
+        DomainError::IllegalTransition { field, from, to, allowed, .. } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "illegal-transition",
+            "The lifecycle does not allow this transition",
+            detail,
+        )
+        .with("violations", violations_json(&[Violation::new(field.clone(), format!("cannot move to '{to}'"))]))
+        .with("field", field)
+        .with("from", from)
+        .with("to", to)
+        .with("allowed", allowed),
+        DomainError::RuleViolations(v) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rule-violation",
+            "Business rules refused the command",
+            detail,
+        )
+        .with("violations", violations_json(&v)),
+        DomainError::PreconditionFailed(v) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "command-precondition-failed",
+            "The command's preconditions are not met",
+            detail,
+        )
+        .with("violations", violations_json(&v)),
+        DomainError::InvalidPayload(v) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-payload", "The command payload is invalid", detail)
+                .with("violations", violations_json(&v))
+        }
+        DomainError::ExpressionFailed { .. } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "expression-failed",
+            "An artifact expression failed for this command",
+            detail,
+        ),
+        DomainError::InvalidDocument(v) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-document", "The document is invalid", detail)
+                .with("violations", violations_json(&v))
+        }
+        DomainError::UnstorableValue(v) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unstorable-value",
+            "A value cannot be stored exactly as sent",
+            detail,
+        )
+        .with("violations", violations_json(&v)),
+        _ => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", "The command was refused", detail),
+    }
+}
+
+/// A limit of `kind` exceeded: 413 for the document's size, 422 for the others.
+fn limit_exceeded(kind: LimitKind, limit: u64, actual: u64, detail: String) -> Problem {
+    let (status, slug, title) = match kind {
+        LimitKind::DocumentSize => (StatusCode::PAYLOAD_TOO_LARGE, "document-too-large", "The document is too large"),
+        LimitKind::JsonDepth => (StatusCode::UNPROCESSABLE_ENTITY, "too-deep", "The JSON is nested too deeply"),
+        LimitKind::PatchOps => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "too-many-operations", "The patch has too many operations")
+        }
+        LimitKind::ArrayAppends => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "too-many-appends", "The patch appends too many elements")
+        }
+        LimitKind::ExpressionCost => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "expression-too-costly",
+            "An artifact expression would cost too much on this input",
+        ),
+        LimitKind::ExpressionValue => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "expression-value-too-large",
+            "An artifact expression would build too large a value",
+        ),
+    };
+    Problem::new(status, slug, title, detail).with("limit", limit).with("actual", actual)
 }
 
 impl Problem {

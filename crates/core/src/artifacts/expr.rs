@@ -15,7 +15,7 @@
 use std::cell::OnceCell;
 use std::sync::{Arc, OnceLock};
 
-use cel::common::ast::{EntryExpr, Expr as Ast, LiteralValue};
+use cel::common::ast::{CallExpr, ComprehensionExpr, EntryExpr, Expr as Ast, LiteralValue};
 use cel::parser::Expression;
 use cel::{Context, Env, Program};
 use serde_json::Value;
@@ -406,95 +406,107 @@ fn estimate<'e, 'v>(
             let out = Est::new(2.0, st.entries.len() as f64, 0.0);
             holding(out, st.entries.iter().flat_map(entry_exprs).map(|x| estimate(x, scope, cost, accu)), false)
         }
-        Ast::Call(c) => {
-            let is_accu = |x: &Expression| matches!(&x.expr, Ast::Ident(n) if Some(n.as_str()) == accu);
-            let operands: Vec<&Expression> = c.target.as_deref().into_iter().chain(&c.args).collect();
-            let args: Vec<Est<'v>> = operands.iter().map(|x| estimate(x, scope, cost, accu)).collect();
-            let peak = args.iter().map(|a| a.peak).fold(0.0, f64::max);
-            let sum_size: f64 = args.iter().map(Est::size).sum();
-            let max_elem = args.iter().map(|a| a.stats.elem).fold(0.0, f64::max);
-            let mut out = match c.func_name.as_str() {
-                "_+_" => {
-                    // Concatenation copies both sides, except an accumulator grown in place.
-                    let copied: f64 =
-                        operands.iter().zip(&args).filter(|(x, _)| !is_accu(x)).map(|(_, a)| a.size()).sum();
-                    *cost += copied;
-                    Est::new(sum_size, args.iter().map(|a| a.stats.len).sum(), max_elem)
-                }
-                "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_" => {
-                    *cost += args.iter().map(Est::size).fold(f64::INFINITY, f64::min).min(sum_size);
-                    Est::SCALAR
-                }
-                "_&&_" | "_||_" | "!_" | "@not_strictly_false" => Est::SCALAR,
-                "_?_:_" => {
-                    let (a, b) =
-                        (args.get(1).copied().unwrap_or(Est::SCALAR), args.get(2).copied().unwrap_or(Est::SCALAR));
-                    Est::new(a.size().max(b.size()), a.stats.len.max(b.stats.len), a.stats.elem.max(b.stats.elem))
-                }
-                "_[_]" | "_[?_]" => {
-                    let key = operands.get(1).and_then(|k| match &k.expr {
-                        Ast::Literal(LiteralValue::String(s)) => Some(Value::String(s.inner().to_owned())),
-                        Ast::Literal(LiteralValue::Int(i)) => Some(Value::from(*i.inner())),
-                        _ => None,
-                    });
-                    args.first().map_or(Est::SCALAR, |a| a.part(key.as_ref()))
-                }
-                "size" | "int" | "uint" | "double" | "bool" | "has" | "-_" | "_-_" | "_*_" | "_/_" | "_%_" => {
-                    Est::SCALAR
-                }
-                // Scans of their operands: cost linear in their size, a scalar out.
-                "@in" | "contains" | "startsWith" | "endsWith" | "matches" => {
-                    *cost += sum_size;
-                    Est::SCALAR
-                }
-                // Anything else (conversions to string, timestamps, …): as large as its inputs.
-                _ => {
-                    *cost += sum_size;
-                    Est::new(sum_size.max(24.0), args.iter().map(|a| a.stats.len).fold(0.0, f64::max), max_elem)
-                }
-            };
-            out.peak = out.peak.max(peak);
-            out
-        }
-        Ast::Comprehension(c) => {
-            let range = estimate(&c.iter_range, scope, cost, accu);
-            let init = estimate(&c.accu_init, scope, cost, accu);
-            // At most one iteration per element (or key) of the range.
-            let iterations = range.exact.map_or(range.stats.len, |v| match v {
-                Value::Array(a) => a.len() as f64,
-                Value::Object(o) => o.len() as f64,
-                _ => 0.0,
-            });
-            let element = range.part(None);
-            scope.push((c.iter_var.as_str(), element));
-            if let Some(v2) = &c.iter_var2 {
-                scope.push((v2.as_str(), element));
-            }
-            // The accumulator grows by what one step adds to it: measure one step…
-            scope.push((c.accu_var.as_str(), init));
-            let one = estimate(&c.loop_step, scope, &mut 0.0, Some(c.accu_var.as_str()));
-            let grown = Est::new(
-                init.size() + iterations * (one.size() - init.size()).max(0.0),
-                init.stats.len + iterations * (one.stats.len - init.stats.len).max(0.0),
-                init.stats.elem.max(one.stats.elem),
-            );
-            // …then cost every iteration with the accumulator at its largest.
-            scope.pop();
-            scope.push((c.accu_var.as_str(), grown));
-            let mut step_cost = 0.0;
-            let step = estimate(&c.loop_step, scope, &mut step_cost, Some(c.accu_var.as_str()));
-            let cond = estimate(&c.loop_cond, scope, &mut step_cost, Some(c.accu_var.as_str()));
-            *cost += iterations * step_cost;
-            let result = estimate(&c.result, scope, cost, accu);
-            scope.truncate(scope.len() - if c.iter_var2.is_some() { 3 } else { 2 });
-            let mut out = Est { peak: 0.0, exact: None, ..result };
-            out.peak = [grown.size(), step.peak, cond.peak, range.peak, init.peak, result.peak]
-                .into_iter()
-                .fold(0.0, f64::max);
-            out
-        }
+        Ast::Call(c) => estimate_call(c, scope, cost, accu),
+        Ast::Comprehension(c) => estimate_comprehension(c, scope, cost, accu),
         Ast::Unspecified => Est::SCALAR,
     }
+}
+
+/// A function or operator call: its operands, then what the function does with them.
+fn estimate_call<'e, 'v>(
+    c: &'e CallExpr,
+    scope: &mut Vec<(&'e str, Est<'v>)>,
+    cost: &mut f64,
+    accu: Option<&str>,
+) -> Est<'v> {
+    let is_accu = |x: &Expression| matches!(&x.expr, Ast::Ident(n) if Some(n.as_str()) == accu);
+    let operands: Vec<&Expression> = c.target.as_deref().into_iter().chain(&c.args).collect();
+    let args: Vec<Est<'v>> = operands.iter().map(|x| estimate(x, scope, cost, accu)).collect();
+    let peak = args.iter().map(|a| a.peak).fold(0.0, f64::max);
+    let sum_size: f64 = args.iter().map(Est::size).sum();
+    let max_elem = args.iter().map(|a| a.stats.elem).fold(0.0, f64::max);
+    let mut out = match c.func_name.as_str() {
+        "_+_" => {
+            // Concatenation copies both sides, except an accumulator grown in place.
+            let copied: f64 = operands.iter().zip(&args).filter(|(x, _)| !is_accu(x)).map(|(_, a)| a.size()).sum();
+            *cost += copied;
+            Est::new(sum_size, args.iter().map(|a| a.stats.len).sum(), max_elem)
+        }
+        "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_" => {
+            *cost += args.iter().map(Est::size).fold(f64::INFINITY, f64::min).min(sum_size);
+            Est::SCALAR
+        }
+        "_&&_" | "_||_" | "!_" | "@not_strictly_false" => Est::SCALAR,
+        "_?_:_" => {
+            let (a, b) = (args.get(1).copied().unwrap_or(Est::SCALAR), args.get(2).copied().unwrap_or(Est::SCALAR));
+            Est::new(a.size().max(b.size()), a.stats.len.max(b.stats.len), a.stats.elem.max(b.stats.elem))
+        }
+        "_[_]" | "_[?_]" => {
+            let key = operands.get(1).and_then(|k| match &k.expr {
+                Ast::Literal(LiteralValue::String(s)) => Some(Value::String(s.inner().to_owned())),
+                Ast::Literal(LiteralValue::Int(i)) => Some(Value::from(*i.inner())),
+                _ => None,
+            });
+            args.first().map_or(Est::SCALAR, |a| a.part(key.as_ref()))
+        }
+        "size" | "int" | "uint" | "double" | "bool" | "has" | "-_" | "_-_" | "_*_" | "_/_" | "_%_" => Est::SCALAR,
+        // Scans of their operands: cost linear in their size, a scalar out.
+        "@in" | "contains" | "startsWith" | "endsWith" | "matches" => {
+            *cost += sum_size;
+            Est::SCALAR
+        }
+        // Anything else (conversions to string, timestamps, …): as large as its inputs.
+        _ => {
+            *cost += sum_size;
+            Est::new(sum_size.max(24.0), args.iter().map(|a| a.stats.len).fold(0.0, f64::max), max_elem)
+        }
+    };
+    out.peak = out.peak.max(peak);
+    out
+}
+
+/// A comprehension (a macro such as `all`, `map`, `filter`): its range, one step measured to
+/// know how the accumulator grows, then every iteration costed with the accumulator at its
+/// largest.
+fn estimate_comprehension<'e, 'v>(
+    c: &'e ComprehensionExpr,
+    scope: &mut Vec<(&'e str, Est<'v>)>,
+    cost: &mut f64,
+    accu: Option<&str>,
+) -> Est<'v> {
+    let range = estimate(&c.iter_range, scope, cost, accu);
+    let init = estimate(&c.accu_init, scope, cost, accu);
+    // At most one iteration per element (or key) of the range.
+    let iterations = range.exact.map_or(range.stats.len, |v| match v {
+        Value::Array(a) => a.len() as f64,
+        Value::Object(o) => o.len() as f64,
+        _ => 0.0,
+    });
+    let element = range.part(None);
+    scope.push((c.iter_var.as_str(), element));
+    if let Some(v2) = &c.iter_var2 {
+        scope.push((v2.as_str(), element));
+    }
+    // The accumulator grows by what one step adds to it: measure one step…
+    scope.push((c.accu_var.as_str(), init));
+    let one = estimate(&c.loop_step, scope, &mut 0.0, Some(c.accu_var.as_str()));
+    let grown = Est::new(
+        init.size() + iterations * (one.size() - init.size()).max(0.0),
+        init.stats.len + iterations * (one.stats.len - init.stats.len).max(0.0),
+        init.stats.elem.max(one.stats.elem),
+    );
+    // …then cost every iteration with the accumulator at its largest.
+    scope.pop();
+    scope.push((c.accu_var.as_str(), grown));
+    let mut step_cost = 0.0;
+    let step = estimate(&c.loop_step, scope, &mut step_cost, Some(c.accu_var.as_str()));
+    let cond = estimate(&c.loop_cond, scope, &mut step_cost, Some(c.accu_var.as_str()));
+    *cost += iterations * step_cost;
+    let result = estimate(&c.result, scope, cost, accu);
+    scope.truncate(scope.len() - if c.iter_var2.is_some() { 3 } else { 2 });
+    let mut out = Est { peak: 0.0, exact: None, ..result };
+    out.peak = [grown.size(), step.peak, cond.peak, range.peak, init.peak, result.peak].into_iter().fold(0.0, f64::max);
+    out
 }
 
 #[cfg(test)]

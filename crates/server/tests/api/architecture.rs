@@ -151,3 +151,22 @@ fn handlers_reach_the_store_only_through_the_engine() {
     }
     assert!(found.is_empty(), "the server reaches the store past the engine:\n{}", found.join("\n"));
 }
+
+/// Tidy check: every `crates/...` path ARCHITECTURE.md names exists, so the code map cannot
+/// keep a file that was moved or removed.
+#[test]
+fn every_path_named_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let paths: BTreeSet<&str> = text
+        .match_indices("crates/")
+        .map(|(at, _)| {
+            let rest = &text[at..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c))).unwrap_or(rest.len());
+            rest[..end].trim_end_matches(['.', '/'])
+        })
+        .collect();
+    assert!(paths.len() >= 10, "found only {} paths: {paths:?}", paths.len());
+    let missing: Vec<_> = paths.iter().filter(|p| !root.join(p).exists()).collect();
+    assert!(missing.is_empty(), "ARCHITECTURE.md names paths that do not exist: {missing:?}");
+}

@@ -20,6 +20,7 @@ mod http_api;
 mod idempotency;
 mod limits;
 mod postgres;
+mod problems;
 mod queries;
 mod rebuild;
 mod socketio;

@@ -185,3 +185,39 @@ async fn replies_conform_to_the_document() {
     // The walkthrough covers successes and the error statuses that matter.
     assert_eq!(statuses, [200, 201, 204, 304, 400, 404, 409, 410, 412, 415, 422]);
 }
+
+/// The whole document for the order domain (admin route included) is the one on file,
+/// `tests/data/openapi/order.json`, key order included: a change to `openapi.rs` that changes
+/// the document shows here as a diff to review. `SOURCED_BLESS=1` rewrites the file. The
+/// crate's version is written as `<version>`, so a release does not touch the file.
+#[tokio::test]
+async fn the_document_is_the_one_on_file() {
+    let bless = std::env::var("SOURCED_BLESS").is_ok_and(|v| v == "1");
+    assert!(!(bless && std::env::var("CI").is_ok_and(|v| v == "true")), "SOURCED_BLESS=1 is refused under CI=true");
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
+    let set = sourced_server::artifacts::load_dir(&example).expect("the example set is valid");
+    let app = TestApp::with(|c| {
+        c.artifact_set = Arc::new(set);
+        c.admin_api = true;
+    });
+    let mut doc = app.get("/openapi.json").await.ok(200).clone();
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    doc["info"]["version"] = json!("<version>");
+    let text = serde_json::to_string_pretty(&doc).unwrap() + "\n";
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/openapi/order.json");
+    if bless {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).expect("tests/data/openapi/order.json (SOURCED_BLESS=1 writes it)");
+    if expected != text {
+        let line = expected.lines().zip(text.lines()).position(|(e, a)| e != a).unwrap_or(0);
+        panic!(
+            "/openapi.json differs from tests/data/openapi/order.json from line {} (SOURCED_BLESS=1 to accept):\n- {}\n+ {}",
+            line + 1,
+            expected.lines().nth(line).unwrap_or(""),
+            text.lines().nth(line).unwrap_or("")
+        );
+    }
+}
