@@ -6,6 +6,7 @@ mod common;
 
 mod architecture;
 mod artifacts;
+mod auth;
 mod cli;
 mod openapi;
 mod reload;
