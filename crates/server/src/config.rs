@@ -59,12 +59,33 @@ pub enum CliCommand {
         #[command(flatten)]
         settings: RawArgs,
     },
+    /// API keys (`AUTH=keys`).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Rebuild the read model and the snapshots (`SNAPSHOT_EVERY`) of the configured store
     /// from its events. Run it while no `sourced serve` uses the store.
     Rebuild {
         /// The store (`EVENT_STORE_URL`) and the other settings.
         #[command(flatten)]
         settings: RawArgs,
+    },
+}
+
+/// `sourced key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Make a fresh random API key: print the key once (it is stored nowhere) and, on the next
+    /// line, the entry to add to `AUTH_KEYS_FILE` (its SHA-256 hash, principal, tenants, roles).
+    New {
+        /// The principal the key names (its id in event metadata and CEL's `principal.id`).
+        #[arg(long)]
+        principal: String,
+        /// A tenant it may act in (repeat for several).
+        #[arg(long = "tenant", required = true)]
+        tenants: Vec<String>,
+        /// A role of `permissions.yaml` (repeat for several).
+        #[arg(long = "role")]
+        roles: Vec<String>,
     },
 }
 

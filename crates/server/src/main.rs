@@ -6,7 +6,7 @@ use clap::Parser;
 /// them markedly cheaper than glibc's allocator (see docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use sourced_server::config::{Cli, CliCommand};
+use sourced_server::config::{Cli, CliCommand, KeyCommand};
 use sourced_server::{Config, LogFormat};
 
 fn main() -> std::process::ExitCode {
@@ -21,6 +21,9 @@ fn main() -> std::process::ExitCode {
         Some(CliCommand::Export { output, settings }) => (settings, Task::Export(output)),
         Some(CliCommand::Import { input, settings }) => (settings, Task::Import(input)),
         Some(CliCommand::Rebuild { settings }) => (settings, Task::Rebuild),
+        Some(CliCommand::Key(KeyCommand::New { principal, tenants, roles })) => {
+            return new_key(&principal, &tenants, &roles);
+        }
         None => (cli.serve, Task::Serve),
     };
     let config = match Config::resolve(&raw) {
@@ -56,6 +59,25 @@ fn main() -> std::process::ExitCode {
 }
 
 /// What the binary was asked to do, once configured.
+/// `sourced key new`: the key on stdout's first line, the keys-file entry on the second.
+fn new_key(principal: &str, tenants: &[String], roles: &[String]) -> std::process::ExitCode {
+    let made = sourced_core::Principal::new(principal, tenants, roles)
+        .map_err(|e| e.to_string())
+        .and_then(|p| sourced_auth::NewKey::generate(&p).map_err(|_| "no system randomness".to_owned()));
+    match made {
+        Ok(k) => {
+            println!("{}", k.key);
+            println!("{}", k.line);
+            eprintln!("sourced: the key above is shown once; add the second line to AUTH_KEYS_FILE");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sourced: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 enum Task {
     Serve,
     Export(Option<std::path::PathBuf>),

@@ -94,3 +94,41 @@ async fn sigterm_finishes_in_flight_commands() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+/// `sourced key new` prints a key and its keys-file line; a server with `AUTH=keys` and that
+/// line accepts the key (as a bearer token and as `X-Api-Key`) and answers 401 without it.
+#[tokio::test]
+async fn a_new_key_opens_a_server_with_auth_keys() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
+        .args(["key", "new", "--principal", "billing", "--tenant", "acme", "--role", "ops"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (key, line) = text.trim().split_once('\n').unwrap();
+    assert!(key.starts_with("sk_") && !line.contains(key), "{text}");
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, format!("{line}\n")).unwrap();
+    let env = [
+        ("EVENT_STORE_URL".to_owned(), format!("sqlite://{}", dir.path().join("s.db").display())),
+        ("AUTH".to_owned(), "keys".to_owned()),
+        ("AUTH_KEYS_FILE".to_owned(), keys.display().to_string()),
+    ];
+    let (mut child, addr) = spawn_sourced_with(&env, None).await;
+    let mut c = Client::connect(addr).await.unwrap();
+    let bearer = format!("Bearer {key}");
+    let r = c.send_json("POST", "/t", &[("authorization", bearer.as_str())], &json!({"id": "x"})).await.unwrap();
+    assert_eq!(r.status, 201);
+    let r = c.send_json("GET", "/t/x", &[("x-api-key", key)], &json!(null)).await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = c.send_json("GET", "/t/x", &[], &json!(null)).await.unwrap();
+    assert_eq!(r.status, 401);
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // A keys file that is not one: the server does not start, and says which setting.
+    std::fs::write(&keys, "- {hash: nonsense}\n").unwrap();
+    let out = run_with_env(&[("AUTH", "keys"), ("AUTH_KEYS_FILE", keys.to_str().unwrap())]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_KEYS_FILE"));
+}
