@@ -897,7 +897,7 @@ pub(crate) async fn feed(
     {
         return crate::sse::live_feed(&s, &caller, &q, &headers, guard.map(|g| g.0.0));
     }
-    let pairs = query_pairs(&q, &["limit", "cursor", "after"])?;
+    let pairs = query_pairs(&q, &["limit", "cursor", "after", "access_token"])?;
     let limit = page_limit(&pairs, &s.http)?;
     let after = match (param(&pairs, "cursor"), param(&pairs, "after")) {
         (Some(_), Some(_)) => return Err(Problem::bad_request("give either cursor or after, not both", vec![])),

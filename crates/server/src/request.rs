@@ -80,12 +80,20 @@ impl Caller {
     /// [`Caller::resolve`] with the gate and the engine (whose artifact set holds the
     /// permissions) given apart.
     pub fn resolve_with(headers: &HeaderMap, gate: &Gate, engine: &Engine) -> Result<Caller> {
+        Caller::resolve_token(headers, None, gate, engine)
+    }
+
+    /// [`Caller::resolve_with`], with `token` as the credential when the headers carry none:
+    /// the forms a browser can send (the first `/ws` frame, the Socket.IO CONNECT payload, an
+    /// SSE `access_token` or cookie).
+    pub fn resolve_token(headers: &HeaderMap, token: Option<&str>, gate: &Gate, engine: &Engine) -> Result<Caller> {
         let named = tenant_header(headers)?;
         if !gate.is_on() {
             return Ok(Caller { named, access: None });
         }
         let set = engine.artifacts();
-        let authenticated = match crate::auth::credential(headers).map_err(|e| Problem::auth(&e))? {
+        let credential = crate::auth::credential(headers).map_err(|e| Problem::auth(&e))?.or(token);
+        let authenticated = match credential {
             Some(credential) => match gate.authenticate(credential) {
                 Some(Ok(a)) => a,
                 Some(Err(e)) => return Err(Problem::auth(&e)),
@@ -188,7 +196,10 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Caller> {
-        Caller::resolve(&parts.headers, state)
+        // EventSource cannot set headers: `GET /events` also takes `access_token` or the
+        // `sourced_token` cookie (docs/security.md names the risks).
+        let token = (parts.uri.path() == "/events").then(|| sse_token(parts)).flatten();
+        Caller::resolve_token(&parts.headers, token.as_deref(), &state.gate, &state.engine)
     }
 }
 
@@ -304,6 +315,24 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<CommandId>> 
         Ok(s) if !s.trim().is_empty() && s.len() <= 256 => Ok(Some(CommandId::from_idempotency_key(s.trim()))),
         _ => Err(Problem::bad_request("Idempotency-Key must be 1 to 256 visible ASCII characters", vec![])),
     }
+}
+
+/// The token of an SSE request: its `access_token` query parameter, else its `sourced_token`
+/// cookie.
+fn sse_token(parts: &axum::http::request::Parts) -> Option<String> {
+    let query = parts.uri.query().unwrap_or("");
+    let from_query = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .ok()
+        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "access_token").map(|(_, v)| v));
+    from_query.or_else(|| {
+        parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix("sourced_token=").map(str::to_owned))
+    })
 }
 
 /// The `Idempotency-Key` header as the client sent it (trimmed), to name it in a problem.

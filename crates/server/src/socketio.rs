@@ -81,7 +81,11 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>, gat
         .build_layer();
     let inflight_max = limits.inflight_max;
     let stats = live.clone();
-    io.ns("/", move |s: SocketRef| on_connect(s, engine, inflight_max, stats, gate));
+    io.ns("/", move |s: SocketRef, TryData::<Value>(auth)| {
+        // The CONNECT packet's auth payload, `{"token": …}`: what a browser can send.
+        let token = auth.ok().and_then(|a| a.get("token").and_then(Value::as_str).map(str::to_owned));
+        on_connect(s, engine, inflight_max, stats, gate, token)
+    });
     // Long-polling requests and upgraded sockets would otherwise hold the graceful shutdown.
     // Without a runtime (an app built outside one) there is nothing to close yet.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -96,9 +100,16 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>, gat
 
 /// A client joined the namespace: registers its `commands` handler with its own in-flight
 /// limit and fixed tenant.
-async fn on_connect(s: SocketRef, engine: Engine, inflight_max: usize, stats: Arc<LiveState>, gate: Arc<Gate>) {
-    // The handshake's headers: its credential and X-Tenant fix who and where.
-    let caller = match Caller::resolve_with(&s.req_parts().headers, &gate, &engine) {
+async fn on_connect(
+    s: SocketRef,
+    engine: Engine,
+    inflight_max: usize,
+    stats: Arc<LiveState>,
+    gate: Arc<Gate>,
+    token: Option<String>,
+) {
+    // The handshake's headers (or the CONNECT payload's token) and X-Tenant fix who and where.
+    let caller = match Caller::resolve_token(&s.req_parts().headers, token.as_deref(), &gate, &engine) {
         Ok(caller) => caller,
         Err(p) => {
             let _ = s.emit(EVENTS_EVENT, &error_reply(None, &p));

@@ -56,7 +56,7 @@ pub(crate) fn live_feed(
     headers: &HeaderMap,
     guard: Option<StallGuard>,
 ) -> Result<Response, Problem> {
-    let pairs = query_pairs(q, &["after", "targetName", "targetId"])?;
+    let pairs = query_pairs(q, &["after", "targetName", "targetId", "access_token"])?;
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("").trim().to_owned());
     let start = match (last_event_id.as_deref(), param(&pairs, "after")) {
         // A reconnecting client's Last-Event-ID wins over the URL it reconnects to.
@@ -93,8 +93,20 @@ pub(crate) fn live_feed(
         guard.arm(Duration::from_millis(s.ws.sse_slow_client_timeout_ms), s.live.clone());
     }
     let subscription = s.engine.subscribe(tenant, filter, start);
+    // A token's stream ends when the token does.
+    let expiry = caller.access().and_then(|a| a.expires_at).map(|exp| {
+        let left = (exp - chrono::Utc::now().timestamp()).max(0) as u64;
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     let stream = futures_util::stream::unfold(Some(subscription), next_event)
         .take_until(s.live.closed())
+        .take_until(expired)
         // The slot goes with the stream: dropped when hyper drops the response body.
         .map(move |e| {
             let _slot = &slot;

@@ -83,14 +83,19 @@ pub struct Connection {
     /// Counters.
     pub stats: Arc<LiveState>,
     /// Who opened it (the upgrade request's credential and `X-Tenant`): its tenant, if fixed,
-    /// and what it may do.
+    /// and what it may do. Not yet known while `pending` is set.
     pub caller: Caller,
+    /// With authentication on and no credential in the upgrade's headers (a browser cannot
+    /// send one): the first frame must be `{"op":"auth","token":…}`, resolved with these
+    /// headers (`X-Tenant`) by this gate before any other frame is read.
+    pub pending: Option<(axum::http::HeaderMap, Arc<crate::auth::Gate>)>,
 }
 
 /// `GET /ws`: upgrades, with the message and frame size limits set.
 pub(crate) async fn upgrade(
     State(s): State<AppState>,
     caller: Result<Caller, Problem>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // A plain GET (no upgrade headers) is a client error like any other: a problem, not
@@ -103,11 +108,16 @@ pub(crate) async fn upgrade(
             return Problem::websocket_required(status, detail).into_response();
         }
     };
-    let caller = match caller {
-        Ok(caller) => caller,
+    let (caller, pending) = match caller {
+        Ok(caller) => (caller, None),
+        // No credential: the first frame may bring it (`serve` resolves it before anything else).
+        Err(p) if p.slug == "credential-missing" => match Caller::from_headers(&headers) {
+            Ok(placeholder) => (placeholder, Some((headers, s.gate.clone()))),
+            Err(p) => return p.into_response(),
+        },
         Err(p) => return p.into_response(),
     };
-    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), caller };
+    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), caller, pending };
     let max = conn.limits.message_bytes_max;
     ws.max_message_size(max).max_frame_size(max).read_buffer_size(READ_BUFFER_BYTES).on_upgrade(move |socket| {
         let (sink, stream) = socket.split();
@@ -150,7 +160,7 @@ mod tests {
         let (sink, from_server) = recording_sink();
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         let caller = Caller::from_headers(&axum::http::HeaderMap::new()).unwrap();
-        let conn = Connection { engine, limits, stats: Arc::default(), caller };
+        let conn = Connection { engine, limits, stats: Arc::default(), caller, pending: None };
         tokio::spawn(serve(sink, Box::pin(stream), conn));
         Harness { to_server, from_server, _dir: dir }
     }

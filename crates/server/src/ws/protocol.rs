@@ -12,7 +12,7 @@ pub(super) enum End {
 }
 
 /// Runs one connection's protocol until the client leaves or is closed.
-pub async fn serve<S, R>(sink: S, mut stream: R, conn: Connection)
+pub async fn serve<S, R>(sink: S, mut stream: R, mut conn: Connection)
 where
     S: Sink<Message> + Unpin + Send + 'static,
     S::Error: std::fmt::Display + Send,
@@ -22,6 +22,36 @@ where
     let (out, out_rx) = mpsc::channel::<Outbound>(conn.limits.outbound_max);
     let slow = Duration::from_millis(conn.limits.slow_client_timeout_ms);
     let mut writer = tokio::spawn(write_loop(sink, out_rx, slow, conn.stats.clone()));
+    // Authentication first: nothing else is read until the caller is known.
+    if let Some((headers, gate)) = conn.pending.take() {
+        match first_frame_auth(&mut stream, &headers, &gate, &conn.engine, slow).await {
+            Ok(caller) => {
+                let principal = caller.principal().map(sourced_core::Principal::to_json);
+                let _ = send(&out, json!({"op": "authenticated", "principal": principal})).await;
+                conn.caller = caller;
+            }
+            Err(reason) => {
+                let frame = Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }));
+                let _ = tokio::time::timeout(slow, out.send(Outbound::reply(frame))).await;
+                drop(out);
+                let _ = writer.await;
+                conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    // A token's connection ends when the token does (1008).
+    let expiry = conn.caller.access().and_then(|a| a.expires_at).map(|exp| {
+        let left = (exp - chrono::Utc::now().timestamp()).max(0) as u64;
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let inflight = Arc::new(Semaphore::new(conn.limits.inflight_max));
     let mut session = Session { conn: &conn, out: out.clone(), tasks: JoinSet::new(), subs: HashMap::new() };
     let mut writer_done = false;
@@ -42,6 +72,7 @@ where
             m = stream.next() => m,
             _ = &mut writer => { writer_done = true; break End::Gone }
             _ = &mut closing => break End::Close(close_code::AWAY, "the server is shutting down".into()),
+            _ = &mut expired => break End::Close(close_code::POLICY, "token-expired".into()),
         };
         let text = match text_of(message) {
             Ok(Some(text)) => text,
@@ -76,6 +107,36 @@ where
         let _ = writer.await;
     }
     conn.stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The caller named by the first frame, `{"op":"auth","token":…}`, read within `wait`; else
+/// the reason to close with 1008 (the refusal's slug, or what was wrong with the frame).
+async fn first_frame_auth<R>(
+    stream: &mut R,
+    headers: &axum::http::HeaderMap,
+    gate: &crate::auth::Gate,
+    engine: &Engine,
+    wait: Duration,
+) -> Result<Caller, String>
+where
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let first = loop {
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Err("credential-missing: no auth frame in time".into()),
+            Ok(m) => match text_of(m) {
+                Ok(Some(text)) => break text,
+                Ok(None) => continue,
+                Err(_) => return Err("credential-missing: the connection ended before its auth frame".into()),
+            },
+        }
+    };
+    let v: Value = serde_json::from_str(first.as_str()).unwrap_or(Value::Null);
+    let token = match (v.get("op").and_then(Value::as_str), v.get("token").and_then(Value::as_str)) {
+        (Some("auth"), Some(token)) => token,
+        _ => return Err("credential-missing: the first frame must be {\"op\":\"auth\",\"token\":…}".into()),
+    };
+    Caller::resolve_token(headers, Some(token), gate, engine).map_err(|p| p.slug.to_owned())
 }
 
 /// What one read from the client means: a text frame to parse, nothing to do (pings and

@@ -29,11 +29,11 @@ const KEYS: &[(&str, &str, &[&str], &[&str])] = &[
     ("sk_ops_beta_000000000000000000000000000000000000", "ops-beta", &["beta"], &["ops"]),
 ];
 
-fn key_of(principal: &str) -> &'static str {
+pub(crate) fn key_of(principal: &str) -> &'static str {
     KEYS.iter().find(|k| k.1 == principal).unwrap().0
 }
 
-fn artifacts() -> ArtifactSet {
+pub(crate) fn artifacts() -> ArtifactSet {
     let files: BTreeMap<String, String> = [
         ("types/order/schema.json", r#"{"type": "object"}"#),
         ("types/invoice/schema.json", r#"{"type": "object"}"#),
@@ -70,13 +70,19 @@ fn keys_file() -> String {
     out
 }
 
-async fn app() -> TestApp {
+/// The gate of these tests: the keys of [`KEYS`] and HS256 tokens for issuer
+/// `https://issuer.test`, audience `sourced`.
+pub(crate) fn gate() -> Arc<Gate> {
     let keys = KeyStore::parse("keys.yaml", &keys_file()).unwrap_or_else(|e| panic!("{e:?}"));
     let jwt = JwtVerifier::new(
         JwtSettings::new("https://issuer.test", "sourced"),
         Arc::new(StaticKeys::hs256(SECRET.as_bytes()).unwrap()),
     );
-    let gate = Arc::new(Gate::with(Authenticator { keys: Some(keys), jwt: Some(jwt) }));
+    Arc::new(Gate::with(Authenticator { keys: Some(keys), jwt: Some(jwt) }))
+}
+
+async fn app() -> TestApp {
+    let gate = gate();
     TestApp::fresh_with(move |c| {
         c.gate = gate;
         c.artifact_set = Arc::new(artifacts());
@@ -84,7 +90,7 @@ async fn app() -> TestApp {
     .await
 }
 
-fn hs256(claims: &Value) -> String {
+pub(crate) fn hs256(claims: &Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let body = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signing = format!("{header}.{body}");
@@ -93,7 +99,7 @@ fn hs256(claims: &Value) -> String {
     format!("{signing}.{sig}")
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
@@ -306,4 +312,19 @@ fn auth_none_refuses_a_public_address_unless_insecure() {
     assert_eq!(e.setting, "JWT_HS256_SECRET", "{e}");
     let e = Config::resolve(&RawArgs::from_pairs([("AUTH", "password")])).unwrap_err();
     assert_eq!(e.setting, "AUTH", "{e}");
+}
+
+#[tokio::test]
+async fn sse_takes_an_access_token_or_a_cookie() {
+    let t = app().await;
+    let ops = format!("Bearer {}", key_of("ops"));
+    t.call("POST", "/order", &[("authorization", ops.as_str())], Some(r#"{"id": "s1"}"#)).await.ok(201);
+    let q = format!("/events?access_token={}", key_of("auditor"));
+    t.call("GET", &q, &[], None).await.ok(200);
+    let cookie = format!("theme=dark; sourced_token={}", key_of("auditor"));
+    t.call("GET", "/events", &[("cookie", cookie.as_str())], None).await.ok(200);
+    // Only on the feed: a document read does not take it.
+    let q = format!("/order/s1?access_token={}", key_of("auditor"));
+    t.call("GET", &q, &[], None).await.problem(401, "credential-missing");
+    t.call("GET", "/events?access_token=sk_nope", &[], None).await.problem(401, "key-unknown");
 }

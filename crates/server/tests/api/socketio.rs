@@ -124,3 +124,38 @@ async fn socket_io_client_sends_commands_and_receives_outcomes() {
     assert_eq!(feed["items"].as_array().unwrap().len(), 3, "create, patch, the string's create: {feed}");
     server.shutdown().await;
 }
+
+/// With authentication on: a Socket.IO client without a credential gets a 401 problem and is
+/// disconnected; one that sends its token in the CONNECT packet's `auth` may send commands.
+#[tokio::test]
+async fn socket_io_takes_the_token_of_the_connect_packet() {
+    let Some(script_dir) = node_client_dir().await else { return };
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut config = config_in(&dir);
+    config.gate = crate::auth::gate();
+    config.artifact_set = std::sync::Arc::new(crate::auth::artifacts());
+    let server = sourced_server::start(config).await.unwrap();
+    let port = server.addr().port().to_string();
+    let run = tokio::process::Command::new("node")
+        .arg("auth.mjs")
+        .arg(&port)
+        .arg(crate::auth::key_of("clerk"))
+        .current_dir(&script_dir)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(NODE_TIMEOUT, run).await.expect("the Node client finishes").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "node failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    let steps: HashMap<String, Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_str().unwrap().to_owned(), v["reply"].clone())
+        })
+        .collect();
+    assert_eq!(steps["anonymous"]["error"]["type"], "urn:sourced:problem:credential-missing", "{stdout}");
+    assert_eq!(steps["create"]["version"], 1, "{stdout}");
+    server.shutdown().await;
+}

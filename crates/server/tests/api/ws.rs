@@ -441,3 +441,47 @@ async fn subscribing_from_now_after_a_restart_reads_no_history() {
     assert_eq!(server.store_stats().events_read, 0, "the live event came through the hub");
     server.shutdown().await;
 }
+
+/// With authentication on, a browser (no headers) authenticates with its first frame; any other
+/// first frame, or a bad token, closes with 1008; a token's connection closes at its `exp`.
+#[tokio::test]
+async fn the_first_frame_authenticates_and_a_token_ends_at_its_expiry() {
+    let (server, _dir) = server(|c| {
+        c.gate = crate::auth::gate();
+        c.artifact_set = std::sync::Arc::new(crate::auth::artifacts());
+    })
+    .await;
+    let mut ws = connect(server.addr(), None).await;
+    send(&mut ws, json!({"op": "ping"})).await;
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!((code, reason.starts_with("credential-missing")), (CloseCode::Policy, true), "{reason}");
+    let mut ws = connect(server.addr(), None).await;
+    send(&mut ws, json!({"op": "auth", "token": "sk_not_a_key"})).await;
+    assert_eq!(closed(&mut ws).await, (CloseCode::Policy, "key-unknown".to_owned()));
+    // The clerk: authenticated, may create an order, may not delete it.
+    let mut ws = connect(server.addr(), None).await;
+    send(&mut ws, json!({"op": "auth", "token": crate::auth::key_of("clerk")})).await;
+    let hello = recv(&mut ws).await;
+    assert_eq!((hello["op"].as_str(), hello["principal"]["id"].as_str()), (Some("authenticated"), Some("clerk")));
+    send(&mut ws, json!({"op": "command", "command": {"id": uuid(1), "type": "create", "targetName": "order", "targetId": "w1", "body": {}}})).await;
+    assert_eq!(recv(&mut ws).await["op"], "result");
+    send(
+        &mut ws,
+        json!({"op": "command", "command": {"id": uuid(2), "type": "delete", "targetName": "order", "targetId": "w1"}}),
+    )
+    .await;
+    let e = recv(&mut ws).await;
+    assert_eq!(e["error"]["type"], "urn:sourced:problem:forbidden", "{e}");
+    // A subscription the clerk may not make (no `subscribe`).
+    send(&mut ws, json!({"op": "subscribe", "sub": "s"})).await;
+    let e = recv(&mut ws).await;
+    assert_eq!(e["error"]["type"], "urn:sourced:problem:forbidden", "{e}");
+    // A token that expires in 2 s (no leeway past exp for closing): closed with 1008 then.
+    let token = crate::auth::hs256(&json!({"iss": "https://issuer.test", "aud": "sourced", "sub": "brief",
+        "exp": crate::auth::now() + 2, "tenant": "acme", "roles": ["ops"]}));
+    let mut ws = connect(server.addr(), None).await;
+    send(&mut ws, json!({"op": "auth", "token": token})).await;
+    assert_eq!(recv(&mut ws).await["op"], "authenticated");
+    assert_eq!(closed(&mut ws).await, (CloseCode::Policy, "token-expired".to_owned()));
+    server.shutdown().await;
+}
