@@ -192,6 +192,8 @@ pub struct Config {
     pub admin_api: bool,
     /// Authentication (`AUTH` and its settings), loaded.
     pub gate: std::sync::Arc<crate::auth::Gate>,
+    /// Rate limits (`RATE_LIMIT_PER_SEC`, `RATE_LIMIT_BURST`); none when off.
+    pub rate_limit: Option<std::sync::Arc<crate::ratelimit::RateLimiter>>,
 }
 
 pub use crate::limits::INDEXES_MAX;
@@ -287,6 +289,11 @@ impl Config {
             live_buffer_events: raw.size("LIVE_BUFFER_EVENTS")?,
             admin_api: raw.flag("ADMIN_API")?,
             gate: std::sync::Arc::new(gate),
+            rate_limit: crate::ratelimit::RateLimiter::new(
+                raw.number("RATE_LIMIT_PER_SEC")?,
+                raw.number("RATE_LIMIT_BURST")?,
+            )
+            .map(std::sync::Arc::new),
         })
     }
 

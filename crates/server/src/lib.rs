@@ -12,6 +12,7 @@ pub mod http;
 pub mod limits;
 pub mod openapi;
 pub mod problem;
+pub mod ratelimit;
 pub mod reload;
 pub mod request;
 pub mod router;
@@ -91,7 +92,8 @@ fn build_app(
         Arc::new(SystemClock),
     );
     engine.set_artifacts(config.artifact_set.clone());
-    let socketio = socketio::layer(engine.clone(), &config.ws, live.clone(), config.gate.clone());
+    let socketio =
+        socketio::layer(engine.clone(), &config.ws, live.clone(), config.gate.clone(), config.rate_limit.clone());
     let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone()));
     let state = AppState {
         engine,
@@ -100,6 +102,7 @@ fn build_app(
         live: live.clone(),
         reloader: config.admin_api.then(|| reloader.clone()),
         gate: config.gate.clone(),
+        rate_limit: config.rate_limit.clone(),
     };
     // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
     let app = router(state)

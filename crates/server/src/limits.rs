@@ -19,3 +19,7 @@ pub const WRITE_BATCH_MAX: usize = 64;
 /// Most events a subscription takes at one wake: one `{"op":"events"}` frame (subscriptions
 /// opened with `"batch": true`), or one run of `{"op":"event"}` frames in one queue slot.
 pub const WAKE_EVENTS_MAX: usize = 256;
+
+// Used by ratelimit.rs.
+/// Most callers whose rate-limit buckets are remembered (least recently seen forgotten first).
+pub const RATE_LIMIT_BUCKETS_MAX: usize = 100_000;

@@ -65,6 +65,19 @@ impl Problem {
         }
     }
 
+    /// 429: the caller's rate limit is spent; `retry_after` seconds until it may send again
+    /// (also the `Retry-After` header).
+    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("this caller's rate limit is spent: retry in {secs} s (RATE_LIMIT_PER_SEC)"),
+        )
+        .with("retryAfter", secs)
+    }
+
     /// 403: the principal's roles grant no `action` on `type_name` (`permissions.yaml`).
     pub fn forbidden(action: &str, type_name: Option<&str>) -> Self {
         let detail = match type_name {
@@ -270,6 +283,12 @@ impl IntoResponse for Problem {
         }
         let mut r = (self.status, axum::Json(self.body())).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            && let Some((_, secs)) = self.extra.iter().find(|(k, _)| *k == "retryAfter")
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

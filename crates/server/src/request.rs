@@ -19,6 +19,7 @@ use sourced_core::ids::RESERVED_TYPE_NAMES;
 use sourced_engine::{Engine, SubscriptionFilter};
 
 use crate::auth::Gate;
+use crate::ratelimit::RateLimiter;
 use sourced_core::{AggregateId, CommandId, StreamKey, TenantId, TypeName, Violation};
 
 use crate::config::HttpLimits;
@@ -127,6 +128,16 @@ impl Caller {
         }
     }
 
+    /// One token of this caller's rate limit (its principal's bucket, or its address's when it
+    /// has none), or 429.
+    pub fn take_token(&self, limiter: &RateLimiter, peer: Option<std::net::SocketAddr>) -> Result<()> {
+        let key = match self.principal() {
+            Some(p) if !p.anonymous => format!("principal:{}", p.id),
+            _ => format!("address:{}", peer.map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string())),
+        };
+        limiter.take(&key, std::time::Instant::now()).map_err(Problem::rate_limited)
+    }
+
     /// Who, with authentication on.
     pub fn principal(&self) -> Option<&Principal> {
         self.access.as_ref().map(|a| &a.principal)
@@ -199,7 +210,13 @@ impl axum::extract::FromRequestParts<AppState> for Caller {
         // EventSource cannot set headers: `GET /events` also takes `access_token` or the
         // `sourced_token` cookie (docs/security.md names the risks).
         let token = (parts.uri.path() == "/events").then(|| sse_token(parts)).flatten();
-        Caller::resolve_token(&parts.headers, token.as_deref(), &state.gate, &state.engine)
+        let caller = Caller::resolve_token(&parts.headers, token.as_deref(), &state.gate, &state.engine)?;
+        if let Some(limiter) = &state.rate_limit {
+            let peer =
+                parts.extensions.get::<axum::extract::ConnectInfo<crate::stall::StallGuard>>().and_then(|c| c.0.peer());
+            caller.take_token(limiter, peer)?;
+        }
+        Ok(caller)
     }
 }
 

@@ -116,6 +116,14 @@ pub const SETTINGS: &[Setting] = &[
     text("JWT_ISSUER", Default::Unset, "With AUTH=jwt: the issuer (iss) tokens must name."),
     text("JWT_AUDIENCE", Default::Unset, "With AUTH=jwt: the audience (aud) tokens must name."),
     number("JWT_LEEWAY_SECS", "30", 0, 3_600, "Seconds of clock skew allowed on exp and nbf."),
+    number(
+        "RATE_LIMIT_PER_SEC",
+        "0",
+        0,
+        1_000_000,
+        "Requests and WebSocket/Socket.IO commands a second per principal (per address without one); 0: no limit.",
+    ),
+    number("RATE_LIMIT_BURST", "100", 1, 1_000_000, "How many of them a caller may send at once after a pause."),
     text(
         "JWT_TENANT_CLAIM",
         Default::Value("tenant"),

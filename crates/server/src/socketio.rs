@@ -34,6 +34,7 @@ use crate::auth::Gate;
 use crate::commands::{Sender, execute_envelope};
 use crate::config::WsLimits;
 use crate::problem::Problem;
+use crate::ratelimit::RateLimiter;
 use crate::request::Caller;
 use crate::state::LiveState;
 use crate::ws::ResultReply;
@@ -72,7 +73,13 @@ pub(crate) async fn errors_as_problems(res: axum::response::Response) -> axum::r
 
 /// The Socket.IO layer (path `/socket.io/`, namespace `/`); every other request passes through
 /// to the inner service. Its connections are disconnected when `live` closes (shutdown).
-pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>, gate: Arc<Gate>) -> SocketIoLayer {
+pub(crate) fn layer(
+    engine: Engine,
+    limits: &WsLimits,
+    live: Arc<LiveState>,
+    gate: Arc<Gate>,
+    rate_limit: Option<Arc<RateLimiter>>,
+) -> SocketIoLayer {
     let (layer, io) = SocketIo::builder()
         .max_buffer_size(limits.outbound_max)
         .max_payload(limits.message_bytes_max as u64)
@@ -84,7 +91,7 @@ pub(crate) fn layer(engine: Engine, limits: &WsLimits, live: Arc<LiveState>, gat
     io.ns("/", move |s: SocketRef, TryData::<Value>(auth)| {
         // The CONNECT packet's auth payload, `{"token": …}`: what a browser can send.
         let token = auth.ok().and_then(|a| a.get("token").and_then(Value::as_str).map(str::to_owned));
-        on_connect(s, engine, inflight_max, stats, gate, token)
+        on_connect(s, engine, inflight_max, stats, (gate, rate_limit), token)
     });
     // Long-polling requests and upgraded sockets would otherwise hold the graceful shutdown.
     // Without a runtime (an app built outside one) there is nothing to close yet.
@@ -105,7 +112,7 @@ async fn on_connect(
     engine: Engine,
     inflight_max: usize,
     stats: Arc<LiveState>,
-    gate: Arc<Gate>,
+    (gate, rate_limit): (Arc<Gate>, Option<Arc<RateLimiter>>),
     token: Option<String>,
 ) {
     // The handshake's headers (or the CONNECT payload's token) and X-Tenant fix who and where.
@@ -122,10 +129,20 @@ async fn on_connect(
     s.on_disconnect(move || async move {
         on_gone.connections.fetch_sub(1, Ordering::Relaxed);
     });
+    let peer =
+        s.req_parts().extensions.get::<axum::extract::ConnectInfo<crate::stall::StallGuard>>().and_then(|c| c.0.peer());
+    let client = Client { caller, rate_limit: rate_limit.map(|l| (l, peer)) };
     let inflight = Arc::new(Semaphore::new(inflight_max));
     s.on(COMMANDS_EVENT, move |s: SocketRef, TryData::<Value>(data)| {
-        run_command(s, data, engine, caller.clone(), inflight, inflight_max, stats)
+        run_command(s, data, engine, client.clone(), inflight, inflight_max, stats)
     });
+}
+
+/// Who a connection's commands are from, and the rate limit they count against.
+#[derive(Clone)]
+struct Client {
+    caller: Caller,
+    rate_limit: Option<(Arc<RateLimiter>, Option<std::net::SocketAddr>)>,
 }
 
 /// One received `commands` event: runs it and emits the outcome on `events`.
@@ -133,20 +150,24 @@ async fn run_command(
     s: SocketRef,
     data: Result<Value, socketioxide::ParserError>,
     engine: Engine,
-    caller: Caller,
+    client: Client,
     inflight: Arc<Semaphore>,
     inflight_max: usize,
     stats: Arc<LiveState>,
 ) {
-    let reply = match inflight.try_acquire_owned() {
-        Err(_) => {
+    let limited = client.rate_limit.as_ref().and_then(|(l, peer)| client.caller.take_token(l, *peer).err());
+    let reply = match (limited, inflight.try_acquire_owned()) {
+        (Some(p), _) => error_reply(envelope_id(data.as_ref().ok()), &p),
+        (None, Err(_)) => {
             let p = Problem::too_many_commands("Socket.IO", inflight_max);
             error_reply(envelope_id(data.as_ref().ok()), &p)
         }
-        Ok(_permit) => match envelope(data, engine.config().limits.json_depth_max + 1) {
+        (None, Ok(_permit)) => match envelope(data, engine.config().limits.json_depth_max + 1) {
             Err(p) => error_reply(None, &p),
             Ok(envelope) => {
-                match execute_envelope(&engine, envelope, Sender { caller: &caller, idempotency_key: None }).await {
+                match execute_envelope(&engine, envelope, Sender { caller: &client.caller, idempotency_key: None })
+                    .await
+                {
                     Ok(outcome) => {
                         let reply = ResultReply::new(None, &outcome);
                         serde_json::to_value(&reply).unwrap_or_else(|e| {

@@ -56,9 +56,16 @@ struct GuardState {
     /// The task last parked reading, woken when the connection becomes idle so it arms its
     /// deadline.
     reader: Mutex<Option<Waker>>,
+    /// The client's address (rate limits of callers without a principal).
+    peer: OnceLock<SocketAddr>,
 }
 
 impl StallGuard {
+    /// The client's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.0.peer.get().copied()
+    }
+
     /// From now on, a write blocked for `timeout` closes the connection.
     pub fn arm(&self, timeout: Duration, live: Arc<LiveState>) {
         let _ = self.0.live.set(live);
@@ -136,7 +143,9 @@ impl axum::serve::Listener for GuardedListener {
 
 impl Connected<IncomingStream<'_, GuardedListener>> for StallGuard {
     fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
-        stream.io().guard.clone()
+        let guard = stream.io().guard.clone();
+        let _ = guard.0.peer.set(*stream.remote_addr());
+        guard
     }
 }
 

@@ -25,6 +25,8 @@ pub struct AppState {
     pub reloader: Option<std::sync::Arc<crate::reload::Reloader>>,
     /// Authentication: off (`AUTH=none`) or the loaded keys and JWT verifier.
     pub gate: std::sync::Arc<crate::auth::Gate>,
+    /// Rate limits per caller, when on.
+    pub rate_limit: Option<std::sync::Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// What handlers return: a response, or the problem that answers instead.

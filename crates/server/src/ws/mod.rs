@@ -89,6 +89,8 @@ pub struct Connection {
     /// send one): the first frame must be `{"op":"auth","token":…}`, resolved with these
     /// headers (`X-Tenant`) by this gate before any other frame is read.
     pub pending: Option<(axum::http::HeaderMap, Arc<crate::auth::Gate>)>,
+    /// Rate limits: every command on the connection takes a token of its caller's bucket.
+    pub rate_limit: Option<(Arc<crate::ratelimit::RateLimiter>, Option<std::net::SocketAddr>)>,
 }
 
 /// `GET /ws`: upgrades, with the message and frame size limits set.
@@ -96,6 +98,7 @@ pub(crate) async fn upgrade(
     State(s): State<AppState>,
     caller: Result<Caller, Problem>,
     headers: axum::http::HeaderMap,
+    guard: Option<axum::Extension<axum::extract::ConnectInfo<crate::stall::StallGuard>>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // A plain GET (no upgrade headers) is a client error like any other: a problem, not
@@ -117,7 +120,15 @@ pub(crate) async fn upgrade(
         },
         Err(p) => return p.into_response(),
     };
-    let conn = Connection { engine: s.engine.clone(), limits: s.ws.clone(), stats: s.live.clone(), caller, pending };
+    let rate_limit = s.rate_limit.clone().map(|l| (l, guard.and_then(|g| g.0.0.peer())));
+    let conn = Connection {
+        engine: s.engine.clone(),
+        limits: s.ws.clone(),
+        stats: s.live.clone(),
+        caller,
+        pending,
+        rate_limit,
+    };
     let max = conn.limits.message_bytes_max;
     ws.max_message_size(max).max_frame_size(max).read_buffer_size(READ_BUFFER_BYTES).on_upgrade(move |socket| {
         let (sink, stream) = socket.split();
@@ -160,7 +171,7 @@ mod tests {
         let (sink, from_server) = recording_sink();
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         let caller = Caller::from_headers(&axum::http::HeaderMap::new()).unwrap();
-        let conn = Connection { engine, limits, stats: Arc::default(), caller, pending: None };
+        let conn = Connection { engine, limits, stats: Arc::default(), caller, pending: None, rate_limit: None };
         tokio::spawn(serve(sink, Box::pin(stream), conn));
         Harness { to_server, from_server, _dir: dir }
     }

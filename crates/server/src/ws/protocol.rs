@@ -178,6 +178,12 @@ impl Session<'_> {
         match frame {
             Frame::Ping => self.send(json!({"op": "pong"})).await,
             Frame::Command(envelope) => {
+                if let Some((limiter, peer)) = &self.conn.rate_limit
+                    && let Err(p) = self.conn.caller.take_token(limiter, *peer)
+                {
+                    let id = envelope.get("id").filter(|v| v.is_string()).cloned();
+                    return self.send(error_frame(id, None, &p)).await;
+                }
                 let (engine, out, caller) = (self.conn.engine.clone(), self.out.clone(), self.conn.caller.clone());
                 self.tasks.spawn(async move {
                     let reply = run_command(&engine, envelope, &caller).await;

@@ -328,3 +328,27 @@ async fn sse_takes_an_access_token_or_a_cookie() {
     t.call("GET", &q, &[], None).await.problem(401, "credential-missing");
     t.call("GET", "/events?access_token=sk_nope", &[], None).await.problem(401, "key-unknown");
 }
+
+#[tokio::test]
+async fn the_rate_limit_is_per_principal_and_answers_429_with_retry_after() {
+    let gate = gate();
+    let t = TestApp::fresh_with(move |c| {
+        c.gate = gate;
+        c.artifact_set = Arc::new(artifacts());
+        c.rate_limit = sourced_server::ratelimit::RateLimiter::new(1, 3).map(Arc::new);
+    })
+    .await;
+    let clerk = format!("Bearer {}", key_of("clerk"));
+    let auditor = format!("Bearer {}", key_of("auditor"));
+    for _ in 0..3 {
+        t.call("GET", "/order", &[("authorization", clerk.as_str())], None).await.ok(200);
+    }
+    let r = t.call("GET", "/order", &[("authorization", clerk.as_str())], None).await;
+    assert_eq!(r.problem(429, "rate-limited")["retryAfter"], 1);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // A write is refused the same way, and writes nothing.
+    let r = t.call("POST", "/order", &[("authorization", clerk.as_str())], Some(r#"{"id": "r1"}"#)).await;
+    r.problem(429, "rate-limited");
+    // Another principal has its own bucket.
+    t.call("GET", "/order/r1", &[("authorization", auditor.as_str())], None).await.problem(404, "not-found");
+}

@@ -485,3 +485,22 @@ async fn the_first_frame_authenticates_and_a_token_ends_at_its_expiry() {
     assert_eq!(closed(&mut ws).await, (CloseCode::Policy, "token-expired".to_owned()));
     server.shutdown().await;
 }
+
+/// Every WebSocket command takes a token of its caller's rate limit (here by address, with
+/// `AUTH=none`): past the burst, the command gets a 429 problem and the connection stays.
+#[tokio::test]
+async fn websocket_commands_count_against_the_rate_limit() {
+    let (server, _dir) =
+        server(|c| c.rate_limit = sourced_server::ratelimit::RateLimiter::new(1, 2).map(std::sync::Arc::new)).await;
+    // The upgrade itself takes one token: one command is left of the burst of two.
+    let mut ws = connect(server.addr(), None).await;
+    send(&mut ws, json!({"op": "command", "command": {"id": uuid(1), "type": "create", "targetName": "order", "targetId": "rl1", "body": {}}})).await;
+    assert_eq!(recv(&mut ws).await["op"], "result");
+    send(&mut ws, json!({"op": "command", "command": {"id": uuid(2), "type": "create", "targetName": "order", "targetId": "rl2", "body": {}}})).await;
+    let e = recv(&mut ws).await;
+    assert_eq!(e["error"]["type"], "urn:sourced:problem:rate-limited", "{e}");
+    assert_eq!(e["id"], uuid(2));
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(recv(&mut ws).await["op"], "pong");
+    server.shutdown().await;
+}
