@@ -5,20 +5,41 @@
 //! the `Caller` of request.rs puts the two together for every handler.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use axum::http::HeaderMap;
 
 use sourced_auth::jwt::{ClaimPath, JwtSettings};
-use sourced_auth::{AuthError, Authenticated, Authenticator, JwtVerifier, KeyStore, StaticKeys};
+use sourced_auth::{AuthError, Authenticated, Authenticator, CREDENTIAL_BYTES_MAX, JwtVerifier, KeyStore, StaticKeys};
+
+use crate::limits::JWT_CACHE_MAX;
 
 use crate::settings::{ConfigError, RawArgs, bad};
 
 /// Whether and how requests authenticate: `None` inside is `AUTH=none` (every request is
 /// trusted, the tenant is the header's: development only).
-#[derive(Default)]
+///
+/// A verified token is remembered (by its SHA-256) until its `exp`, so a client that sends the
+/// same token with every request pays for its signature once: ES256 and RS256 verifications
+/// cost tens of microseconds, a lookup well under one. At most [`JWT_CACHE_MAX`] tokens are
+/// kept, least recently used forgotten first; a token past its `exp` is verified again (and
+/// refused, within the leeway's rules).
 pub struct Gate {
     authenticator: Option<Authenticator>,
+    verified: Mutex<LruCache<[u8; 32], Authenticated>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate { authenticator: None, verified: Mutex::new(LruCache::new(cache_size())) }
+    }
+}
+
+fn cache_size() -> NonZeroUsize {
+    NonZeroUsize::new(JWT_CACHE_MAX).expect("a positive bound")
 }
 
 impl std::fmt::Debug for Gate {
@@ -78,12 +99,12 @@ impl Gate {
             false => None,
             true => Some(jwt_verifier(raw)?),
         };
-        Ok(Gate { authenticator: Some(Authenticator { keys, jwt }) })
+        Ok(Gate::with(Authenticator { keys, jwt }))
     }
 
     /// A gate with this authenticator (tests).
     pub fn with(authenticator: Authenticator) -> Gate {
-        Gate { authenticator: Some(authenticator) }
+        Gate { authenticator: Some(authenticator), ..Gate::default() }
     }
 
     /// Whether requests must authenticate.
@@ -93,8 +114,31 @@ impl Gate {
 
     /// Who `credential` names now; `None` when authentication is off.
     pub fn authenticate(&self, credential: &str) -> Option<Result<Authenticated, AuthError>> {
-        let now = chrono::Utc::now().timestamp();
-        self.authenticator.as_ref().map(|a| a.authenticate(credential, now))
+        self.authenticate_at(credential, chrono::Utc::now().timestamp())
+    }
+
+    /// [`Gate::authenticate`] at `now_secs` (seconds since the epoch).
+    pub fn authenticate_at(&self, credential: &str, now_secs: i64) -> Option<Result<Authenticated, AuthError>> {
+        let a = self.authenticator.as_ref()?;
+        // Keys are a hash lookup already; oversized credentials are refused before hashing.
+        if credential.starts_with(sourced_auth::keys::KEY_PREFIX) || credential.len() > CREDENTIAL_BYTES_MAX {
+            return Some(a.authenticate(credential, now_secs));
+        }
+        let digest = sourced_auth::keys::hash_key(credential);
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = verified.get(&digest)
+            && hit.expires_at.is_some_and(|exp| now_secs < exp)
+        {
+            return Some(Ok(hit.clone()));
+        }
+        drop(verified);
+        let result = a.authenticate(credential, now_secs);
+        if let Ok(ok) = &result
+            && ok.expires_at.is_some_and(|exp| now_secs < exp)
+        {
+            self.verified.lock().unwrap_or_else(|e| e.into_inner()).put(digest, ok.clone());
+        }
+        Some(result)
     }
 
     /// With `AUTH=none`, only a loopback address may be bound, unless `INSECURE=true`: an
@@ -171,5 +215,44 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     match headers.get("x-api-key") {
         None => Ok(None),
         Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| AuthError::Malformed("X-Api-Key is not text".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    const SECRET: &[u8] = b"a secret of at least thirty-two bytes!!";
+
+    fn token(exp: i64) -> String {
+        let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#);
+        let claims = serde_json::json!({"iss": "i", "aud": "a", "sub": "s", "exp": exp, "tenant": "acme"});
+        let signing = format!("{head}.{}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET);
+        format!("{signing}.{}", URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, signing.as_bytes()).as_ref()))
+    }
+
+    fn gate() -> Gate {
+        let mut settings = JwtSettings::new("i", "a");
+        settings.leeway_secs = 0;
+        let jwt = JwtVerifier::new(settings, Arc::new(StaticKeys::hs256(SECRET).unwrap()));
+        Gate::with(Authenticator { keys: None, jwt: Some(jwt) })
+    }
+
+    /// A verified token is served from the cache until its `exp`, then verified again (and
+    /// refused); a token that fails is never cached.
+    #[test]
+    fn verified_tokens_are_remembered_until_they_expire() {
+        let g = gate();
+        let t = token(1_000);
+        assert!(g.authenticate_at(&t, 900).unwrap().is_ok());
+        assert_eq!(g.verified.lock().unwrap().len(), 1);
+        assert!(g.authenticate_at(&t, 999).unwrap().is_ok());
+        assert_eq!(g.authenticate_at(&t, 1_000).unwrap().unwrap_err(), AuthError::Expired);
+        let forged = format!("{}x", &t[..t.len() - 1]);
+        assert!(g.authenticate_at(&forged, 900).unwrap().is_err());
+        assert_eq!(g.verified.lock().unwrap().len(), 1);
     }
 }

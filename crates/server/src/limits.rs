@@ -23,3 +23,7 @@ pub const WAKE_EVENTS_MAX: usize = 256;
 // Used by ratelimit.rs.
 /// Most callers whose rate-limit buckets are remembered (least recently seen forgotten first).
 pub const RATE_LIMIT_BUCKETS_MAX: usize = 100_000;
+
+// Used by auth.rs.
+/// Most verified tokens remembered until their `exp` (least recently used forgotten first).
+pub const JWT_CACHE_MAX: usize = 10_000;
