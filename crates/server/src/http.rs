@@ -415,6 +415,22 @@ async fn exec(
     crate::commands::run(&s.engine, cmd, caller).await?.map_err(|e| command_problem(e, sender, precondition))
 }
 
+/// The aggregate a write route names, once the caller may do `action` on its type, and the
+/// expected version its preconditions give (checked after the permission, so a refusal says
+/// nothing about the document).
+async fn target(
+    s: &AppState,
+    caller: &Caller,
+    (ty, id): (&str, &str),
+    action: &Action,
+    headers: &HeaderMap,
+) -> Result<(StreamKey, Option<ExpectedVersion>)> {
+    let key = caller.key(ty, id)?;
+    caller.allow(action, &key.type_name)?;
+    let expected = write_preconditions(s, headers, &key).await?;
+    Ok((key, expected))
+}
+
 /// The draft of a command on one aggregate: `kind` on `key`, expecting `expected`.
 fn draft(kind: CommandKind, key: &StreamKey, expected: Option<ExpectedVersion>, body: Value) -> CommandDraft {
     CommandDraft { target_id: Some(key.id.clone()), expected, body, ..CommandDraft::new(kind, key.type_name.clone()) }
@@ -450,9 +466,7 @@ pub(crate) async fn replace(
     headers: HeaderMap,
     body: Body,
 ) -> Result<WriteReply> {
-    let key = caller.key(&ty, &id)?;
-    caller.allow(&Action::Replace, &key.type_name)?;
-    let expected = write_preconditions(&s, &headers, &key).await?;
+    let (key, expected) = target(&s, &caller, (&ty, &id), &Action::Replace, &headers).await?;
     let precondition = expected.is_some();
     let doc = json_body(body, &headers, &s, false).await?;
     let replace = draft(CommandKind::Replace, &key, expected, doc);
@@ -473,9 +487,7 @@ pub(crate) async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<WriteReply> {
-    let key = caller.key(&ty, &id)?;
-    caller.allow(&Action::Patch, &key.type_name)?;
-    let expected = write_preconditions(&s, &headers, &key).await?;
+    let (key, expected) = target(&s, &caller, (&ty, &id), &Action::Patch, &headers).await?;
     const ACCEPTED: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/json"];
     let media = media_type(&headers);
     let merge = match media.as_deref() {
@@ -499,9 +511,7 @@ pub(crate) async fn delete(
     Path((ty, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<WriteReply> {
-    let key = caller.key(&ty, &id)?;
-    caller.allow(&Action::Delete, &key.type_name)?;
-    let expected = write_preconditions(&s, &headers, &key).await?;
+    let (key, expected) = target(&s, &caller, (&ty, &id), &Action::Delete, &headers).await?;
     let delete = draft(CommandKind::Delete, &key, expected, Value::Null);
     let outcome = exec(&s, &caller, &headers, build(&caller, &headers, delete)?, expected.is_some()).await?;
     Ok(WriteReply { outcome, status: StatusCode::OK, location: None, minimal: prefers_minimal(&headers) })
@@ -514,9 +524,7 @@ pub(crate) async fn custom_command(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let key = caller.key(&ty, &id)?;
-    caller.allow(&Action::Command(command.clone()), &key.type_name)?;
-    let expected = write_preconditions(&s, &headers, &key).await?;
+    let (key, expected) = target(&s, &caller, (&ty, &id), &Action::Command(command.clone()), &headers).await?;
     let payload = json_body(body, &headers, &s, false).await?;
     let custom = CommandDraft { name: Some(command), ..draft(CommandKind::Logic, &key, expected, payload) };
     let outcome = exec(&s, &caller, &headers, build(&caller, &headers, custom)?, expected.is_some()).await?;

@@ -138,6 +138,21 @@ impl Caller {
         limiter.take(&key, std::time::Instant::now()).map_err(Problem::rate_limited)
     }
 
+    /// Resolves when the caller's credential expires (a token's `exp`); never for a key or
+    /// with authentication off. Long-lived connections (WebSocket, SSE) end then.
+    pub fn expired(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let at = self.access.as_ref().and_then(|a| a.expires_at).map(|exp| {
+            let left = u64::try_from(exp - chrono::Utc::now().timestamp()).unwrap_or(0);
+            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        });
+        async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Who, with authentication on.
     pub fn principal(&self) -> Option<&Principal> {
         self.access.as_ref().map(|a| &a.principal)

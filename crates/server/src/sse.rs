@@ -94,16 +94,7 @@ pub(crate) fn live_feed(
     }
     let subscription = s.engine.subscribe(tenant, filter, start);
     // A token's stream ends when the token does.
-    let expiry = caller.access().and_then(|a| a.expires_at).map(|exp| {
-        let left = (exp - chrono::Utc::now().timestamp()).max(0) as u64;
-        tokio::time::Instant::now() + Duration::from_secs(left)
-    });
-    let expired = async move {
-        match expiry {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
+    let expired = caller.expired();
     let stream = futures_util::stream::unfold(Some(subscription), next_event)
         .take_until(s.live.closed())
         .take_until(expired)

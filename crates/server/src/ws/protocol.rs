@@ -41,16 +41,7 @@ where
         }
     }
     // A token's connection ends when the token does (1008).
-    let expiry = conn.caller.access().and_then(|a| a.expires_at).map(|exp| {
-        let left = (exp - chrono::Utc::now().timestamp()).max(0) as u64;
-        tokio::time::Instant::now() + Duration::from_secs(left)
-    });
-    let expired = async move {
-        match expiry {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
+    let expired = conn.caller.expired();
     tokio::pin!(expired);
     let inflight = Arc::new(Semaphore::new(conn.limits.inflight_max));
     let mut session = Session { conn: &conn, out: out.clone(), tasks: JoinSet::new(), subs: HashMap::new() };

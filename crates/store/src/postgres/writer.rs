@@ -58,13 +58,13 @@ pub(super) async fn commit_batch(
 ) -> Vec<Result<Written, StoreError>> {
     let outcome = async {
         let client = pool.get().await.map_err(pool_err)?;
-        let results = match run_batch(&client, batch, lock_timeout_ms, channel).await {
+        let results = match run_batch(Batch { client: &client, batch, lock_timeout_ms, channel }).await {
             Ok(results) => results,
             Err(e) if e.as_db_error().is_some() && !is_unavailable(&e) => {
                 tracing::warn!(error = %e, appends = batch.len(), "a batch failed; retrying it append by append");
                 end_transaction(client, "ROLLBACK").await.map_err(pg_err)?;
                 let client = pool.get().await.map_err(pool_err)?;
-                match run_batch_with_savepoints(&client, batch, lock_timeout_ms, channel).await {
+                match run_batch_with_savepoints(Batch { client: &client, batch, lock_timeout_ms, channel }).await {
                     Ok(results) => results,
                     Err(e) => {
                         discard(client).await;
@@ -214,16 +214,21 @@ pub(super) async fn begin_and_lock(
     }))
 }
 
+/// One batch of appends to write, on the writer's connection.
+#[derive(Clone, Copy)]
+pub(super) struct Batch<'a> {
+    client: &'a ClientWrapper,
+    batch: &'a [Job],
+    lock_timeout_ms: u64,
+    channel: &'a str,
+}
+
 /// The fast path: one transaction for the batch, every check decided in memory from two
 /// lookups, every write one statement with array parameters, in two round trips (see
 /// [`lock_and_look_up`] and [`Plan::write_and_commit`]). An error means the transaction did
 /// not commit (and may still be open on `client`).
-pub(super) async fn run_batch(
-    client: &ClientWrapper,
-    batch: &[Job],
-    lock_timeout_ms: u64,
-    channel: &str,
-) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
+pub(super) async fn run_batch(b: Batch<'_>) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
+    let Batch { client, batch, lock_timeout_ms, channel } = b;
     let statements = Statements::prepare(client).await?;
     let jobs: Vec<&Job> = batch.iter().collect();
     let (last, found) = lock_and_look_up(client, &statements, &jobs, lock_timeout_ms).await?;
@@ -271,11 +276,9 @@ pub(super) async fn look_up(
 
 /// The slow path: one savepoint per append, so a failing append fails alone.
 pub(super) async fn run_batch_with_savepoints(
-    client: &ClientWrapper,
-    batch: &[Job],
-    lock_timeout_ms: u64,
-    channel: &str,
+    b: Batch<'_>,
 ) -> Result<Vec<Result<Written, StoreError>>, tokio_postgres::Error> {
+    let Batch { client, batch, lock_timeout_ms, channel } = b;
     let statements = Statements::prepare(client).await?;
     let Some(first) = begin_and_lock(client, lock_timeout_ms).await? else {
         client.batch_execute("COMMIT").await?;
