@@ -214,3 +214,68 @@ async fn unparsable_requests_get_problems() {
     assert!(got.to_ascii_lowercase().contains("content-length: 15"), "{got:?}");
     server.shutdown().await;
 }
+
+/// The server's resident memory in KiB (Linux; `None` elsewhere).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// SPEC §8.3: 1 000 half-open sockets that send one byte a second (a slowloris) do not take
+/// the server down. It keeps answering other clients meanwhile, closes every one of them once
+/// the header-read timeout passes, and its memory stays bounded (RSS before and after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slow_sockets_are_closed_and_others_are_served() {
+    const SOCKETS: usize = 1_000;
+    let dir = TempDir::new().unwrap();
+    let env = [
+        ("EVENT_STORE_URL".to_owned(), format!("sqlite://{}", dir.path().join("s.db").display())),
+        ("HEADER_READ_TIMEOUT_MS".to_owned(), "1000".to_owned()),
+    ];
+    let (mut child, addr) = crate::common::spawn_sourced_with(&env, None).await;
+    let pid = child.id().unwrap();
+    let mut c = sourced_client::Client::connect(addr).await.unwrap();
+    assert_eq!(c.request("GET", "/healthz", &[], None).await.unwrap().status, 200);
+    let before = rss_kib(pid);
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..SOCKETS {
+        slow.spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else { return false };
+            // One byte a second of a request head that never ends; closed by the server means a
+            // write fails or a read sees the end.
+            let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let mut buf = [0u8; 256];
+            for b in head {
+                if s.write_all(&[*b]).await.is_err() {
+                    return true;
+                }
+                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+            false
+        });
+    }
+    // Meanwhile a normal client is served.
+    for i in 0..20 {
+        let r = c.send_json("POST", "/t", &[], &serde_json::json!({"id": format!("n{i}")})).await.unwrap();
+        assert_eq!(r.status, 201);
+    }
+    let mut closed = 0;
+    while let Some(r) = tokio::time::timeout(CLOSE_WITHIN * 4, slow.join_next()).await.expect("the sockets finish") {
+        closed += usize::from(r.unwrap());
+    }
+    assert_eq!(closed, SOCKETS, "every slow socket is closed by the server");
+    assert_eq!(c.request("GET", "/t/n19", &[], None).await.unwrap().status, 200);
+    let after = rss_kib(pid);
+    if let (Some(b), Some(a)) = (before, after) {
+        println!("RSS before {b} KiB, after {SOCKETS} slow sockets {a} KiB");
+        assert!(a < b + 64 * 1024, "RSS grew from {b} KiB to {a} KiB");
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
