@@ -158,11 +158,6 @@ impl Caller {
         self.access.as_ref().map(|a| &a.principal)
     }
 
-    /// The authenticated caller, if authentication is on.
-    pub fn access(&self) -> Option<&Arc<Access>> {
-        self.access.as_ref()
-    }
-
     /// 403 unless the caller may do `action` on `type_name` (always allowed with
     /// authentication off).
     pub fn allow(&self, action: &Action, type_name: &TypeName) -> Result<()> {

@@ -16,6 +16,26 @@ use crate::common::config_in;
 /// Longest run of the Node script (its own deadline is 20 s).
 const NODE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Runs `script` with `args` in `dir` and returns its stdout and its `{"step", …}` lines by
+/// step; fails unless it exits 0 with `done` as its last line.
+async fn run_node(dir: &std::path::Path, script: &str, args: &[&str]) -> (String, HashMap<String, Value>) {
+    let run = tokio::process::Command::new("node").arg(script).args(args).current_dir(dir).kill_on_drop(true).output();
+    let out = tokio::time::timeout(NODE_TIMEOUT, run).await.expect("the Node client finishes").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "node failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(stdout.lines().last(), Some("done"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let steps = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    (stdout, steps)
+}
+
 /// The script's directory, when Node.js and the npm package are there; `None` means skip.
 async fn node_client_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
@@ -52,25 +72,7 @@ async fn socket_io_client_sends_commands_and_receives_outcomes() {
     let dir = tempfile::TempDir::new().unwrap();
     let server = sourced_server::start(config_in(&dir)).await.unwrap();
     let port = server.addr().port().to_string();
-    let run = tokio::process::Command::new("node")
-        .arg("client.mjs")
-        .arg(&port)
-        .current_dir(&script_dir)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(NODE_TIMEOUT, run).await.expect("the Node client finishes").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "node failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    assert_eq!(stdout.lines().last(), Some("done"), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let steps: HashMap<String, Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_str().unwrap().to_owned(), v)
-        })
-        .collect();
+    let (stdout, steps) = run_node(&script_dir, "client.mjs", &[&port]).await;
     let reply = |step: &str| steps.get(step).unwrap_or_else(|| panic!("no step {step}: {stdout}"))["reply"].clone();
 
     // The command result, as POST /commands answers it.
@@ -136,26 +138,8 @@ async fn socket_io_takes_the_token_of_the_connect_packet() {
     config.artifact_set = std::sync::Arc::new(crate::auth::artifacts());
     let server = sourced_server::start(config).await.unwrap();
     let port = server.addr().port().to_string();
-    let run = tokio::process::Command::new("node")
-        .arg("auth.mjs")
-        .arg(&port)
-        .arg(crate::auth::key_of("clerk"))
-        .current_dir(&script_dir)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(NODE_TIMEOUT, run).await.expect("the Node client finishes").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "node failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    let steps: HashMap<String, Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_str().unwrap().to_owned(), v["reply"].clone())
-        })
-        .collect();
-    assert_eq!(steps["anonymous"]["error"]["type"], "urn:sourced:problem:credential-missing", "{stdout}");
-    assert_eq!(steps["create"]["version"], 1, "{stdout}");
+    let (stdout, steps) = run_node(&script_dir, "auth.mjs", &[&port, crate::auth::key_of("clerk")]).await;
+    assert_eq!(steps["anonymous"]["reply"]["error"]["type"], "urn:sourced:problem:credential-missing", "{stdout}");
+    assert_eq!(steps["create"]["reply"]["version"], 1, "{stdout}");
     server.shutdown().await;
 }
