@@ -51,7 +51,7 @@ pub enum AuthError {
     #[error("the token's algorithm '{0}' is not the one its key is pinned to")]
     WrongAlgorithm(String),
     /// No configured key has this `kid` (or the token names none and several keys exist).
-    #[error("no key is known for kid {0:?}")]
+    #[error("{}", unknown_kid(.0.as_deref()))]
     UnknownKid(Option<String>),
     /// The signature does not verify.
     #[error("the token's signature is invalid")]
@@ -85,6 +85,13 @@ pub enum AuthError {
     /// The credential allows several tenants and the request names none.
     #[error("the credential allows several tenants: name one with X-Tenant")]
     TenantRequired,
+}
+
+fn unknown_kid(kid: Option<&str>) -> String {
+    match kid {
+        Some(kid) => format!("no key is known for kid '{kid}'"),
+        None => "the token names no kid and several keys are configured".to_owned(),
+    }
 }
 
 impl AuthError {

@@ -15,6 +15,7 @@ use axum::http::HeaderMap;
 use sourced_auth::jwt::{ClaimPath, JwtSettings};
 use sourced_auth::{AuthError, Authenticated, Authenticator, CREDENTIAL_BYTES_MAX, JwtVerifier, KeyStore, StaticKeys};
 
+use crate::jwks_fetch::{FetchSettings, RemoteJwks};
 use crate::limits::JWT_CACHE_MAX;
 
 use crate::settings::{ConfigError, RawArgs, bad};
@@ -30,11 +31,13 @@ use crate::settings::{ConfigError, RawArgs, bad};
 pub struct Gate {
     authenticator: Option<Authenticator>,
     verified: Mutex<LruCache<[u8; 32], Authenticated>>,
+    /// `JWT_JWKS=https://…`: fetched by [`Gate::start`].
+    remote: Option<Arc<RemoteJwks>>,
 }
 
 impl Default for Gate {
     fn default() -> Self {
-        Gate { authenticator: None, verified: Mutex::new(LruCache::new(cache_size())) }
+        Gate { authenticator: None, verified: Mutex::new(LruCache::new(cache_size())), remote: None }
     }
 }
 
@@ -95,11 +98,26 @@ impl Gate {
                 Some(store)
             }
         };
-        let jwt = match modes.contains(&"jwt") {
-            false => None,
-            true => Some(jwt_verifier(raw)?),
+        let (jwt, remote) = match modes.contains(&"jwt") {
+            false => (None, None),
+            true => {
+                let (verifier, remote) = jwt_verifier(raw)?;
+                (Some(verifier), remote)
+            }
         };
-        Ok(Gate::with(Authenticator { keys, jwt }))
+        Ok(Gate { remote, ..Gate::with(Authenticator { keys, jwt }) })
+    }
+
+    /// Fetches the keys of `JWT_JWKS=https://…` (once now, then aside while serving); nothing
+    /// to do otherwise. An error names the setting and the URL.
+    pub async fn start(&self) -> Result<(), ConfigError> {
+        match &self.remote {
+            None => Ok(()),
+            Some(remote) => remote
+                .start()
+                .await
+                .map_err(|why| bad("JWT_JWKS", &remote.url(), format!("cannot fetch the keys: {why}"))),
+        }
     }
 
     /// A gate with this authenticator (tests).
@@ -156,7 +174,7 @@ impl Gate {
     }
 }
 
-fn jwt_verifier(raw: &RawArgs) -> Result<JwtVerifier, ConfigError> {
+fn jwt_verifier(raw: &RawArgs) -> Result<(JwtVerifier, Option<Arc<RemoteJwks>>), ConfigError> {
     let issuer = raw.text("JWT_ISSUER").ok_or_else(|| bad("JWT_ISSUER", "", "AUTH=jwt needs the accepted issuer"))?;
     let audience =
         raw.text("JWT_AUDIENCE").ok_or_else(|| bad("JWT_AUDIENCE", "", "AUTH=jwt needs the accepted audience"))?;
@@ -188,8 +206,15 @@ fn jwt_verifier(raw: &RawArgs) -> Result<JwtVerifier, ConfigError> {
         (Some(secret), None) => {
             StaticKeys::hs256(secret.as_bytes()).map_err(|why| bad("JWT_HS256_SECRET", "(hidden)", why))?
         }
-        (None, Some(jwks)) if jwks.starts_with("https://") || jwks.starts_with("http://") => {
-            return Err(bad("JWT_JWKS", &jwks, "fetching a JWKS from a URL is not supported yet: give a file"));
+        (None, Some(jwks)) if jwks.contains("://") => {
+            let fetch = FetchSettings {
+                timeout: std::time::Duration::from_secs(raw.number("JWT_JWKS_TIMEOUT_SECS")?),
+                refresh_every: std::time::Duration::from_secs(raw.number("JWT_JWKS_REFRESH_SECS")?),
+                unknown_kid_every: std::time::Duration::from_secs(raw.number("JWT_JWKS_UNKNOWN_KID_SECS")?),
+                ca_file: raw.text("JWT_JWKS_CA_FILE").map(Into::into),
+            };
+            let remote = Arc::new(RemoteJwks::new(&jwks, &fetch).map_err(|why| bad("JWT_JWKS", &jwks, why))?);
+            return Ok((JwtVerifier::new(settings, remote.clone()), Some(remote)));
         }
         (None, Some(path)) => {
             StaticKeys::from_jwks(&read("JWT_JWKS", &path)?).map_err(|why| bad("JWT_JWKS", &path, why))?
@@ -198,7 +223,7 @@ fn jwt_verifier(raw: &RawArgs) -> Result<JwtVerifier, ConfigError> {
             return Err(bad("JWT_HS256_SECRET", "", "AUTH=jwt needs JWT_HS256_SECRET(_FILE) or JWT_JWKS"));
         }
     };
-    Ok(JwtVerifier::new(settings, Arc::new(keys)))
+    Ok((JwtVerifier::new(settings, Arc::new(keys)), None))
 }
 
 /// The credential a request carries: `Authorization: Bearer <credential>`, else `X-Api-Key`.

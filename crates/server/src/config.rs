@@ -194,6 +194,26 @@ pub struct Config {
     pub gate: std::sync::Arc<crate::auth::Gate>,
     /// Rate limits (`RATE_LIMIT_PER_SEC`, `RATE_LIMIT_BURST`); none when off.
     pub rate_limit: Option<std::sync::Arc<crate::ratelimit::RateLimiter>>,
+    /// HTTPS (`TLS_CERT`, `TLS_KEY`), loaded; plain HTTP when none.
+    pub tls: Option<std::sync::Arc<crate::tls::Certificates>>,
+}
+
+/// `TLS_CERT` and `TLS_KEY`: both or neither; the pair is read now.
+fn parse_tls(raw: &RawArgs) -> Result<Option<crate::tls::Certificates>, ConfigError> {
+    let files = match (raw.text("TLS_CERT").filter(|t| !t.is_empty()), raw.text("TLS_KEY").filter(|t| !t.is_empty())) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => crate::tls::TlsFiles { cert: cert.into(), key: key.into() },
+        (Some(cert), None) => {
+            return Err(bad("TLS_KEY", "", format!("TLS_CERT={cert} needs TLS_KEY, its private key")));
+        }
+        (None, Some(key)) => return Err(bad("TLS_CERT", "", format!("TLS_KEY={key} needs TLS_CERT, its certificate"))),
+    };
+    crate::tls::Certificates::load(files).map(Some).map_err(|e| match e {
+        crate::tls::TlsError::File { setting, path, why } => bad(setting, &path.display().to_string(), why),
+        crate::tls::TlsError::Pair { key, why, .. } => {
+            bad("TLS_KEY", &key.display().to_string(), format!("does not fit TLS_CERT: {why}"))
+        }
+    })
 }
 
 pub use crate::limits::INDEXES_MAX;
@@ -294,6 +314,7 @@ impl Config {
                 raw.number("RATE_LIMIT_BURST")?,
             )
             .map(std::sync::Arc::new),
+            tls: parse_tls(raw)?.map(std::sync::Arc::new),
         })
     }
 

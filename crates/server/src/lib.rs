@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod git;
 pub mod http;
+pub mod jwks_fetch;
 pub mod limits;
 pub mod openapi;
 pub mod problem;
@@ -21,6 +22,7 @@ pub mod socketio;
 pub mod sse;
 pub mod stall;
 pub mod state;
+pub mod tls;
 pub mod transfer;
 pub mod ws;
 
@@ -123,6 +125,7 @@ pub struct RunningServer {
     grace: Duration,
     live: Arc<state::LiveState>,
     reloader: Arc<reload::Reloader>,
+    tls: Option<Arc<tls::Certificates>>,
 }
 
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
@@ -132,6 +135,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits)).await?;
         config.artifact_set = Arc::new(loaded_or_startup_error(&config, loaded)?);
     }
+    config.gate.start().await?;
     let store = open_store(&config).await?;
     // The indexes of INDEXES and of the artifact set (`types/<type>/indexes.yaml`).
     let mut indexes = config.indexes.clone();
@@ -156,10 +160,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         idle: Duration::from_millis(config.http.idle_timeout_ms),
         header: Duration::from_millis(config.http.header_read_timeout_ms),
     };
+    let tls = config.tls.clone();
+    let listener = match &tls {
+        None => stall::GuardedListener::plain(listener, timeouts)?,
+        Some(certs) => stall::GuardedListener::tls(listener, timeouts, certs.clone())?,
+    };
     let task = tokio::spawn(async move {
         // Sockets with a write deadline that SSE streams arm (`stall.rs`).
         let app = app.into_make_service_with_connect_info::<stall::StallGuard>();
-        axum::serve(stall::GuardedListener(listener, timeouts), app)
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.await;
             })
@@ -173,6 +182,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         grace: Duration::from_secs(config.shutdown_timeout_secs),
         live,
         reloader,
+        tls,
     })
 }
 
@@ -211,6 +221,12 @@ impl RunningServer {
     /// The bound address (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Reads `TLS_CERT` and `TLS_KEY` again (SIGHUP): `None` without TLS; on failure the
+    /// certificate being served stays.
+    pub fn reload_tls(&self) -> Option<Result<(), tls::TlsError>> {
+        self.tls.as_ref().map(|certs| certs.reload())
     }
 
     /// The store it serves.

@@ -27,3 +27,15 @@ pub const RATE_LIMIT_BUCKETS_MAX: usize = 100_000;
 // Used by auth.rs.
 /// Most verified tokens remembered until their `exp` (least recently used forgotten first).
 pub const JWT_CACHE_MAX: usize = 10_000;
+
+// Used by jwks_fetch.rs.
+/// Largest JWKS document read from `JWT_JWKS=https://…`.
+pub const JWKS_BYTES_MAX: usize = 1024 * 1024;
+
+// Used by tls.rs.
+/// Most TLS handshakes under way at once; beyond it new connections wait in the kernel's queue.
+pub const TLS_HANDSHAKES_MAX: usize = 1_024;
+/// Most connections whose handshake is done waiting for the HTTP server to take them.
+pub const TLS_ACCEPTED_QUEUE_MAX: usize = 64;
+/// Most certificates in `TLS_CERT` (the server's and its chain).
+pub const TLS_CHAIN_CERTS_MAX: usize = 16;

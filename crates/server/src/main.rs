@@ -90,7 +90,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %server.addr(), store = ?config.store, "sourced is listening");
     #[cfg(unix)]
     {
-        // SIGHUP reloads the artifact set (the outcome is logged by the reloader).
+        // SIGHUP reloads the artifact set (the outcome is logged by the reloader) and the TLS
+        // certificate.
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
@@ -100,6 +101,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the artifact set");
                     let _ = server.reload_artifacts().await;
+                    match server.reload_tls() {
+                        None => {}
+                        Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; serving the previous one"),
+                    }
                 }
             }
         }

@@ -67,6 +67,8 @@ const fn flag(env: &'static str, doc: &'static str) -> Setting {
 /// Every setting, in the order `--help` and README list them.
 pub const SETTINGS: &[Setting] = &[
     text("LISTEN", Default::Value("127.0.0.1:8080"), "Address to listen on."),
+    text("TLS_CERT", Default::Unset, "HTTPS and WSS: the PEM certificate chain (server first); reloaded on SIGHUP."),
+    text("TLS_KEY", Default::Unset, "HTTPS and WSS: the PEM private key of TLS_CERT; reloaded on SIGHUP."),
     text(
         "EVENT_STORE_URL",
         Default::Value("sqlite://./data/sourced.db"),
@@ -112,7 +114,27 @@ pub const SETTINGS: &[Setting] = &[
     text("AUTH_KEYS_FILE", Default::Unset, "With AUTH=keys: the YAML file of API key hashes (sourced key new)."),
     text("JWT_HS256_SECRET", Default::Unset, "With AUTH=jwt: the HS256 secret, at least 32 bytes."),
     text("JWT_HS256_SECRET_FILE", Default::Unset, "With AUTH=jwt: a file holding the HS256 secret."),
-    text("JWT_JWKS", Default::Unset, "With AUTH=jwt: a JWKS file of RS256/ES256 public keys, chosen by kid."),
+    text(
+        "JWT_JWKS",
+        Default::Unset,
+        "With AUTH=jwt: RS256/ES256 public keys chosen by kid: a JWKS file, or an https:// URL fetched at start and kept fresh.",
+    ),
+    text("JWT_JWKS_CA_FILE", Default::Unset, "With JWT_JWKS=https://…: PEM roots to trust instead of the system's."),
+    number("JWT_JWKS_TIMEOUT_SECS", "10", 1, 300, "With JWT_JWKS=https://…: longest time one fetch may take."),
+    number(
+        "JWT_JWKS_REFRESH_SECS",
+        "300",
+        60,
+        86_400,
+        "With JWT_JWKS=https://…: seconds between fetches (a token with an unknown kid also causes one).",
+    ),
+    number(
+        "JWT_JWKS_UNKNOWN_KID_SECS",
+        "60",
+        1,
+        3_600,
+        "With JWT_JWKS=https://…: shortest time between two fetches caused by tokens with an unknown kid.",
+    ),
     text("JWT_ISSUER", Default::Unset, "With AUTH=jwt: the issuer (iss) tokens must name."),
     text("JWT_AUDIENCE", Default::Unset, "With AUTH=jwt: the audience (aud) tokens must name."),
     number("JWT_LEEWAY_SECS", "30", 0, 3_600, "Seconds of clock skew allowed on exp and nbf."),

@@ -31,7 +31,7 @@ use axum::extract::ConnectInfo;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::Sleep;
 
 use crate::state::LiveState;
@@ -103,27 +103,67 @@ pub struct ReadTimeouts {
     pub header: Duration,
 }
 
-/// The listener `start` serves on: a [`TcpListener`] whose sockets are [`GuardedIo`]s.
+/// The listener `start` serves on: accepted sockets (plain, or TLS once their handshake is
+/// done, `tls.rs`) wrapped in [`GuardedIo`]s.
 #[derive(Debug)]
-pub struct GuardedListener(pub TcpListener, pub ReadTimeouts);
+pub struct GuardedListener {
+    incoming: Incoming,
+    timeouts: ReadTimeouts,
+    local: SocketAddr,
+}
+
+#[derive(Debug)]
+enum Incoming {
+    Plain(TcpListener),
+    Tls(crate::tls::Handshaken),
+}
+
+impl GuardedListener {
+    /// Plain HTTP on `listener`.
+    pub fn plain(listener: TcpListener, timeouts: ReadTimeouts) -> io::Result<GuardedListener> {
+        Ok(GuardedListener { local: listener.local_addr()?, incoming: Incoming::Plain(listener), timeouts })
+    }
+
+    /// HTTPS on `listener`: each handshake within the header-read timeout.
+    pub fn tls(
+        listener: TcpListener,
+        timeouts: ReadTimeouts,
+        certs: Arc<crate::tls::Certificates>,
+    ) -> io::Result<GuardedListener> {
+        let local = listener.local_addr()?;
+        let handshaken = crate::tls::spawn_acceptor(listener, certs, timeouts.header);
+        Ok(GuardedListener { local, incoming: Incoming::Tls(handshaken), timeouts })
+    }
+}
 
 impl axum::serve::Listener for GuardedListener {
     type Io = GuardedIo;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (GuardedIo, SocketAddr) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
-        // Small frames (WebSocket replies and events, SSE events) must not wait for Nagle's
-        // algorithm: with it, a stream of events to a subscriber stalls for tens of ms.
-        if let Err(e) = io.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
+        let (io, addr) = match &mut self.incoming {
+            Incoming::Plain(listener) => {
+                let (io, addr) = axum::serve::Listener::accept(listener).await;
+                // Small frames (WebSocket replies and events, SSE events) must not wait for
+                // Nagle's algorithm: with it, a stream of events to a subscriber stalls for
+                // tens of ms. (The TLS acceptor sets it before its handshake.)
+                if let Err(e) = io.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+                (crate::tls::Transport::Plain(io), addr)
+            }
+            Incoming::Tls(handshaken) => match handshaken.recv().await {
+                Some(done) => done,
+                // The acceptor ends only once this listener is dropped.
+                None => std::future::pending().await,
+            },
+        };
         let io = GuardedIo {
             inner: io,
             guard: StallGuard::default(),
             blocked: None,
             tripped: false,
-            timeouts: self.1,
+            timeouts: self.timeouts,
             read_deadline: None,
             armed_epoch: 0,
             in_head: false,
@@ -137,7 +177,7 @@ impl axum::serve::Listener for GuardedListener {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        Ok(self.local)
     }
 }
 
@@ -149,10 +189,10 @@ impl Connected<IncomingStream<'_, GuardedListener>> for StallGuard {
     }
 }
 
-/// A TCP stream whose writes fail once blocked longer than its armed guard allows.
+/// A connection (TCP, or TLS over it) whose writes fail once blocked longer than its armed guard allows.
 #[derive(Debug)]
 pub struct GuardedIo {
-    inner: TcpStream,
+    inner: crate::tls::Transport,
     guard: StallGuard,
     /// Running while a write is blocked; reset by any progress.
     blocked: Option<Pin<Box<Sleep>>>,

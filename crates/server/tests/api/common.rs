@@ -146,6 +146,21 @@ pub(crate) async fn spawn_sourced_with(
     env: &[(String, String)],
     cwd: Option<&std::path::Path>,
 ) -> (tokio::process::Child, std::net::SocketAddr) {
+    let (child, addr, _log) = spawn_sourced_in(env, cwd).await;
+    (child, addr)
+}
+
+/// As [`spawn_sourced_with`], also handing over every log line it writes from then on.
+pub(crate) async fn spawn_sourced_logged(
+    env: &[(String, String)],
+) -> (tokio::process::Child, std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    spawn_sourced_in(env, None).await
+}
+
+async fn spawn_sourced_in(
+    env: &[(String, String)],
+    cwd: Option<&std::path::Path>,
+) -> (tokio::process::Child, std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sourced"));
     cmd.env_clear().env("LISTEN", "127.0.0.1:0").env("LOG_FORMAT", "json").env("LOG_LEVEL", "info");
@@ -175,8 +190,13 @@ pub(crate) async fn spawn_sourced_with(
     .await
     .expect("sourced starts listening within 30 s");
     // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, addr, rx)
 }
 
 // ---------------------------------------------------------------------------------------------

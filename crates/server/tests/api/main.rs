@@ -28,5 +28,6 @@ mod socketio;
 mod sse;
 mod time_travel;
 mod timeouts;
+mod tls;
 mod transfer;
 mod ws;
