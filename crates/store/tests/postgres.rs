@@ -154,6 +154,9 @@ async fn fresh() -> Option<(Box<dyn EventStore>, Scratch)> {
     Some((Box::new(store), scratch))
 }
 
+#[path = "postgres/tls.rs"]
+mod tls;
+
 mod contract_suite {
     use super::*;
     sourced_store::contract_tests!(fresh());

@@ -16,6 +16,8 @@ pub(super) struct Feed {
     pub(super) channel: String,
     /// Where the dedicated LISTEN connection goes (the pool's settings).
     config: tokio_postgres::Config,
+    /// Its TLS (`sslmode` of the URL).
+    connector: tokio_postgres_rustls::MakeRustlsConnect,
     listener: OnceLock<Arc<dyn CommitListener>>,
     /// The highest position passed to the listener (or known to it as its head). Held across
     /// a read and the listener calls that follow, so feeds never interleave.
@@ -34,12 +36,14 @@ impl Feed {
     pub(super) fn new(
         schema: &str,
         config: tokio_postgres::Config,
+        connector: tokio_postgres_rustls::MakeRustlsConnect,
         head: u64,
         runtime: tokio::runtime::Handle,
     ) -> Feed {
         Feed {
             channel: format!("sourced_commits_{:016x}", crate::fnv1a(schema.as_bytes())),
             config,
+            connector,
             listener: OnceLock::new(),
             fed: tokio::sync::Mutex::new(head),
             notified: AtomicU64::new(0),
@@ -221,7 +225,7 @@ async fn listen_loop(feed: Arc<Feed>, pool: Pool) {
 pub(super) async fn listen(
     feed: &Arc<Feed>,
 ) -> Result<(tokio_postgres::Client, JoinHandle<String>), tokio_postgres::Error> {
-    let (client, mut connection) = feed.config.connect(NoTls).await?;
+    let (client, mut connection) = feed.config.connect(feed.connector.clone()).await?;
     let sink = Arc::clone(feed);
     let driver = tokio::spawn(async move {
         loop {

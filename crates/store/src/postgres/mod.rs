@@ -93,7 +93,7 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, Poo
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row, SimpleQueryMessage, Statement};
+use tokio_postgres::{AsyncMessage, Row, SimpleQueryMessage, Statement};
 use uuid::Uuid;
 
 use sourced_core::timestamp::truncate;
@@ -116,6 +116,7 @@ use sourced_core::query::FieldPath;
 mod decode;
 mod feed;
 mod schema;
+pub mod tls;
 mod writer;
 
 use decode::{
@@ -211,6 +212,7 @@ impl WriterHandle for Writer {
 
 /// Checks that `url` is a PostgreSQL connection URL this backend accepts, without connecting.
 pub fn check_url(url: &str) -> Result<(), StoreError> {
+    let (url, _) = tls::split_url(url)?;
     url.parse::<tokio_postgres::Config>()
         .map(drop)
         .map_err(|e| StoreError::invalid_request(format!("not a PostgreSQL URL: {e}")).with_source(e))
@@ -221,6 +223,8 @@ impl PostgresStore {
     /// `?options=-csearch_path%3DNAME`), brings the schema up to date and starts the writer.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         options.validate()?;
+        let (url, tls) = tls::split_url(url)?;
+        let connector = tls::connector(&tls)?;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::invalid_request(format!("not a PostgreSQL URL: {e}")).with_source(e))?;
@@ -238,8 +242,11 @@ impl PostgresStore {
         config.options(format!("{url_options} -c synchronous_commit=on").trim_start());
         let listen_config = config.clone();
         let build = |config: tokio_postgres::Config, size: usize| {
-            let manager =
-                Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            let manager = Manager::from_config(
+                config,
+                connector.clone(),
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            );
             Pool::builder(manager)
                 .max_size(size)
                 .runtime(Runtime::Tokio1)
@@ -257,7 +264,7 @@ impl PostgresStore {
             let schema = migrate(&mut client).await?;
             (schema, select_head(&client).await.map_err(pg_err)?)
         };
-        let feed = Arc::new(Feed::new(&schema, listen_config, head, runtime));
+        let feed = Arc::new(Feed::new(&schema, listen_config, connector, head, runtime));
         let counters = Arc::new(Counters::default());
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
         let task =
