@@ -8,6 +8,10 @@ server's resident memory afterwards. Exits 1 when any answer differs from what i
 
     python3 scripts/hostile.py --bin target/release/sourced
     python3 scripts/hostile.py --bin target/release/sourced --postgres postgres://postgres@127.0.0.1:5432/test
+    python3 scripts/hostile.py --bin target/release/sourced --tls
+
+With --tls the server serves HTTPS with a certificate made by `openssl` for the run, every
+attack goes over TLS, and attacks on the handshake itself are added.
 
 CI runs it against the debug binary on both backends (statuses only: the timings there are a
 debug build's). The figures in docs/benchmarks.md come from the release binary.
@@ -18,11 +22,13 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+import warnings
 
 PREFIX = "urn:sourced:problem:"
 
@@ -45,8 +51,9 @@ def rss_mb(pid):
 
 
 class Server:
-    def __init__(self, binary, store_url, extra_env):
+    def __init__(self, binary, store_url, extra_env, tls=None):
         self.port = free_port()
+        self.tls = tls  # an ssl.SSLContext trusting the server's certificate, or None
         env = dict(os.environ)
         env.update({"EVENT_STORE_URL": store_url, "LISTEN": f"127.0.0.1:{self.port}", "RUST_LOG": "warn"})
         env.update(extra_env)
@@ -64,7 +71,10 @@ class Server:
         raise SystemExit("the server did not answer /healthz within 30 s")
 
     def request(self, method, path, body=None, headers=None, timeout=120):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        if self.tls:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             hdrs = dict(headers or {})
             if body is not None and not isinstance(body, bytes):
@@ -145,11 +155,17 @@ def attacks(s):
         {"content-type": "application/json-patch+json"}))
 
 
+def connect(s, timeout):
+    """A socket to the server: TCP, or TLS over it (handshake done) when the server is TLS."""
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=timeout)
+    return s.tls.wrap_socket(sock, server_hostname="127.0.0.1") if s.tls else sock
+
+
 def raw(s, payload, drip=None, wait=6.0):
     """Sends `payload` on a raw socket (then `drip` one byte a second, if given) and reads until the
     server closes or `wait` seconds pass. (status, {}, body): status 0 when it closed without a
     response, -1 when it was still open after `wait`."""
-    sock = socket.create_connection(("127.0.0.1", s.port), timeout=wait)
+    sock = connect(s, wait)
     deadline = time.monotonic() + wait
     got = b""
     try:
@@ -190,7 +206,7 @@ def many_drippers(s, count=200, wait=8.0):
     request, {}, b"<open sockets left>")."""
     socks = []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        sock = connect(s, 5)
         sock.setblocking(False)
         socks.append(sock)
     status, _, _ = 0, None, None
@@ -206,7 +222,7 @@ def many_drippers(s, count=200, wait=8.0):
                 sock.send(head[i % len(head):i % len(head) + 1])
                 if sock.recv(1) == b"":
                     closed.add(n)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 pass
             except OSError:
                 closed.add(n)
@@ -256,6 +272,88 @@ def conditional(s):
            lambda: s.request("PUT", "/idem/i1", '{"a":2}', {"idempotency-key": "my-key-1"}))
 
 
+def tcp(s, payload, wait=6.0):
+    """Sends `payload` on a plain TCP socket (below TLS) and reads until the server closes or
+    `wait` seconds pass: (0, {}, what came back) when it closed, (-1, ...) when still open."""
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=wait)
+    deadline = time.monotonic() + wait
+    got = b""
+    try:
+        sock.sendall(payload)
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return -1, {}, got
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        else:
+            return -1, {}, got
+    finally:
+        sock.close()
+    return 0, {}, got
+
+
+def old_protocol(s):
+    """A client that offers only TLS 1.1 or older: the handshake must fail (0), never succeed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        warnings.simplefilter("ignore", DeprecationWarning)  # offering them is the point
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        return 0, {}, b"this Python cannot even offer TLS 1.1"
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    try:
+        ctx.wrap_socket(sock).close()
+    except (ssl.SSLError, OSError):
+        return 0, {}, b""
+    return 200, {}, b"handshake succeeded"
+
+
+def untrusted(s):
+    """A client that checks the certificate against the system's roots only: it must refuse."""
+    ctx = ssl.create_default_context()
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    try:
+        ctx.wrap_socket(sock, server_hostname="127.0.0.1").close()
+    except ssl.SSLCertVerificationError:
+        return 0, {}, b""
+    except (ssl.SSLError, OSError) as e:
+        return -1, {}, str(e).encode()
+    return 200, {}, b"trusted"
+
+
+def tls_attacks(s):
+    """The handshake itself (only with --tls)."""
+    yield ("plain HTTP to the TLS port: closed, no HTTP answer", 0, None,
+           lambda: tcp(s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    yield ("64 KiB of garbage instead of a ClientHello: closed", 0, None, lambda: tcp(s, os.urandom(65536)))
+    yield ("a ClientHello cut short: closed at the timeout", 0, None,
+           lambda: tcp(s, bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])))
+    yield ("a record header claiming 16 MiB: closed", 0, None, lambda: tcp(s, bytes([0x16, 0x03, 0x03, 0xff, 0xff])))
+    yield ("only TLS 1.0/1.1 offered: handshake refused", 0, None, lambda: old_protocol(s))
+    yield ("a client trusting only the system's roots: refuses", 0, None, lambda: untrusted(s))
+    yield ("after all that, /healthz over TLS", 200, None, lambda: s.request("GET", "/healthz", timeout=10))
+
+
+def self_signed(tmp):
+    """A certificate for 127.0.0.1 and localhost made with openssl, and a context trusting it."""
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"TLS_CERT": cert, "TLS_KEY": key}, ssl.create_default_context(cafile=cert)
+
+
 def check_pointer(status, data):
     """The copy-from-missing problem must name /body/0/from."""
     _, body = problem(data)
@@ -266,6 +364,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/sourced")
     ap.add_argument("--postgres", help="a PostgreSQL URL; a fresh schema is created in it and dropped after")
+    ap.add_argument("--tls", action="store_true", help="serve HTTPS (a certificate made for the run) and attack over TLS")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="sourced-hostile-")
@@ -281,12 +380,15 @@ def main():
         backend = "sqlite"
 
     timeouts_ms = {"IDLE_TIMEOUT_MS": "1500", "HEADER_READ_TIMEOUT_MS": "1500", "BODY_READ_TIMEOUT_MS": "1500"}
-    server = Server(args.bin, store_url, timeouts_ms)
+    tls_env, tls_ctx = self_signed(tmp) if args.tls else ({}, None)
+    server = Server(args.bin, store_url, {**timeouts_ms, **tls_env}, tls=tls_ctx)
     failures = 0
+    backend += " over TLS" if args.tls else ""
     print(f"backend: {backend}; binary: {args.bin}; pid {server.proc.pid}; RSS at start {rss_mb(server.proc.pid):.0f} MB")
     print(f"{'attack':<58} {'expected':<28} {'got':<28} {'ms':>8} {'RSS MB':>7}")
     try:
-        for name, want_status, want_slug, send in [*attacks(server), *conditional(server), *timeouts(server)]:
+        extra = [*tls_attacks(server)] if args.tls else []
+        for name, want_status, want_slug, send in [*attacks(server), *conditional(server), *timeouts(server), *extra]:
             t0 = time.monotonic()
             try:
                 status, _, data = send()
