@@ -245,9 +245,11 @@ impl Config {
             .parse()
             .map_err(|_| bad("LISTEN", &text("LISTEN"), "expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"))?;
         let store = parse_store_url(&text("EVENT_STORE_URL"))?;
+        // Resolved once, against the working directory at start: git runs inside the cache, so
+        // a relative path would be taken relative to itself there.
         let cache = match text("ARTIFACTS_CACHE") {
             c if c.is_empty() => return Err(bad("ARTIFACTS_CACHE", "", "give a directory")),
-            c => PathBuf::from(c),
+            c => std::path::absolute(&c).map_err(|e| bad("ARTIFACTS_CACHE", &c, e.to_string()))?,
         };
         let git_timeout = std::time::Duration::from_secs(raw.number("ARTIFACTS_GIT_TIMEOUT_SECS")?);
         let artifacts = match raw.text("ARTIFACTS") {
@@ -465,7 +467,7 @@ mod tests {
         match Config::resolve(&raw).unwrap().artifacts {
             Some(ArtifactsSource::Git(g)) => {
                 assert_eq!((g.url.as_str(), g.reference.as_deref()), ("https://example.org/a.git", Some("v1")));
-                assert_eq!(g.cache, PathBuf::from("./data/artifacts-cache"));
+                assert!(g.cache.is_absolute() && g.cache.ends_with("data/artifacts-cache"), "{:?}", g.cache);
                 assert_eq!(g.timeout, std::time::Duration::from_secs(120));
             }
             other => panic!("{other:?}"),

@@ -283,6 +283,32 @@ async fn sighup_reloads_the_set() {
     child.wait().await.unwrap();
 }
 
+/// Issue 18's bug: tried as a new user would, in an empty working directory, with every path
+/// setting at its relative default (`./data/sourced.db`, `./data/artifacts-cache`), a git set
+/// failed to load and left `data/artifacts-cache/data/artifacts-cache/…` behind.
+#[tokio::test]
+async fn a_git_set_loads_with_the_relative_default_paths_in_a_fresh_directory() {
+    let dir = TempDir::new().unwrap();
+    let repo = example_repo(dir.path());
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let env = [("ARTIFACTS".to_owned(), format!("{}#v1", file_url(&repo)))];
+    let (mut child, addr) = spawn_sourced_with(&env, Some(&fresh)).await;
+    let mut c = Client::connect(addr).await.unwrap();
+    create_order(&mut c, "o1").await;
+    let submitted = c.send_json("POST", "/order/o1/submit", &[], &json!({})).await.unwrap();
+    assert!(submitted.status < 500, "a custom command of the set is served: {}", submitted.text());
+    assert!(fresh.join("data/sourced.db").is_file());
+    let cache: Vec<String> = std::fs::read_dir(fresh.join("data/artifacts-cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cache.len(), 1, "one clone in the cache, nothing nested: {cache:?}");
+    assert!(!fresh.join("data/artifacts-cache/data").exists());
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
 #[test]
 fn a_git_command_that_hangs_is_killed_at_the_timeout() {
     use std::os::unix::fs::PermissionsExt;
