@@ -14,6 +14,11 @@ impl Engine {
         self.store.ping().await
     }
 
+    /// The store's last global position (metrics).
+    pub async fn head(&self) -> Result<Position, StoreError> {
+        self.store.head().await
+    }
+
     /// One aggregate's read-model row, its document as stored text.
     pub async fn document_text(&self, key: &StreamKey) -> Result<Option<DocumentText>, StoreError> {
         self.store.get_document_text(key).await

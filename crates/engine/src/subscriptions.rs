@@ -112,6 +112,12 @@ impl Hub {
         self.sender.receiver_count()
     }
 
+    /// Events in the live buffer that some subscription has not taken yet: the backlog of the
+    /// slowest one, at most the buffer's capacity (beyond it, it reads the store again).
+    pub fn backlog(&self) -> usize {
+        self.sender.len()
+    }
+
     /// Tells subscriptions that something was committed (stores that do not feed the hub).
     pub(crate) fn wake(&self) {
         if !self.is_fed() {

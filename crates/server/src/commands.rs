@@ -44,9 +44,16 @@ pub(crate) async fn run(
     cmd: Command,
     caller: &Caller,
 ) -> Result<Result<CommandOutcome, EngineError>, Problem> {
-    caller.allow(&action_of(&cmd), &cmd.key.type_name)?;
-    let principal = caller.principal().map(Principal::to_json);
-    Ok(engine.execute(cmd, principal.as_ref()).await)
+    let timer = crate::metrics::CommandTimer::start(&engine.artifacts(), &cmd);
+    let result = match caller.allow(&action_of(&cmd), &cmd.key.type_name) {
+        Err(p) => Err(p),
+        Ok(()) => {
+            let principal = caller.principal().map(Principal::to_json);
+            Ok(engine.execute(cmd, principal.as_ref()).await)
+        }
+    };
+    timer.finish(&result);
+    result
 }
 
 /// Runs one command envelope: its outcome, or the command id (when one was found) and the

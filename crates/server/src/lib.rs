@@ -11,6 +11,7 @@ pub mod git;
 pub mod http;
 pub mod jwks_fetch;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod ratelimit;
@@ -135,6 +136,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         let loaded = tokio::task::spawn_blocking(move || artifacts::load(&source, &limits)).await?;
         config.artifact_set = Arc::new(loaded_or_startup_error(&config, loaded)?);
     }
+    metrics::install();
     config.gate.start().await?;
     let store = open_store(&config).await?;
     // The indexes of INDEXES and of the artifact set (`types/<type>/indexes.yaml`).

@@ -39,3 +39,8 @@ pub const TLS_HANDSHAKES_MAX: usize = 1_024;
 pub const TLS_ACCEPTED_QUEUE_MAX: usize = 64;
 /// Most certificates in `TLS_CERT` (the server's and its chain).
 pub const TLS_CHAIN_CERTS_MAX: usize = 16;
+
+// Used by metrics.rs.
+/// Most aggregate types outside the artifact set that get a label of their own in the metrics
+/// (clients name types; the rest are counted as `(other)`).
+pub const METRIC_TYPES_MAX: usize = 64;

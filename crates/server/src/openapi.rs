@@ -96,6 +96,10 @@ fn service_paths(paths: &mut Map<String, Value>) {
             "503": problem_response("not ready")
         }
     }}));
+    paths.insert("/metrics".into(), json!({"get": {
+        "operationId": "metrics", "summary": "Prometheus metrics (text format 0.0.4); with authentication on, the admin action", "tags": ["service"],
+        "responses": {"200": {"description": "the metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    }}));
     paths.insert("/openapi.json".into(), json!({"get": {
         "operationId": "openapi", "summary": "This document, generated from the routes and the loaded artifact set", "tags": ["service"],
         "responses": {"200": json_response("the OpenAPI 3.1 document", json!({"type": "object"})), "400": problem_response("query parameters are refused")}

@@ -120,6 +120,16 @@ impl Problem {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", detail)
     }
 
+    /// 503: `/metrics` when a program embedding Sourced installed its own metrics recorder.
+    pub fn metrics_unavailable() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics-unavailable",
+            "No metrics",
+            "another metrics recorder was installed in this process before Sourced's",
+        )
+    }
+
     /// 412: the precondition of `header` does not hold; `current` is the document's version.
     pub fn precondition_failed(header: &str, detail: impl Into<String>, current: Option<u64>) -> Self {
         let p = Problem::new(StatusCode::PRECONDITION_FAILED, "precondition-failed", "The precondition failed", detail)

@@ -79,6 +79,7 @@ impl Reloader {
                 }
                 self.engine.set_artifacts(Arc::new(set));
                 tracing::info!(artifacts = %origin, summary = %summary, "artifact set reloaded");
+                metrics::counter!("sourced_artifact_reloads_total", "outcome" => "ok").increment(1);
                 Ok(summary)
             }
             Err(error) => {
@@ -88,6 +89,7 @@ impl Reloader {
                     }
                 }
                 tracing::error!(artifacts = %source_name, error = %error, "reload refused: the previous set stays loaded");
+                metrics::counter!("sourced_artifact_reloads_total", "outcome" => "refused").increment(1);
                 Err(ReloadError::Load { source_name, error })
             }
         }

@@ -20,6 +20,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::serve))
         .route("/schemas/{file}", get(schema_file))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::serve))
         .route("/commands", post(post_command))
         .route("/events", get(feed))
         .route("/ws", get(crate::ws::upgrade))
@@ -40,5 +41,6 @@ pub fn router(state: AppState) -> Router {
     };
     r.fallback(|| async { Problem::not_found("no route matches this path") })
         .method_not_allowed_fallback(|method: Method| async move { Problem::method_not_allowed(method.as_str()) })
+        .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }

@@ -333,6 +333,16 @@ pub(crate) fn decide_append(
     Ok(Decision::Write(span))
 }
 
+/// Records one commit of a writer in the process's metrics (`metrics.rs` of the server renders
+/// them): how many appends it carried, how long it took, and whether it failed.
+pub(crate) fn record_commit(backend: &'static str, appends: usize, started: std::time::Instant, ok: bool) {
+    metrics::histogram!("sourced_store_batch_appends", "backend" => backend).record(appends as f64);
+    metrics::histogram!("sourced_store_commit_seconds", "backend" => backend).record(started.elapsed().as_secs_f64());
+    if !ok {
+        metrics::counter!("sourced_store_batch_failures_total", "backend" => backend).increment(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -826,7 +826,10 @@ fn commit_batch(
     counters: &Counters,
 ) -> Vec<Result<Written, StoreError>> {
     let batch_start_position = *next_position;
-    match run_batch(conn, batch, next_position) {
+    let started = std::time::Instant::now();
+    let outcome = run_batch(conn, batch, next_position);
+    append::record_commit("sqlite", batch.len(), started, outcome.is_ok());
+    match outcome {
         Ok(results) => {
             let events = counters.committed(batch, &results);
             assert_eq!(

@@ -324,7 +324,9 @@ async fn routes_methods_and_reserved_names() {
     let app = TestApp::fresh().await;
     app.get("/healthz").await.ok(200);
     assert_eq!(app.get("/readyz").await.ok(200)["status"], "ready");
-    app.get("/metrics").await.problem(404, "not-found");
+    // A reserved name: the metrics, not a type.
+    assert_eq!(app.get("/metrics").await.status, 200);
+    app.call("POST", "/metrics", &[], Some("{}")).await.problem(405, "method-not-allowed");
     app.get("/Order").await.problem(400, "invalid-request");
     app.get("/order/bad%20id").await.problem(400, "invalid-request");
     app.get("/a/b/c/d").await.problem(404, "not-found");

@@ -20,6 +20,7 @@ mod faithful;
 mod http_api;
 mod idempotency;
 mod limits;
+mod metrics;
 mod postgres;
 mod problems;
 mod queries;

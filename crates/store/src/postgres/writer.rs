@@ -56,6 +56,7 @@ pub(super) async fn commit_batch(
     counters: &Counters,
     channel: &str,
 ) -> Vec<Result<Written, StoreError>> {
+    let started = std::time::Instant::now();
     let outcome = async {
         let client = pool.get().await.map_err(pool_err)?;
         let results = match run_batch(Batch { client: &client, batch, lock_timeout_ms, channel }).await {
@@ -80,6 +81,7 @@ pub(super) async fn commit_batch(
         Ok::<_, StoreError>(results)
     }
     .await;
+    append::record_commit("postgres", batch.len(), started, outcome.is_ok());
     match outcome {
         Ok(results) => {
             counters.committed(batch, &results);
