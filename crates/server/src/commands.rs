@@ -44,6 +44,7 @@ pub(crate) async fn run(
     cmd: Command,
     caller: &Caller,
 ) -> Result<Result<CommandOutcome, EngineError>, Problem> {
+    crate::trace::record_command(&cmd.id);
     let timer = crate::metrics::CommandTimer::start(&engine.artifacts(), &cmd);
     let result = match caller.allow(&action_of(&cmd), &cmd.key.type_name) {
         Err(p) => Err(p),
@@ -72,7 +73,9 @@ pub(crate) async fn execute_envelope(
         Err(e) => return Err(Box::new((id, Problem::from(e)))),
     };
     let cmd_id = Value::from(cmd.id.to_string());
-    match run(engine, cmd, sender.caller).await {
+    // Its own span: on /ws and Socket.IO there is no request span around the command.
+    let span = tracing::info_span!("command", command_id = %cmd.id);
+    match tracing::Instrument::instrument(run(engine, cmd, sender.caller), span).await {
         Ok(Ok(outcome)) => Ok(outcome),
         Ok(Err(e)) => Err(Box::new((Some(cmd_id), command_problem(e, sender, false)))),
         Err(p) => Err(Box::new((Some(cmd_id), p))),

@@ -24,6 +24,7 @@ pub mod sse;
 pub mod stall;
 pub mod state;
 pub mod tls;
+pub mod trace;
 pub mod transfer;
 pub mod ws;
 
@@ -111,7 +112,8 @@ fn build_app(
     let app = router(state)
         .layer(socketio)
         .layer(axum::middleware::map_response(socketio::errors_as_problems))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(trace::request_span))
+        .layer(axum::middleware::from_fn(trace::request_id))
         // Outermost: a request is in flight from its head to the end of its response.
         .layer(axum::middleware::from_fn(stall::track_requests));
     (app, reloader)

@@ -44,3 +44,7 @@ pub const TLS_CHAIN_CERTS_MAX: usize = 16;
 /// Most aggregate types outside the artifact set that get a label of their own in the metrics
 /// (clients name types; the rest are counted as `(other)`).
 pub const METRIC_TYPES_MAX: usize = 64;
+
+// Used by trace.rs.
+/// Longest `X-Request-Id` taken from a client (a longer or odd one is replaced by a UUID).
+pub const REQUEST_ID_BYTES_MAX: usize = 128;

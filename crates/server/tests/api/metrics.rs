@@ -140,3 +140,53 @@ async fn metrics_need_the_admin_action_with_authentication_on() {
     let r = t.call("GET", "/metrics", &[("authorization", ops.as_str())], None).await;
     assert_eq!(r.status, 200);
 }
+
+/// `X-Request-Id` (SPEC §9): taken or made, returned, and in every log line of the request
+/// with the command id (JSON lines: the `request` span).
+#[tokio::test]
+async fn request_ids_are_returned_and_in_the_log_lines_of_their_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("EVENT_STORE_URL".to_owned(), format!("sqlite://{}", dir.path().join("r.db").display())),
+        ("LOG_LEVEL".to_owned(), "debug".to_owned()),
+    ];
+    let (_child, addr, mut log) = crate::common::spawn_sourced_logged(&env).await;
+    let mut c = Client::connect(addr).await.unwrap();
+    let sent =
+        c.send_json("POST", "/order", &[("x-request-id", "trace-42.a:b_c")], &json!({"id": "r1"})).await.unwrap();
+    assert_eq!(sent.status, 201);
+    assert_eq!(sent.header("x-request-id"), Some("trace-42.a:b_c"));
+    // Without one, or with one that is too long or odd, the server makes one.
+    let made = c.get("/order/r1").await.unwrap();
+    let made_id = made.header("x-request-id").unwrap().to_owned();
+    assert_eq!(made_id.len(), 36, "a UUID: {made_id}");
+    let odd = c.send_json("GET", "/order/r1", &[("x-request-id", "a b\tc")], &json!(null)).await;
+    let odd_id = odd.map(|r| r.header("x-request-id").map(str::to_owned)).ok().flatten();
+    assert!(odd_id.is_some_and(|id| id.len() == 36), "an odd id is replaced");
+    let long = "x".repeat(200);
+    let r = c.get("/healthz").await.unwrap();
+    assert!(r.header("x-request-id").is_some());
+    let r = c.send_json("GET", "/order/r1", &[("x-request-id", long.as_str())], &json!(null)).await.unwrap();
+    assert_ne!(r.header("x-request-id"), Some(long.as_str()));
+
+    // Every line logged inside the first request carries its id and its command's id.
+    let mut lines_of_request = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lines_of_request.is_empty() || tokio::time::Instant::now() < deadline {
+        let Ok(Some(line)) = tokio::time::timeout_at(deadline, log.recv()).await else { break };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if v["span"]["request_id"] == "trace-42.a:b_c" {
+            lines_of_request.push(v);
+        }
+        if lines_of_request.len() >= 2 {
+            break;
+        }
+    }
+    assert!(!lines_of_request.is_empty(), "no log line of the request with its id");
+    let finished = lines_of_request
+        .iter()
+        .find(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains("finished")))
+        .unwrap_or(&lines_of_request[0]);
+    assert!(finished["span"]["command_id"].as_str().is_some_and(|id| id.len() == 36), "{finished}");
+    assert_eq!(finished["span"]["path"], "/order", "{finished}");
+}
