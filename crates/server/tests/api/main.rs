@@ -31,3 +31,4 @@ mod timeouts;
 mod tls;
 mod transfer;
 mod ws;
+mod ws_auth;
