@@ -2,7 +2,8 @@
 //! keys file of SHA-256 hashes ([`keys`]), JWT bearer tokens verified against a pinned key
 //! ([`jwt`], keys from [`jwks`]), and [`Authenticator`], which tells the two apart. The result
 //! is a [`sourced_core::Principal`]; what it may do is `permissions.yaml`'s business
-//! (`sourced_core::artifacts::permissions`). Not wired into the server yet.
+//! (`sourced_core::artifacts::permissions`). The server's `Gate` (auth.rs) and `Caller`
+//! (request.rs) use it on every path.
 //!
 //! Time is passed in (`now_secs`, seconds since the Unix epoch): no function here reads a
 //! clock, so every verification is deterministic under test.

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+mod auth;
 mod ceiling;
 mod cpu;
 mod domain;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 
+pub use auth::{AuthOptions, AuthReport, AuthRow, AuthScheme, VerifyCost, run_auth};
 pub use ceiling::CeilingMeasure;
 pub use domain::{DomainOptions, PathMeasure, run_domain};
 pub use postgres::{PgOptions, PgReport, PgRow, PlainMeasure, run_postgres};
@@ -449,7 +451,7 @@ async fn measure_sourced(clients: usize, timing: load::Timing) -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let config = sourced_server::Config::embedded(loopback(), dir.path().join("sourced.db"));
     let server = sourced_server::start(config).await?;
-    let (result, start, end) = load::run(server.addr(), clients, timing, || server.store_stats()).await?;
+    let (result, start, end) = load::run(server.addr(), clients, timing, &[], || server.store_stats()).await?;
     let appends_total = server.store_stats().appends;
     server.shutdown().await;
     let store = StoreWindow {
@@ -464,7 +466,7 @@ async fn measure_sourced(clients: usize, timing: load::Timing) -> anyhow::Result
 /// The HTTP floor at one level.
 async fn measure_floor(clients: usize, timing: load::Timing) -> anyhow::Result<HttpMeasure> {
     let server = floor::FloorServer::start().await?;
-    let (result, _, _) = load::run(server.addr(), clients, timing, || ()).await?;
+    let (result, _, _) = load::run(server.addr(), clients, timing, &[], || ()).await?;
     server.shutdown().await?;
     Ok(HttpMeasure::from_load(result, timing.duration.as_secs_f64()))
 }

@@ -1,6 +1,7 @@
 //! The load generator: N clients, each with its own keep-alive connection and tokio task,
 //! each looping { create an aggregate; patch it with the create's ETag } until the measured
-//! window ends. Latencies are kept per client and merged at the end.
+//! window ends. Latencies are kept per client and merged at the end. A client may send an
+//! `Authorization` header with every request (the auth benchmark's bearer tokens).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -51,11 +52,13 @@ pub(crate) struct Probed<S> {
 }
 
 /// Runs `clients` clients against `addr` and reads `probe` when the measured window opens
-/// and when it closes.
+/// and when it closes. Client `i` sends `Authorization: authorizations[i]` with every request
+/// when there is such an entry (an empty slice: no client sends one).
 pub(crate) async fn run<S>(
     addr: SocketAddr,
     clients: usize,
     timing: Timing,
+    authorizations: &[String],
     mut probe: impl FnMut() -> S,
 ) -> anyhow::Result<(LoadResult, Probed<S>, Probed<S>)> {
     let mut connected = Vec::with_capacity(clients);
@@ -68,7 +71,10 @@ pub(crate) async fn run<S>(
     let tasks: Vec<_> = connected
         .into_iter()
         .enumerate()
-        .map(|(index, client)| tokio::spawn(client_loop(client, index, window_start, window_end)))
+        .map(|(index, client)| {
+            let authorization = authorizations.get(index).cloned();
+            tokio::spawn(client_loop(client, index, authorization, window_start, window_end))
+        })
         .collect();
 
     tokio::time::sleep_until(window_start.into()).await;
@@ -92,18 +98,29 @@ pub(crate) async fn run<S>(
 }
 
 /// One client's loop; returns its unsorted samples.
-async fn client_loop(mut client: Client, index: usize, window_start: Instant, window_end: Instant) -> LoadResult {
+async fn client_loop(
+    mut client: Client,
+    index: usize,
+    authorization: Option<String>,
+    window_start: Instant,
+    window_end: Instant,
+) -> LoadResult {
     let mut result = LoadResult::default();
     let create_path = format!("/{}", workload::TYPE_NAME);
+    // The header sent last when there is one: slicing a fixed array allocates nothing per request.
+    let (authorization, sent) = match &authorization {
+        Some(value) => (value.as_str(), 2),
+        None => ("", 1),
+    };
     for seq in 0..ITERATIONS_MAX {
         if Instant::now() >= window_end || result.errors >= CLIENT_ERRORS_MAX {
             break;
         }
         let id = workload::aggregate_id(index, seq);
         let document = workload::document(&id, seq);
-        let headers = [("content-type", "application/json")];
+        let headers = [("content-type", "application/json"), ("authorization", authorization)];
         let etag = match timed(&mut result, window_start, window_end, 201, async {
-            client.request("POST", &create_path, &headers, Some(&document)).await
+            client.request("POST", &create_path, &headers[..sent], Some(&document)).await
         })
         .await
         {
@@ -118,9 +135,13 @@ async fn client_loop(mut client: Client, index: usize, window_start: Instant, wi
         };
         let patch_path = format!("{create_path}/{id}");
         let patch = workload::patch(seq);
-        let headers = [("content-type", "application/json-patch+json"), ("if-match", etag.as_str())];
+        let headers = [
+            ("content-type", "application/json-patch+json"),
+            ("if-match", etag.as_str()),
+            ("authorization", authorization),
+        ];
         timed(&mut result, window_start, window_end, 200, async {
-            client.request("PATCH", &patch_path, &headers, Some(&patch)).await
+            client.request("PATCH", &patch_path, &headers[..sent + 1], Some(&patch)).await
         })
         .await;
     }
@@ -161,6 +182,21 @@ async fn timed(
 }
 
 impl LoadResult {
+    /// Pools `other` (another run of the same case) into this one: counts added, latencies
+    /// merged and sorted, the measured windows' CPU seconds added (unknown if either is).
+    pub(crate) fn absorb(&mut self, other: LoadResult) {
+        let cpu = |r: &LoadResult| Some(r.cpu_end? - r.cpu_start?);
+        let cpu_total = cpu(self).zip(cpu(&other)).map(|(a, b)| a + b);
+        self.measured += other.measured;
+        self.succeeded += other.succeeded;
+        self.errors += other.errors;
+        self.latencies_ns.extend_from_slice(&other.latencies_ns);
+        self.latencies_ns.sort_unstable();
+        let room = ERROR_SAMPLES_MAX.saturating_sub(self.error_samples.len());
+        self.error_samples.extend(other.error_samples.into_iter().take(room));
+        (self.cpu_start, self.cpu_end) = (cpu_total.map(|_| 0.0), cpu_total);
+    }
+
     fn error(&mut self, message: String) {
         self.errors += 1;
         if self.error_samples.len() < ERROR_SAMPLES_MAX {
@@ -180,7 +216,28 @@ pub(crate) fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::quantile;
+    use super::{LoadResult, quantile};
+
+    #[test]
+    fn pooled_runs_add_counts_and_cpu_and_keep_latencies_sorted() {
+        let run = |latencies: &[u64], cpu: Option<(f64, f64)>| LoadResult {
+            measured: latencies.len() as u64,
+            latencies_ns: latencies.to_vec(),
+            succeeded: latencies.len() as u64 + 1,
+            errors: 1,
+            error_samples: vec!["e".into(); 2],
+            cpu_start: cpu.map(|c| c.0),
+            cpu_end: cpu.map(|c| c.1),
+        };
+        let mut pooled = run(&[2, 5], Some((10.0, 11.5)));
+        pooled.absorb(run(&[1, 9], Some((20.0, 20.5))));
+        assert_eq!((pooled.measured, pooled.succeeded, pooled.errors), (4, 6, 2));
+        assert_eq!(pooled.latencies_ns, [1, 2, 5, 9]);
+        assert_eq!(pooled.error_samples.len(), super::ERROR_SAMPLES_MAX);
+        assert_eq!(pooled.cpu_end.zip(pooled.cpu_start).map(|(e, s)| e - s), Some(2.0));
+        pooled.absorb(run(&[3], None));
+        assert_eq!((pooled.cpu_start, pooled.cpu_end), (None, None));
+    }
 
     #[test]
     fn quantiles_use_the_nearest_rank() {

@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sourced_bench::Options;
 
 /// Durable commands over HTTP against Sourced, an HTTP floor and a raw SQLite ceiling; then
-/// commands over WebSocket and subscription latency.
+/// commands over WebSocket and subscription latency. Or one of the other runs below.
 #[derive(Debug, Parser)]
 #[command(name = "sourced-bench", version)]
 struct Args {
@@ -42,8 +42,16 @@ struct Args {
     /// lifecycle, CEL) against plain patches of the same size, at each --clients level.
     #[arg(long, conflicts_with_all = ["postgres", "read_side"])]
     artifacts: bool,
+    /// Instead: the HTTP workload with JWT auth on (HS256 and ES256) beside auth off, at each
+    /// --clients level, in rounds of (off, HS256, ES256) pooled per scheme; then one
+    /// verification's cost outside HTTP.
+    #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts"])]
+    auth: bool,
+    /// Rounds of the --auth run (each measures every scheme once).
+    #[arg(long, default_value_t = 3, requires = "auth")]
+    rounds: usize,
     /// Only the WebSocket part: no HTTP levels.
-    #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "clients"])]
+    #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "auth", "clients"])]
     websocket_only: bool,
     /// Only the HTTP levels: no WebSocket commands, no subscription latency.
     #[arg(long, conflicts_with_all = ["postgres", "read_side", "artifacts", "websocket_only", "subscribers", "latency_rate"])]
@@ -71,6 +79,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.auth {
+        return run_auth(args);
+    }
     if args.artifacts {
         let options = sourced_bench::DomainOptions {
             clients: if args.smoke { vec![1] } else { args.clients },
@@ -107,15 +118,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let report = sourced_bench::run_postgres(&options)?;
         println!("{}", report.to_markdown());
-        let problems = report.problems();
-        if problems.is_empty() {
-            return Ok(ExitCode::SUCCESS);
-        }
-        eprintln!("sourced-bench: THE RUN FAILED ({} problems):", problems.len());
-        for problem in problems {
-            eprintln!("  - {problem}");
-        }
-        return Ok(ExitCode::FAILURE);
+        return Ok(verdict(&report.problems()));
+    }
+    if cfg!(debug_assertions) && !args.smoke {
+        eprintln!("sourced-bench: warning: a debug build; use `cargo run --release -p sourced-bench` for real numbers");
     }
     let options = if args.smoke {
         Options::smoke()
@@ -129,18 +135,41 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             ws_cases: if args.http_only { Vec::new() } else { sourced_bench::default_ws_cases() },
         }
     };
-    if cfg!(debug_assertions) && !args.smoke {
-        eprintln!("sourced-bench: warning: a debug build; use `cargo run --release -p sourced-bench` for real numbers");
-    }
     let report = sourced_bench::run(&options)?;
     println!("{}", report.to_markdown());
-    let problems = report.problems();
+    Ok(verdict(&report.problems()))
+}
+
+/// The --auth run.
+fn run_auth(args: Args) -> anyhow::Result<ExitCode> {
+    let options = if args.smoke {
+        sourced_bench::AuthOptions::smoke()
+    } else {
+        if cfg!(debug_assertions) {
+            eprintln!(
+                "sourced-bench: warning: a debug build; use `cargo run --release -p sourced-bench` for real numbers"
+            );
+        }
+        sourced_bench::AuthOptions {
+            clients: args.clients,
+            duration: Duration::try_from_secs_f64(args.duration_secs).context("--duration-secs")?,
+            warmup: Duration::try_from_secs_f64(args.warmup_secs).context("--warmup-secs")?,
+            rounds: args.rounds,
+        }
+    };
+    let report = sourced_bench::run_auth(&options)?;
+    println!("{}", report.to_markdown());
+    Ok(verdict(&report.problems()))
+}
+
+/// Success for a run without problems; else the problems on stderr and failure.
+fn verdict(problems: &[String]) -> ExitCode {
     if problems.is_empty() {
-        return Ok(ExitCode::SUCCESS);
+        return ExitCode::SUCCESS;
     }
     eprintln!("sourced-bench: THE RUN FAILED ({} problems):", problems.len());
     for problem in problems {
         eprintln!("  - {problem}");
     }
-    Ok(ExitCode::FAILURE)
+    ExitCode::FAILURE
 }

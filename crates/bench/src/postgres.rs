@@ -179,7 +179,7 @@ async fn measure_sourced(
     config.store = sourced_server::StoreUrl::Postgres(schema.url(url));
     let outcome = async {
         let server = sourced_server::start(config).await?;
-        let (result, start, end) = load::run(server.addr(), clients, timing, || server.store_stats()).await?;
+        let (result, start, end) = load::run(server.addr(), clients, timing, &[], || server.store_stats()).await?;
         server.shutdown().await;
         let store = StoreWindow {
             commits: end.value.commits - start.value.commits,

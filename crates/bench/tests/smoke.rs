@@ -103,3 +103,28 @@ fn artifacts_smoke_run_prints_its_row() {
         "{markdown}"
     );
 }
+
+/// The auth benchmark's smoke path: off, HS256 and ES256 each ran without a refused request
+/// (every token was accepted, and a request without one was refused with auth on, or the run
+/// fails), and both tables are printed.
+#[test]
+fn auth_smoke_run_measures_every_scheme() {
+    use sourced_bench::AuthScheme;
+    let report = sourced_bench::run_auth(&sourced_bench::AuthOptions::smoke()).unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new(), "{}", report.to_markdown());
+    assert_eq!(report.rows.iter().map(|r| r.scheme).collect::<Vec<_>>(), AuthScheme::ALL);
+    for row in &report.rows {
+        let m = &row.measure;
+        assert!(m.requests > 0 && m.succeeded_total >= m.requests && m.errors == 0, "{row:?}");
+        assert_eq!(row.store_appends_total, m.succeeded_total, "{row:?}");
+        assert!(m.p50_ms > 0.0 && m.p50_ms <= m.p99_ms, "{row:?}");
+        assert!(report.loss(row).is_some(), "{row:?}");
+    }
+    assert_eq!(report.loss(&report.rows[0]), Some(0.0));
+    let schemes: Vec<AuthScheme> = report.verify.iter().map(|v| v.scheme).collect();
+    assert_eq!(schemes, [AuthScheme::Hs256, AuthScheme::Es256]);
+    assert!(report.verify.iter().all(|v| v.verify_us > 0.0 && v.cached_us > 0.0), "{:?}", report.verify);
+    let markdown = report.to_markdown();
+    assert!(markdown.contains("| clients | auth | cmd/s |") && markdown.contains("\n| 1 | JWT ES256 | "), "{markdown}");
+    assert!(markdown.contains("| auth | verify µs | cached µs |"), "{markdown}");
+}

@@ -47,19 +47,8 @@ fn cache_size() -> NonZeroUsize {
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let modes = match &self.authenticator {
-            None => "none".to_owned(),
-            Some(a) => {
-                let mut m = Vec::new();
-                if a.keys.is_some() {
-                    m.push("keys");
-                }
-                if a.jwt.is_some() {
-                    m.push("jwt");
-                }
-                m.join(",")
-            }
-        };
+        let modes = self.modes();
+        let modes = if modes.is_empty() { "none".to_owned() } else { modes.join(",") };
         f.debug_struct("Gate").field("modes", &modes).finish()
     }
 }
@@ -128,6 +117,12 @@ impl Gate {
     /// Whether requests must authenticate.
     pub fn is_on(&self) -> bool {
         self.authenticator.is_some()
+    }
+
+    /// The `AUTH` modes that are on, `keys` before `jwt`; none with `AUTH=none`.
+    pub fn modes(&self) -> Vec<&'static str> {
+        let Some(a) = &self.authenticator else { return Vec::new() };
+        [(a.keys.is_some(), "keys"), (a.jwt.is_some(), "jwt")].into_iter().filter(|m| m.0).map(|m| m.1).collect()
     }
 
     /// Who `credential` names now; `None` when authentication is off.

@@ -23,7 +23,10 @@ pub(crate) async fn serve(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Result<Response, crate::problem::Problem> {
     crate::request::query_pairs(&q, &[])?;
-    let doc = document(&s.engine.artifacts(), s.http.page_limit_max, s.reloader.is_some());
+    let modes = s.gate.modes();
+    let protection =
+        Protection { keys: modes.contains(&"keys"), jwt: modes.contains(&"jwt"), rate_limited: s.rate_limit.is_some() };
+    let doc = document(&s.engine.artifacts(), s.http.page_limit_max, s.reloader.is_some(), protection);
     let mut r = axum::Json(doc).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(r)
@@ -54,8 +57,32 @@ const READ_ERRORS: &[u16] = &[400, 404, 405, 410, 503];
 const WRITE_ERRORS: &[u16] = &[400, 404, 405, 409, 410, 412, 413, 415, 422, 428, 503];
 const LIST_ERRORS: &[u16] = &[400, 404, 405, 503];
 
+/// What the document says about credentials and rate limits (docs/security.md): the `AUTH`
+/// modes that are on (with neither, the document declares no security at all) and whether
+/// `RATE_LIMIT_PER_SEC` can answer 429.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protection {
+    /// `AUTH=keys`: API keys.
+    pub keys: bool,
+    /// `AUTH=jwt`: JWT bearer tokens.
+    pub jwt: bool,
+    /// Rate limits are on.
+    pub rate_limited: bool,
+}
+
+impl Protection {
+    fn auth(self) -> bool {
+        self.keys || self.jwt
+    }
+}
+
+/// The paths every caller may read, with or without a credential: they describe the service,
+/// not a tenant's data (docs/security.md, "Where it is checked"). Every other operation checks
+/// the caller.
+pub const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz", "/openapi.json", "/schemas/{file}"];
+
 /// The whole document for `set`.
-pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value {
+pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool, protection: Protection) -> Value {
     let mut paths = Map::new();
     let mut schemas = base_schemas();
     service_paths(&mut paths);
@@ -69,7 +96,16 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         type_paths(&mut paths, &mut schemas, name.as_str(), a, page_limit_max);
     }
     link_creates_to_their_aggregates(&mut paths);
-    json!({
+    let mut components = json!({"schemas": schemas});
+    let mut security = None;
+    if protection.auth() {
+        components["securitySchemes"] = security_schemes(protection);
+        security = Some(json!([{"bearer": []}, {"apiKey": []}]));
+        guard_operations(&mut paths, protection);
+    } else if protection.rate_limited {
+        guard_operations(&mut paths, protection);
+    }
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "Sourced",
@@ -78,8 +114,78 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool) -> Value 
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "paths": paths,
-        "components": {"schemas": schemas}
+        "components": components
+    });
+    if let Some(security) = security {
+        doc["security"] = security;
+    }
+    doc
+}
+
+/// The credentials a request may carry, as OpenAPI security schemes: `Authorization: Bearer`
+/// and `X-Api-Key` (each takes an API key or a JWT, whichever modes are on), and for the feed
+/// the `access_token` query parameter and the `sourced_token` cookie.
+fn security_schemes(p: Protection) -> Value {
+    let what = match (p.keys, p.jwt) {
+        (true, true) => "an API key (`sk_…`) or a JWT",
+        (true, false) => "an API key (`sk_…`)",
+        _ => "a JWT (HS256, RS256 or ES256, with iss, aud, exp, sub and the tenant claim)",
+    };
+    let mut bearer = json!({"type": "http", "scheme": "bearer",
+        "description": format!("`Authorization: Bearer <credential>`: {what}")});
+    if !p.keys {
+        bearer["bearerFormat"] = json!("JWT");
+    }
+    json!({
+        "bearer": bearer,
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key",
+            "description": format!("{what}, when the request has no Authorization header")},
+        "accessToken": {"type": "apiKey", "in": "query", "name": "access_token",
+            "description": format!("{what}; only on GET /events (for EventSource, which cannot set headers): URLs end up in logs, prefer the cookie")},
+        "cookie": {"type": "apiKey", "in": "cookie", "name": "sourced_token",
+            "description": format!("{what}; only on GET /events")}
     })
+}
+
+/// Every operation outside [`PUBLIC_PATHS`] checks the caller: it lists 401 and 403 when
+/// authentication is on, and 429 when rate limits are. Public operations need no credential
+/// (`security: []`); the feed also takes its credential in the query or a cookie.
+fn guard_operations(paths: &mut Map<String, Value>, p: Protection) {
+    for (path, item) in paths.iter_mut() {
+        let public = PUBLIC_PATHS.contains(&path.as_str());
+        for op in item.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+            if public {
+                if p.auth() {
+                    op["security"] = json!([]);
+                }
+                continue;
+            }
+            if p.auth() && path == "/events" {
+                op["security"] = json!([{"bearer": []}, {"apiKey": []}, {"accessToken": []}, {"cookie": []}]);
+            }
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+            if p.auth() {
+                let mut unauthenticated = problem_response(
+                    "no credential, or one that proves nothing (missing, unknown, malformed, expired, wrong issuer or audience); the problem's type names which",
+                );
+                unauthenticated["headers"] =
+                    json!({"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}});
+                responses.insert("401".into(), unauthenticated);
+                responses.insert("403".into(), problem_response(
+                    "the credential is valid but does not allow this: another tenant (`tenant-not-allowed`, `tenant-required`) or an action its roles lack (`forbidden`, with `action` and `targetName`)",
+                ));
+            }
+            if p.rate_limited {
+                let mut limited = problem_response(
+                    "rate limited: the caller's token bucket is empty (`rate-limited`, with `retryAfter`)",
+                );
+                limited["headers"] =
+                    json!({"Retry-After": {"description": "whole seconds to wait", "schema": {"type": "string"}}});
+                responses.insert("429".into(), limited);
+            }
+            responses.sort_keys();
+        }
+    }
 }
 
 /// The service's own routes: health, readiness, this document and the schemas.
@@ -148,7 +254,7 @@ fn admin_paths(paths: &mut Map<String, Value>) {
     paths.insert("/admin/reload".into(), json!({"post": {
         "operationId": "adminReload", "tags": ["admin"],
         "summary": "Read the artifact set again and swap it in, or keep the running one",
-        "description": "Served only with ADMIN_API=true. Unauthenticated: protect it at the network level until Sourced has authentication.",
+        "description": "Served only with ADMIN_API=true. With authentication on, the caller needs the `admin` action (on any type); with AUTH=none anyone who reaches the port may reload.",
         "responses": {
             "200": json_response("the new set's types and commands", json!({"type": "object"})),
             "409": problem_response("ARTIFACTS is not set"),

@@ -224,7 +224,8 @@ impl Session<'_> {
         let problem = problem.or_else(|| self.conn.caller.restrict(&mut filter).err());
         let tenant = match (tenant, self.conn.caller.named_tenant()) {
             (Some(t), Some(fixed)) if t != *fixed => {
-                let p = Problem::bad_request("the tenant is fixed by the connection's X-Tenant", vec![]);
+                let p =
+                    Problem::bad_request("the tenant is fixed by the connection (its credential, or X-Tenant)", vec![]);
                 let _ = self.send(error_frame(None, Some(&sub), &p)).await;
                 return Ok(());
             }

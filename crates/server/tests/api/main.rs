@@ -32,3 +32,4 @@ mod timeouts;
 mod tls;
 mod transfer;
 mod ws;
+mod ws_auth;

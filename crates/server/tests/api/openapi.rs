@@ -189,9 +189,19 @@ async fn replies_conform_to_the_document() {
 /// The whole document for the order domain (admin route included) is the one on file,
 /// `tests/data/openapi/order.json`, key order included: a change to `openapi.rs` that changes
 /// the document shows here as a diff to review. `SOURCED_BLESS=1` rewrites the file. The
-/// crate's version is written as `<version>`, so a release does not touch the file.
+/// crate's version is written as `<version>`, so a release does not touch the file. With
+/// authentication (`AUTH=keys,jwt`) and rate limits on, the document is `order-auth.json`.
 #[tokio::test]
 async fn the_document_is_the_one_on_file() {
+    check_on_file("order.json", |_| {}).await;
+    check_on_file("order-auth.json", |c| {
+        c.gate = crate::auth::gate();
+        c.rate_limit = sourced_server::ratelimit::RateLimiter::new(10, 20).map(Arc::new);
+    })
+    .await;
+}
+
+async fn check_on_file(name: &str, configure: impl FnOnce(&mut sourced_server::config::Config)) {
     let bless = std::env::var("SOURCED_BLESS").is_ok_and(|v| v == "1");
     assert!(!(bless && std::env::var("CI").is_ok_and(|v| v == "true")), "SOURCED_BLESS=1 is refused under CI=true");
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
@@ -199,25 +209,148 @@ async fn the_document_is_the_one_on_file() {
     let app = TestApp::with(|c| {
         c.artifact_set = Arc::new(set);
         c.admin_api = true;
+        configure(c);
     });
     let mut doc = app.get("/openapi.json").await.ok(200).clone();
     assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
     doc["info"]["version"] = json!("<version>");
     let text = serde_json::to_string_pretty(&doc).unwrap() + "\n";
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/openapi/order.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/openapi").join(name);
     if bless {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &text).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).expect("tests/data/openapi/order.json (SOURCED_BLESS=1 writes it)");
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("tests/data/openapi/{name} (SOURCED_BLESS=1 writes it): {e}"));
     if expected != text {
         let line = expected.lines().zip(text.lines()).position(|(e, a)| e != a).unwrap_or(0);
         panic!(
-            "/openapi.json differs from tests/data/openapi/order.json from line {} (SOURCED_BLESS=1 to accept):\n- {}\n+ {}",
+            "/openapi.json differs from tests/data/openapi/{name} from line {} (SOURCED_BLESS=1 to accept):\n- {}\n+ {}",
             line + 1,
             expected.lines().nth(line).unwrap_or(""),
             text.lines().nth(line).unwrap_or("")
         );
     }
+}
+
+/// The order domain's app with every route (admin too), authentication (`AUTH=keys,jwt`, the
+/// gate of the auth tests) and, with `rate`, a rate limit of (per second, burst).
+fn guarded_app(rate: Option<(u64, u64)>) -> TestApp {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
+    let set = sourced_server::artifacts::load_dir(&example).expect("the example set is valid");
+    TestApp::with(|c| {
+        c.artifact_set = Arc::new(set);
+        c.admin_api = true;
+        c.gate = crate::auth::gate();
+        c.rate_limit =
+            rate.and_then(|(per_sec, burst)| sourced_server::ratelimit::RateLimiter::new(per_sec, burst)).map(Arc::new);
+    })
+}
+
+/// (path template, method, operation) of every operation of `doc`.
+fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            out.push((path.clone(), method.clone(), op.clone()));
+        }
+    }
+    out
+}
+
+/// The public routes of docs/security.md's table ("public: they describe the service"), as
+/// path templates.
+fn public_routes_of_the_docs() -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/security.md")).unwrap();
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with('|') && l.contains("| public"))
+        .expect("docs/security.md lists the public routes");
+    let routes = row.split('|').nth(1).unwrap();
+    routes.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+/// With authentication on, every operation but the public ones lists 401 (with
+/// `WWW-Authenticate`) and 403, and 429 when rate limits are on; the public ones need no
+/// credential (`security: []`) and are exactly the ones docs/security.md calls public. With
+/// authentication off, the document declares no security, and no 401 or 403.
+#[tokio::test]
+async fn the_document_declares_credentials_where_they_are_checked() {
+    for rate in [None, Some((10, 20))] {
+        let doc = guarded_app(rate).get("/openapi.json").await.ok(200).clone();
+        let schemes = &doc["components"]["securitySchemes"];
+        assert_eq!(schemes["bearer"]["scheme"], "bearer", "{schemes}");
+        assert_eq!((&schemes["apiKey"]["in"], &schemes["apiKey"]["name"]), (&json!("header"), &json!("X-Api-Key")));
+        assert_eq!(doc["security"], json!([{"bearer": []}, {"apiKey": []}]));
+        let mut public = Vec::new();
+        for (path, method, op) in operations(&doc) {
+            let codes = &op["responses"];
+            if op.get("security") == Some(&json!([])) {
+                public.push(path.clone());
+                assert!(codes.get("401").is_none() && codes.get("429").is_none(), "{method} {path}: {codes}");
+                continue;
+            }
+            assert!(codes["401"]["headers"]["WWW-Authenticate"].is_object(), "{method} {path}: {codes}");
+            assert!(codes["403"]["content"]["application/problem+json"].is_object(), "{method} {path}");
+            assert_eq!(codes.get("429").is_some(), rate.is_some(), "{method} {path}");
+        }
+        public.dedup();
+        public.sort();
+        let mut documented = public_routes_of_the_docs();
+        documented.sort();
+        assert_eq!(public, documented, "docs/security.md and /openapi.json disagree on the public routes");
+        assert_eq!(doc["paths"]["/events"]["get"]["security"][2], json!({"accessToken": []}));
+    }
+    let plain = order_app().get("/openapi.json").await.body;
+    assert!(plain.get("security").is_none() && plain["components"].get("securitySchemes").is_none());
+    for (path, method, op) in operations(&plain) {
+        assert!(op["responses"].get("401").is_none() && op.get("security").is_none(), "{method} {path}");
+    }
+}
+
+/// A request for `template` with its path parameters filled in (generic types as `note`).
+fn concrete(template: &str) -> String {
+    let generic = template.starts_with("/{type}");
+    template
+        .replace("{type}", "note")
+        .replace("{id}", "x1")
+        .replace("{command}", if generic { "nudge" } else { "submit" })
+        .replace("{file}", "command.json")
+}
+
+/// Every operation the document guards answers 401 `credential-missing` without a credential,
+/// with a body and headers that conform to it; every public one is served. Then a 403 and a
+/// 429 conform too.
+#[tokio::test]
+async fn guarded_operations_refuse_a_request_without_a_credential() {
+    let app = guarded_app(None);
+    let doc = app.get("/openapi.json").await.ok(200).clone();
+    for (template, method, op) in operations(&doc) {
+        let path = concrete(&template);
+        let body = op.get("requestBody").map(|_| "{}");
+        let r = app.call(&method.to_uppercase(), &path, &[], body).await;
+        if op.get("security") == Some(&json!([])) {
+            assert_eq!(r.status, 200, "public {method} {path}: {}", r.body);
+        } else {
+            r.problem(401, "credential-missing");
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{method} {path}");
+        }
+        conforms(&doc, &template, &method, &r);
+    }
+    let clerk = format!("Bearer {}", crate::auth::key_of("clerk"));
+    let wrong_tenant = [("authorization", clerk.as_str()), ("x-tenant", "beta")];
+    let r = app.call("GET", "/order/o1", &wrong_tenant, None).await;
+    r.problem(403, "tenant-not-allowed");
+    conforms(&doc, "/order/{id}", "get", &r);
+
+    let app = guarded_app(Some((1, 1)));
+    let doc = app.get("/openapi.json").await.ok(200).clone();
+    let ops = format!("Bearer {}", crate::auth::key_of("ops"));
+    let ops = [("authorization", ops.as_str())];
+    app.call("GET", "/order", &ops, None).await.ok(200);
+    let r = app.call("GET", "/order", &ops, None).await;
+    r.problem(429, "rate-limited");
+    conforms(&doc, "/order", "get", &r);
 }

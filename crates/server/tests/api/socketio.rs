@@ -18,7 +18,7 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `script` with `args` in `dir` and returns its stdout and its `{"step", …}` lines by
 /// step; fails unless it exits 0 with `done` as its last line.
-async fn run_node(dir: &std::path::Path, script: &str, args: &[&str]) -> (String, HashMap<String, Value>) {
+pub(crate) async fn run_node(dir: &std::path::Path, script: &str, args: &[&str]) -> (String, HashMap<String, Value>) {
     let run = tokio::process::Command::new("node").arg(script).args(args).current_dir(dir).kill_on_drop(true).output();
     let out = tokio::time::timeout(NODE_TIMEOUT, run).await.expect("the Node client finishes").unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -37,7 +37,7 @@ async fn run_node(dir: &std::path::Path, script: &str, args: &[&str]) -> (String
 }
 
 /// The script's directory, when Node.js and the npm package are there; `None` means skip.
-async fn node_client_dir() -> Option<PathBuf> {
+pub(crate) async fn node_client_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
     let required = std::env::var("SOURCED_REQUIRE_NODE").is_ok_and(|v| v == "1");
     let node = tokio::process::Command::new("node").arg("--version").output().await;
