@@ -494,6 +494,7 @@ pub(crate) fn append_request(
         snapshot: snapshot_due(before, after.version, snapshot_every)
             .then(|| after.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
             .flatten(),
+        checkpoint: None,
     }
 }
 

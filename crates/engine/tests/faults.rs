@@ -143,6 +143,12 @@ impl EventStore for Faulty {
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
         self.inner.get_command(tenant, id).await
     }
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        self.inner.checkpoint(name).await
+    }
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.inner.put_checkpoint(name, position).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

@@ -368,6 +368,7 @@ mod tests {
             document: DocumentWrite { state: json!({}), deleted: false },
             command: CommandWrite { id: CommandId(Uuid::from_u128(7)), fingerprint: "f".into(), extra: json!(null) },
             snapshot: None,
+            checkpoint: None,
         }
     }
 

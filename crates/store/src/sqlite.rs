@@ -57,7 +57,7 @@ use crate::{
 use sourced_core::query::FieldPath;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -115,7 +115,18 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, type, agg_id, version)
     ) WITHOUT ROWID;
     ",
+    // 2 → 3: process managers' checkpoints (SPEC §4.5).
+    "
+    CREATE TABLE checkpoints (
+        name     TEXT    NOT NULL PRIMARY KEY,
+        position INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ",
 ];
+
+/// Moves a checkpoint, never back.
+const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (name, position) VALUES (?1, ?2)
+     ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position)";
 
 /// How long a connection waits for a lock held by another connection (another process, or a
 /// checkpoint) before it reports [`StoreError::Unavailable`].
@@ -548,6 +559,25 @@ impl EventStore for SqliteStore {
             rows.into_iter().map(|(t, ty, id)| stream_key(&t, &ty, &id, "events")).collect()
         })
         .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let name = name.to_owned();
+        let position = self
+            .read(move |conn| {
+                conn.prepare_cached("SELECT position FROM checkpoints WHERE name = ?1")
+                    .map_err(sql_err)?
+                    .query_row(params![name], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map_err(sql_err)
+            })
+            .await?;
+        position.map(|p| from_sql_int(p, "checkpoints.position").map(Position)).transpose()
+    }
+
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let (name, position) = (name.to_owned(), to_sql_int(position.0)?);
+        self.side_write(move |conn| conn.execute(UPSERT_CHECKPOINT, params![name, position]).map(|_| ())).await
     }
 
     async fn clear_read_model(&self) -> Result<(), StoreError> {
@@ -1025,6 +1055,13 @@ fn apply(
         .map_err(write_err)?;
     }
 
+    if let Some(c) = &request.checkpoint {
+        conn.prepare_cached(UPSERT_CHECKPOINT)
+            .map_err(sql_err)?
+            .execute(params![c.name, to_sql_int(c.position.0)?])
+            .map_err(write_err)?;
+    }
+
     Ok(span.written())
 }
 
@@ -1410,6 +1447,7 @@ mod tests {
             document: DocumentWrite { state: serde_json::json!({"id": id}), deleted: false },
             command: CommandWrite { id: command, fingerprint: "fp".into(), extra: Value::Null },
             snapshot: None,
+            checkpoint: None,
         }
     }
 

@@ -577,6 +577,28 @@ impl EventStore for PostgresStore {
         row.map(|r| decode_command(&r)).transpose()
     }
 
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let client = self.client().await?;
+        let stmt =
+            client.prepare_cached("SELECT position FROM sourced_checkpoints WHERE name = $1").await.map_err(pg_err)?;
+        let row = client.query_opt(&stmt, &[&name]).await.map_err(pg_err)?;
+        Ok(row.map(|r| Position(r.get::<_, i64>(0).max(0) as u64)))
+    }
+
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let position = i64::try_from(position.0).unwrap_or(i64::MAX);
+        client
+            .execute(
+                "INSERT INTO sourced_checkpoints (name, position) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET position = GREATEST(sourced_checkpoints.position, excluded.position)",
+                &[&name, &position],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
     async fn head(&self) -> Result<Position, StoreError> {
         // One row, read without a lock (the writers' `FOR UPDATE` does not block it): the
         // counter as of the last commit.

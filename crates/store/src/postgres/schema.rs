@@ -68,6 +68,15 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     );
     "#,
     ),
+    (
+        "process checkpoints",
+        r#"
+    CREATE TABLE sourced_checkpoints (
+        name     text COLLATE "C" PRIMARY KEY,
+        position bigint           NOT NULL CHECK (position >= 0)
+    );
+    "#,
+    ),
 ];
 
 /// First key of the advisory lock taken around migrations (the second is the schema's hash).

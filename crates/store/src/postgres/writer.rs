@@ -148,6 +148,7 @@ pub(super) struct Statements {
     insert_commands: Statement,
     update_counter: Statement,
     insert_snapshots: Statement,
+    upsert_checkpoints: Statement,
 }
 
 impl Statements {
@@ -182,6 +183,12 @@ impl Statements {
             ),
             client.prepare_cached("UPDATE sourced_position SET last = $1"),
             client.prepare_cached(INSERT_SNAPSHOTS),
+            client.prepare_cached(
+                "INSERT INTO sourced_checkpoints (name, position)
+                 SELECT n, p FROM unnest($1::text[], $2::int8[]) AS x(n, p)
+                 ON CONFLICT (name) DO UPDATE SET
+                     position = GREATEST(sourced_checkpoints.position, excluded.position)",
+            ),
         )?;
         Ok(Statements {
             select_commands: prepared.0,
@@ -191,6 +198,7 @@ impl Statements {
             insert_commands: prepared.4,
             update_counter: prepared.5,
             insert_snapshots: prepared.6,
+            upsert_checkpoints: prepared.7,
         })
     }
 }
@@ -372,6 +380,8 @@ pub(super) struct Plan {
     cmd_extra: Vec<String>,
     /// Snapshots, one per append that asks for one.
     snaps: Vec<SnapWrite>,
+    /// Checkpoints, the highest position per name (one statement cannot update a row twice).
+    checkpoints: std::collections::BTreeMap<String, i64>,
 }
 
 pub(super) struct SnapWrite {
@@ -572,6 +582,11 @@ impl Plan {
                 updated_at: ts,
             });
         }
+        if let Some(c) = &request.checkpoint {
+            let position = i64::try_from(c.position.0).unwrap_or(i64::MAX);
+            let entry = self.checkpoints.entry(c.name.clone()).or_insert(position);
+            *entry = (*entry).max(position);
+        }
         self.cmd_tenant.push(hk.0.clone());
         self.cmd_id.push(request.command.id.0);
         self.cmd_fingerprint.push(request.command.fingerprint.clone());
@@ -634,7 +649,10 @@ impl Plan {
         ];
         let counter_params: [&(dyn ToSql + Sync); 1] = [&new_last];
         let snapshots = SnapColumns::new(&self.snaps);
-        let (inserted_events, _, inserted_commands, counters, inserted_snapshots) = tokio::try_join!(
+        let checkpoint_names: Vec<&str> = self.checkpoints.keys().map(String::as_str).collect();
+        let checkpoint_positions: Vec<i64> = self.checkpoints.values().copied().collect();
+        let checkpoint_params: [&(dyn ToSql + Sync); 2] = [&checkpoint_names, &checkpoint_positions];
+        let (inserted_events, _, inserted_commands, counters, inserted_snapshots, _) = tokio::try_join!(
             biased;
             client.execute(&statements.insert_events, &event_params),
             client.execute(&statements.upsert_documents, &doc_params),
@@ -645,6 +663,12 @@ impl Plan {
                     return Ok(0);
                 }
                 client.execute(&statements.insert_snapshots, &snapshots.params()).await
+            },
+            async {
+                if self.checkpoints.is_empty() {
+                    return Ok(0);
+                }
+                client.execute(&statements.upsert_checkpoints, &checkpoint_params).await
             },
         )?;
         // Each statement writes all its rows or fails (no `ON CONFLICT DO NOTHING`, the counter's
