@@ -495,6 +495,7 @@ pub(crate) fn append_request(
             .then(|| after.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
             .flatten(),
         checkpoint: None,
+        wake: None,
     }
 }
 

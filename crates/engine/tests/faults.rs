@@ -149,6 +149,14 @@ impl EventStore for Faulty {
     async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.inner.put_checkpoint(name, position).await
     }
+    async fn due_wakes(
+        &self,
+        process: &str,
+        at: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<sourced_store::Wake>, StoreError> {
+        self.inner.due_wakes(process, at, limit).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

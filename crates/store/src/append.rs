@@ -369,6 +369,7 @@ mod tests {
             command: CommandWrite { id: CommandId(Uuid::from_u128(7)), fingerprint: "f".into(), extra: json!(null) },
             snapshot: None,
             checkpoint: None,
+            wake: None,
         }
     }
 

@@ -104,6 +104,7 @@ macro_rules! contract_tests {
             snapshots_load_the_latest_at_or_below,
             streams_list_in_key_order_and_the_read_model_can_be_replaced,
             checkpoints_move_with_their_append_and_never_back,
+            wakes_are_set_and_cleared_with_their_append,
         );
     };
     (@each $fresh:expr; $($name:ident),+ $(,)?) => {
@@ -814,6 +815,43 @@ pub async fn checkpoints_move_with_their_append_and_never_back(store: &dyn Event
     store.put_checkpoint("r", Position(1)).await.expect("put");
     assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(9)));
     assert_eq!(store.checkpoint("r").await.expect("read"), Some(Position(1)), "checkpoints are per name");
+}
+
+/// A process instance's wake-up (SPEC §4.5) is set, moved and cleared by the appends to its
+/// stream, in their transactions; `due_wakes` lists those due, earliest first, per process.
+pub async fn wakes_are_set_and_cleared_with_their_append(store: &dyn EventStore) {
+    use crate::{Wake, WakeWrite};
+    let wake = |due: Option<i64>| Some(WakeWrite { process: "p".into(), due: due.map(at) });
+    let due = |k: &StreamKey, step: i64| Wake { key: k.clone(), due: truncate(at(step)) };
+    let (a, b, c) = (key("tw", "process-p", "a"), key("tw", "process-p", "b"), key("tx", "process-p", "c"));
+    let mut heads = BTreeMap::new();
+    let mut step = |k: &StreamKey, w: Option<WakeWrite>, n: u128| {
+        let expected = heads.get(k).map_or(ExpectedVersion::NoStream, |v| ExpectedVersion::Exact(Version(*v)));
+        *heads.entry(k.clone()).or_insert(0) += 1;
+        let mut req = request(k, expected, cmd(9_200 + n), 1, n as i64);
+        req.wake = w;
+        req
+    };
+    appended(store, step(&a, wake(Some(30)), 1)).await;
+    appended(store, step(&b, wake(Some(20)), 2)).await;
+    appended(store, step(&c, wake(Some(25)), 3)).await;
+    let mut other = step(&key("tw", "process-q", "a"), None, 4);
+    other.wake = Some(WakeWrite { process: "q".into(), due: Some(at(1)) });
+    appended(store, other).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read"), [due(&b, 20), due(&c, 25), due(&a, 30)]);
+    assert_eq!(store.due_wakes("p", at(25), 10).await.expect("read"), [due(&b, 20), due(&c, 25)], "due at or before");
+    assert_eq!(store.due_wakes("p", at(100), 1).await.expect("read"), [due(&b, 20)], "at most limit");
+    // Moved, cleared, and untouched by an append without a wake.
+    appended(store, step(&b, wake(Some(40)), 5)).await;
+    appended(store, step(&c, wake(None), 6)).await;
+    appended(store, step(&a, None, 7)).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read"), [due(&a, 30), due(&b, 40)]);
+    // A refused append changes nothing.
+    let mut refused = request(&a, ExpectedVersion::NoStream, cmd(9_299), 1, 8);
+    refused.wake = wake(None);
+    conflict(store, refused).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read").len(), 2);
+    assert_eq!(store.due_wakes("q", at(100), 10).await.expect("read").len(), 1, "per process");
 }
 
 /// Snapshots (SPEC §5) are written with their append and load as the aggregate at their
@@ -1625,6 +1663,7 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         command: CommandWrite { id: command, fingerprint: format!("fp-{command}"), extra: json!({"warnings": []}) },
         snapshot: None,
         checkpoint: None,
+        wake: None,
     }
 }
 

@@ -52,7 +52,7 @@ use crate::listing::{self, Dialect, Param};
 use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, Wake,
 };
 use sourced_core::query::FieldPath;
 
@@ -115,12 +115,21 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, type, agg_id, version)
     ) WITHOUT ROWID;
     ",
-    // 2 → 3: process managers' checkpoints (SPEC §4.5).
+    // 2 → 3: process managers' checkpoints and wake-ups (SPEC §4.5).
     "
     CREATE TABLE checkpoints (
         name     TEXT    NOT NULL PRIMARY KEY,
         position INTEGER NOT NULL
     ) WITHOUT ROWID;
+    CREATE TABLE wakes (
+        process TEXT    NOT NULL,
+        tenant  TEXT    NOT NULL,
+        type    TEXT    NOT NULL,
+        agg_id  TEXT    NOT NULL,
+        due     INTEGER NOT NULL,
+        PRIMARY KEY (process, tenant, type, agg_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX wakes_by_due ON wakes (process, due, tenant, type, agg_id);
     ",
 ];
 
@@ -573,6 +582,28 @@ impl EventStore for SqliteStore {
             })
             .await?;
         position.map(|p| from_sql_int(p, "checkpoints.position").map(Position)).transpose()
+    }
+
+    async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError> {
+        let (process, at, limit) = (process.to_owned(), to_micros(&at), to_sql_int(limit.min(READ_LIMIT_MAX) as u64)?);
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT tenant, type, agg_id, due FROM wakes WHERE process = ?1 AND due <= ?2
+                     ORDER BY due, tenant, type, agg_id LIMIT ?3",
+                )
+                .map_err(sql_err)?
+                .query_map(params![process, at, limit], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            rows.into_iter()
+                .map(|(t, ty, id, due)| Ok(Wake { key: stream_key(&t, &ty, &id, "wakes")?, due: from_micros(due) }))
+                .collect()
+        })
+        .await
     }
 
     async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
@@ -1055,6 +1086,24 @@ fn apply(
         .map_err(write_err)?;
     }
 
+    if let Some(w) = &request.wake {
+        let k = (w.process.as_str(), key.tenant.as_str(), key.type_name.as_str(), key.id.as_str());
+        match w.due {
+            Some(due) => conn
+                .prepare_cached(
+                    "INSERT INTO wakes (process, tenant, type, agg_id, due) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (process, tenant, type, agg_id) DO UPDATE SET due = excluded.due",
+                )
+                .map_err(sql_err)?
+                .execute(params![k.0, k.1, k.2, k.3, to_micros(&truncate(due))]),
+            None => conn
+                .prepare_cached("DELETE FROM wakes WHERE process = ?1 AND tenant = ?2 AND type = ?3 AND agg_id = ?4")
+                .map_err(sql_err)?
+                .execute(params![k.0, k.1, k.2, k.3]),
+        }
+        .map_err(write_err)?;
+    }
+
     if let Some(c) = &request.checkpoint {
         conn.prepare_cached(UPSERT_CHECKPOINT)
             .map_err(sql_err)?
@@ -1448,6 +1497,7 @@ mod tests {
             command: CommandWrite { id: command, fingerprint: "fp".into(), extra: Value::Null },
             snapshot: None,
             checkpoint: None,
+            wake: None,
         }
     }
 

@@ -191,6 +191,7 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         command: CommandWrite { id: command, fingerprint: "fp".into(), extra: json!(null) },
         snapshot: None,
         checkpoint: None,
+        wake: None,
     }
 }
 

@@ -66,6 +66,7 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         command: CommandWrite { id: command, fingerprint: "fp".into(), extra: json!(null) },
         snapshot: None,
         checkpoint: None,
+        wake: None,
     }
 }
 
@@ -174,7 +175,7 @@ async fn a_version_1_schema_is_migrated() {
     store.close().await;
     drop(store);
     let side = side_connection(&path);
-    side.execute_batch("DROP TABLE snapshots; DROP TABLE checkpoints; PRAGMA user_version = 1;")
+    side.execute_batch("DROP TABLE snapshots; DROP TABLE checkpoints; DROP TABLE wakes; PRAGMA user_version = 1;")
         .expect("back to version 1");
     drop(side);
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("reopen");
