@@ -5,6 +5,7 @@
 
 pub mod decide;
 pub mod expr;
+pub mod instance;
 pub mod lifecycle;
 pub mod permissions;
 pub mod process;
