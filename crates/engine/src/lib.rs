@@ -7,6 +7,7 @@
 mod cache;
 pub mod fresh;
 pub mod limits;
+pub mod process;
 mod reads;
 pub mod rebuild;
 pub mod subscriptions;

@@ -2,6 +2,12 @@
 //! deployment cannot set. docs/limits.md lists them all with their meaning; the limits a
 //! deployment sets are settings.
 
+// Used by process.rs.
+/// Most events a process runner reads from the feed in one round.
+pub const PROCESS_EVENTS_PER_ROUND_MAX: usize = 256;
+/// Most due instances a process runner takes in one round.
+pub const PROCESS_WAKES_PER_ROUND_MAX: usize = 64;
+
 // Used by subscriptions.rs.
 /// Bounds of the live buffer (events kept for receivers that have not taken them yet).
 pub const LIVE_BUFFER_EVENTS_MAX: usize = 1 << 20;

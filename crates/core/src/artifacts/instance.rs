@@ -75,6 +75,12 @@ pub struct Instance {
     pub pending: Vec<Issued>,
     /// Why it is parked.
     pub problem: Option<String>,
+    /// Tries of the pending commands that failed for a transient reason.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the pending commands are tried again after a transient failure.
+    #[serde(default)]
+    pub retry_at: Option<String>,
 }
 
 /// An event a process hears: its wire shape and the aggregate right after it.
@@ -140,14 +146,18 @@ impl Instance {
         json!({"state": self.state, "startedAt": self.started_at, "data": self.data})
     }
 
-    /// When the instance is next due: at once with commands to issue, else its earliest timer;
-    /// never when it is not running.
+    /// When the instance is next due: with commands to issue (a completed instance too, for
+    /// those of its last step), at once or at its retry; else its earliest timer while running;
+    /// never when parked.
     pub fn due(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, StepError> {
-        if self.status != Status::Running {
+        if self.status == Status::Parked {
             return Ok(None);
         }
         if !self.pending.is_empty() {
-            return Ok(Some(now));
+            return self.retry_at.as_deref().map_or(Ok(Some(now)), |t| parse_time(t).map(Some));
+        }
+        if self.status != Status::Running {
+            return Ok(None);
         }
         self.timers.first().map(|t| parse_time(&t.due)).transpose()
     }
@@ -214,6 +224,8 @@ pub fn start(p: &Process, key: &str, input: &Input<'_>, now: DateTime<Utc>) -> R
         timers: Vec::new(),
         pending: Vec::new(),
         problem: None,
+        attempts: 0,
+        retry_at: None,
     };
     set_data(&mut inst, &p.data, Some(input), now)?;
     inst.timers = timers(p, &inst, Some(input), now)?;
@@ -302,6 +314,7 @@ fn take(
     let key = Value::from(next.key.clone());
     let b = bind(input, &key, &view, &now_text);
     next.pending = Vec::with_capacity(t.commands.len());
+    (next.attempts, next.retry_at) = (0, None);
     for (j, c) in t.commands.iter().enumerate() {
         let id = eval_key(&c.id, &b)?;
         let body = c.body.eval(&b).map_err(|e| StepError(e.to_string()))?;

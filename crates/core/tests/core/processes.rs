@@ -94,7 +94,10 @@ fn an_unpaid_order_is_reminded_then_cancelled() {
     assert_eq!((cancelled.state.as_str(), cancelled.status), ("cancelled", Status::Completed));
     assert_eq!(cancelled.pending[0].body, json!({"reason": "unpaid"}));
     assert!(cancelled.timers.is_empty());
-    assert_eq!(cancelled.due(t0()).unwrap(), None, "a completed instance is never due");
+    assert_eq!(cancelled.due(t0()).unwrap(), Some(t0()), "due at once for its last commands");
+    let mut cancelled = cancelled;
+    cancelled.pending.clear();
+    assert_eq!(cancelled.due(t0()).unwrap(), None, "then a completed instance is never due");
 }
 
 #[test]

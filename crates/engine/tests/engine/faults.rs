@@ -24,7 +24,7 @@ use sourced_store::{
 
 /// What the wrapper does to the next append.
 #[derive(Clone, Copy, Debug)]
-enum Fault {
+pub(crate) enum Fault {
     /// Answers a conflict, as if another writer got there first; nothing is written.
     Conflict,
     /// Answers that the store is unavailable; nothing is written.
@@ -35,19 +35,19 @@ enum Fault {
     Delay(Duration),
 }
 
-struct Faulty {
-    inner: SqliteStore,
-    faults: Mutex<VecDeque<Fault>>,
+pub(crate) struct Faulty {
+    pub(crate) inner: SqliteStore,
+    pub(crate) faults: Mutex<VecDeque<Fault>>,
     /// Appends that reached the wrapper.
-    appends: AtomicU64,
+    pub(crate) appends: AtomicU64,
 }
 
 impl Faulty {
-    fn inject(&self, faults: &[Fault]) {
+    pub(crate) fn inject(&self, faults: &[Fault]) {
         self.faults.lock().unwrap().extend(faults.iter().copied());
     }
 
-    fn appends(&self) -> u64 {
+    pub(crate) fn appends(&self) -> u64 {
         self.appends.load(Ordering::SeqCst)
     }
 }
