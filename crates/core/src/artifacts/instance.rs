@@ -271,10 +271,17 @@ pub fn on_timer(
     if inst.status != Status::Running || !inst.pending.is_empty() || parse_time(&timer.due)? > now {
         return Ok(None);
     }
+    // A reload may have changed the definition since the timer was set.
     let t = p
         .transitions
         .get(timer.transition)
-        .ok_or_else(|| StepError(format!("the timer names transition {}, which does not exist", timer.transition)))?;
+        .filter(|t| t.from.contains(&inst.state) && !matches!(t.trigger, Trigger::On(_)))
+        .ok_or_else(|| {
+            StepError(format!(
+                "the timer of transition {} from '{}' is not in the process's definition any more",
+                timer.transition, inst.state
+            ))
+        })?;
     let now_text = time_text(now);
     let view = inst.view();
     let key = Value::from(inst.key.clone());

@@ -143,3 +143,15 @@ fn command_ids_are_derived_from_the_step() {
         instance::step_command_id("deadline", &tenant(), "o1", 3)
     );
 }
+
+/// A reload that changed the definition under a running instance: a timer whose transition is
+/// not a timer from the instance's state any more parks it rather than firing another move.
+#[test]
+fn a_timer_the_definition_lost_parks_the_instance() {
+    let p = process();
+    let inst = started(&p);
+    let mut changed = p.clone();
+    changed.transitions.swap(0, 1);
+    let err = instance::on_timer(&changed, &inst, &tenant(), t0() + TimeDelta::hours(1)).unwrap_err();
+    assert!(err.0.contains("not in the process's definition any more"), "{err}");
+}

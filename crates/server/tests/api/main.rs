@@ -22,6 +22,7 @@ mod idempotency;
 mod limits;
 mod postgres;
 mod problems;
+mod processes;
 mod queries;
 mod rebuild;
 mod socketio;
