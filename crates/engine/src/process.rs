@@ -444,3 +444,76 @@ fn parked(inst: &Instance, err: &StepError) -> Instance {
     next.park(err.0.clone());
     next
 }
+
+/// What `GET /processes` shows of one process in one tenant.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessSummary {
+    /// The process's name.
+    pub name: String,
+    /// Its instances running, completed and parked, in the tenant.
+    pub running: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Parked.
+    pub parked: u64,
+    /// The last global position it handled (all tenants); none before its first round.
+    pub checkpoint: Option<u64>,
+    /// Positions committed after the checkpoint: how far behind it is.
+    pub lag: u64,
+}
+
+/// One instance as `GET /processes/{name}/{key}` shows it: its stream's row and its latest
+/// steps.
+#[derive(Clone, Debug)]
+pub struct InstanceView {
+    /// The read-model row of `process-<name>/<key>`.
+    pub row: sourced_store::DocumentRow,
+    /// Its latest steps (events), oldest first, at most [`PROCESS_STEPS_SHOWN_MAX`].
+    pub steps: Vec<RecordedEvent>,
+}
+
+pub use crate::limits::PROCESS_STEPS_SHOWN_MAX;
+
+impl Engine {
+    /// Every process of the loaded set with its instances counted in `tenant` and its lag.
+    pub async fn process_summaries(&self, tenant: &sourced_core::TenantId) -> Result<Vec<ProcessSummary>, StoreError> {
+        use sourced_core::query::{Field, FieldPath, Filter};
+        let set = self.artifacts();
+        let head = self.store.head().await?.0;
+        let mut out = Vec::with_capacity(set.processes().len());
+        for name in set.processes().keys() {
+            let t = process::instance_type(name).expect("a loaded process has a valid name");
+            let mut counts = [0u64; 3];
+            for (count, status) in counts.iter_mut().zip(["running", "completed", "parked"]) {
+                let mut q = sourced_store::ListQuery::new(tenant.clone(), t.clone(), 1);
+                let field = Field::Doc(FieldPath::parse("status").expect("a valid field path"));
+                q.filters.push(Filter::In { field, values: vec![Value::from(status)] });
+                *count = self.store.count_documents(&q).await?;
+            }
+            let checkpoint = self.store.checkpoint(name).await?.map(|p| p.0);
+            let lag = head.saturating_sub(checkpoint.unwrap_or(0));
+            let [running, completed, parked] = counts;
+            out.push(ProcessSummary { name: name.clone(), running, completed, parked, checkpoint, lag });
+        }
+        Ok(out)
+    }
+
+    /// The instance of process `name` under `key` in `tenant`, if the process is loaded and the
+    /// instance exists.
+    pub async fn process_instance(
+        &self,
+        tenant: &sourced_core::TenantId,
+        name: &str,
+        key: &AggregateId,
+    ) -> Result<Option<InstanceView>, StoreError> {
+        if !self.artifacts().processes().contains_key(name) {
+            return Ok(None);
+        }
+        let Some(type_name) = process::instance_type(name) else { return Ok(None) };
+        let k = StreamKey { tenant: tenant.clone(), type_name, id: key.clone() };
+        let Some(row) = self.store.get_document(&k).await? else { return Ok(None) };
+        let after = Version(row.version.0.saturating_sub(PROCESS_STEPS_SHOWN_MAX as u64));
+        let steps = self.store.read_stream(&k, after, None, PROCESS_STEPS_SHOWN_MAX).await?;
+        Ok(Some(InstanceView { row, steps }))
+    }
+}

@@ -12,6 +12,7 @@ pub mod http;
 pub mod limits;
 pub mod openapi;
 pub mod problem;
+pub mod processes;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;

@@ -56,5 +56,32 @@ async fn a_submitted_order_starts_an_instance_that_its_payment_completes() {
     let h = c.get(&format!("{path}/events")).await.unwrap().json();
     let types: Vec<&str> = h["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["ProcessStarted", "ProcessMoved"]);
+    // The process API: the instance with its steps, and the process with its counts.
+    let r = c.get("/processes/payment-deadline/o1").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let inst = r.json();
+    assert_eq!((inst["state"].clone(), inst["status"].clone()), (json!("paid"), json!("completed")));
+    let steps: Vec<&str> = inst["history"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["ProcessStarted", "ProcessMoved"]);
+    assert_eq!(inst["_meta"]["version"], 2);
+    let list = c.get("/processes").await.unwrap().json();
+    let p = &list["items"][0];
+    assert_eq!(
+        (p["name"].clone(), p["instanceType"].clone()),
+        (json!("payment-deadline"), json!("process-payment-deadline"))
+    );
+    assert_eq!((p["running"].clone(), p["completed"].clone(), p["parked"].clone()), (json!(0), json!(1), json!(0)));
+    assert!(p["checkpoint"].as_u64().is_some(), "{list}");
+    // Errors are problems.
+    for (path, status) in [
+        ("/processes/no-such/o1", 404),
+        ("/processes/payment-deadline/o2", 404),
+        ("/processes/payment-deadline/o1?x=1", 400),
+        ("/processes?limit=1", 400),
+    ] {
+        let r = c.get(path).await.unwrap();
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/problem+json"), "{path}");
+    }
     server.shutdown().await;
 }
