@@ -278,7 +278,7 @@ impl Runner {
             },
         };
         let Some((event_type, next)) = next else { return Ok(false) };
-        let acts = !next.pending.is_empty() && next.status != Status::Parked;
+        let acts = !next.pending.is_empty() && next.status != Status::Parked && next.retry_at.is_none();
         let index = if event_type == "ProcessParked" { "parked" } else { "step" };
         let version = self.write(&key, stored.as_ref(), &next, event_type, checkpoint, index).await?;
         if acts {
@@ -300,7 +300,7 @@ impl Runner {
             Ok(None) => ("ProcessWoken", s.instance.clone(), format!("woken {}", instance::time_text(now))),
             Err(err) => ("ProcessParked", parked(&s.instance, &err), "parked".to_owned()),
         };
-        let acts = !next.pending.is_empty() && next.status != Status::Parked;
+        let acts = !next.pending.is_empty() && next.status != Status::Parked && next.retry_at.is_none();
         let version = self.write(key, Some(&s), &next, event_type, None, &index).await?;
         if acts {
             self.act(Stored { key: key.clone(), version, instance: next }).await?;

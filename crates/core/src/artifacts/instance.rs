@@ -296,7 +296,8 @@ pub fn on_timer(
 }
 
 /// Takes transition `i`: data, state, timers (entering a state starts its timers afresh; a final
-/// state has none), then the commands, evaluated with the instance as it now is.
+/// state has none), then the commands, evaluated with the instance as it now is and queued
+/// after any still pending.
 fn take(
     p: &Process,
     inst: &Instance,
@@ -320,8 +321,11 @@ fn take(
     let view = next.view();
     let key = Value::from(next.key.clone());
     let b = bind(input, &key, &view, &now_text);
-    next.pending = Vec::with_capacity(t.commands.len());
-    (next.attempts, next.retry_at) = (0, None);
+    // Commands of an earlier step still waiting for a retry stay first, with their retry
+    // schedule: they are issued, in order, before these.
+    if next.pending.is_empty() {
+        (next.attempts, next.retry_at) = (0, None);
+    }
     for (j, c) in t.commands.iter().enumerate() {
         let id = eval_key(&c.id, &b)?;
         let body = c.body.eval(&b).map_err(|e| StepError(e.to_string()))?;

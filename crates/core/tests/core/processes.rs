@@ -155,3 +155,31 @@ fn a_timer_the_definition_lost_parks_the_instance() {
     let err = instance::on_timer(&changed, &inst, &tenant(), t0() + TimeDelta::hours(1)).unwrap_err();
     assert!(err.0.contains("not in the process's definition any more"), "{err}");
 }
+
+/// An event that moves an instance whose last commands wait for a retry queues its own after
+/// them, keeping their retry schedule: no command is dropped.
+#[test]
+fn a_step_queues_its_commands_after_those_still_pending() {
+    let p = process();
+    let inst = started(&p);
+    let mut reminded = instance::on_timer(&p, &inst, &tenant(), t0() + TimeDelta::minutes(31)).unwrap().unwrap();
+    (reminded.attempts, reminded.retry_at) = (2, Some("2026-12-01T10:40:00.000000Z".into()));
+    let cancelled = instance::on_timer(
+        &p,
+        &Instance { pending: Vec::new(), ..reminded.clone() },
+        &tenant(),
+        t0() + TimeDelta::hours(3),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!((cancelled.pending.len(), cancelled.attempts), (1, 0), "nothing pending before: a fresh schedule");
+    let (e, doc) = (event("OrderPaid", "o1"), json!({"total": 12.5, "paidAmount": 12.5}));
+    let mut paying = reminded.clone();
+    paying.pending[0].name = "remind".into();
+    let paid = instance::on_event(&p, &paying, &tenant(), &input(&e, &doc, 9), t0() + TimeDelta::minutes(35))
+        .unwrap()
+        .unwrap();
+    assert_eq!(paid.state, "paid");
+    assert_eq!(paid.pending.len(), 1, "the paid transition issues nothing; the reminder stays");
+    assert_eq!((paid.attempts, paid.retry_at.as_deref()), (2, Some("2026-12-01T10:40:00.000000Z")));
+}
