@@ -36,7 +36,7 @@ pub(crate) enum Fault {
 }
 
 pub(crate) struct Faulty {
-    pub(crate) inner: SqliteStore,
+    pub(crate) inner: Box<dyn EventStore>,
     pub(crate) faults: Mutex<VecDeque<Fault>>,
     /// Appends that reached the wrapper.
     pub(crate) appends: AtomicU64,
@@ -180,7 +180,8 @@ struct Setup {
 fn setup(conflict_retries_max: u32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let inner = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).unwrap();
-    let store = Arc::new(Faulty { inner, faults: Mutex::new(VecDeque::new()), appends: AtomicU64::new(0) });
+    let store =
+        Arc::new(Faulty { inner: Box::new(inner), faults: Mutex::new(VecDeque::new()), appends: AtomicU64::new(0) });
     let config = EngineConfig { conflict_retries_max, ..EngineConfig::default() };
     let engine = Engine::new(store.clone(), config, Arc::new(SystemClock));
     Setup { _dir: dir, store, engine }

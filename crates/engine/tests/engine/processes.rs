@@ -1,8 +1,8 @@
-//! Process managers (SPEC §4.5) run by `process::Runner` rounds over a real SQLite store, with
-//! an injected clock: no test sleeps for a timer, each moves the clock and runs a round.
+//! Process managers (SPEC §4.5) run by `process::Runner` rounds over a real store (SQLite, or
+//! PostgreSQL with `SOURCED_TEST_BACKEND=postgres`), with an injected clock: no test sleeps for
+//! a timer, each moves the clock and runs a round.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +14,7 @@ use sourced_core::{AggregateId, Command, StreamKey, TenantId, TypeName, Version}
 use sourced_engine::process::{ProcessSettings, Runner};
 use sourced_engine::{Clock, Engine, EngineConfig};
 use sourced_store::EventStore;
+use sourced_store::postgres::{PostgresOptions, PostgresStore};
 use sourced_store::sqlite::{SqliteOptions, SqliteStore};
 
 use crate::faults::{Fault, Faulty};
@@ -84,9 +85,79 @@ fn t0() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap().with_timezone(&Utc)
 }
 
-/// A store at `path` (opened again after a restart), an engine with the order set, a runner.
-fn world(path: &Path, clock: Arc<TestClock>) -> World {
-    let inner = SqliteStore::open(path, SqliteOptions::default()).unwrap();
+/// Where a test's store lives: a SQLite file, or with `SOURCED_TEST_BACKEND=postgres` a fresh
+/// PostgreSQL schema (dropped at the end), so that a restart opens the same store again.
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(Scratch),
+}
+
+impl Place {
+    async fn new() -> Place {
+        if std::env::var("SOURCED_TEST_BACKEND").is_ok_and(|b| b == "postgres") {
+            Place::Postgres(Scratch::new().await)
+        } else {
+            Place::Sqlite(tempfile::tempdir().unwrap())
+        }
+    }
+
+    async fn open(&self) -> Box<dyn EventStore> {
+        match self {
+            Place::Sqlite(dir) => {
+                Box::new(SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).unwrap())
+            }
+            Place::Postgres(s) => Box::new(PostgresStore::connect(&s.url(), PostgresOptions::default()).await.unwrap()),
+        }
+    }
+}
+
+fn postgres_url() -> String {
+    std::env::var("SOURCED_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of one test's own.
+struct Scratch(String);
+
+impl Scratch {
+    async fn new() -> Scratch {
+        let client = pg_client().await;
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let schema = format!("sourced_test_{secs}_{}", uuid::Uuid::new_v4().simple());
+        client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.expect("create a scratch schema");
+        Scratch(schema)
+    }
+
+    fn url(&self) -> String {
+        let url = postgres_url();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-csearch_path%3D{}", self.0)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let _ = pg_client().await.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn pg_client() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("SOURCED_TEST_BACKEND=postgres, but PostgreSQL is not reachable: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A store in `place` (opened again after a restart), an engine with the order set, a runner.
+async fn world(place: &Place, clock: Arc<TestClock>) -> World {
+    let inner = place.open().await;
     let store = Arc::new(Faulty { inner, faults: Mutex::new(VecDeque::new()), appends: AtomicU64::new(0) });
     let engine = Engine::new(store.clone(), EngineConfig::default(), clock.clone());
     engine.set_artifacts(Arc::new(ArtifactSet::load(&files()).unwrap_or_else(|p| panic!("{p:#?}"))));
@@ -141,8 +212,8 @@ impl World {
 
 #[tokio::test]
 async fn an_unpaid_order_is_reminded_then_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(&dir.path().join("s.db"), clock());
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
     w.settle().await;
     w.send("o1", "submit", json!({"total": 12.5})).await;
     w.settle().await;
@@ -172,8 +243,8 @@ async fn an_unpaid_order_is_reminded_then_cancelled() {
 
 #[tokio::test]
 async fn a_payment_in_time_completes_the_instance_and_its_timer_never_fires() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(&dir.path().join("s.db"), clock());
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
     w.settle().await;
     w.send("o1", "submit", json!({"total": 12.5})).await;
     w.settle().await;
@@ -192,11 +263,10 @@ async fn a_payment_in_time_completes_the_instance_and_its_timer_never_fires() {
 
 #[tokio::test]
 async fn a_timer_due_while_the_server_was_down_fires_once_after_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.db");
+    let place = Place::new().await;
     let clock = clock();
     {
-        let mut w = world(&path, clock.clone());
+        let mut w = world(&place, clock.clone()).await;
         w.settle().await;
         w.send("o1", "submit", json!({"total": 12.5})).await;
         w.send("o2", "submit", json!({"total": 3.0})).await;
@@ -206,7 +276,7 @@ async fn a_timer_due_while_the_server_was_down_fires_once_after_the_restart() {
     // Down for three hours: both timers of o1 and o2 fell due, the second only once the first
     // has fired (it starts when the instance enters `reminded`).
     clock.advance(TimeDelta::hours(3));
-    let mut w = world(&path, clock.clone());
+    let mut w = world(&place, clock.clone()).await;
     w.settle().await;
     for id in ["o1", "o2"] {
         assert_eq!(w.order_events(id).await, ["OrderSubmitted", "OrderReminded"], "{id}: reminded once");
@@ -221,8 +291,8 @@ async fn a_timer_due_while_the_server_was_down_fires_once_after_the_restart() {
 
 #[tokio::test]
 async fn a_poison_step_parks_one_instance_while_the_others_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(&dir.path().join("s.db"), clock());
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
     w.settle().await;
     for i in 0..20 {
         let total = if i == 7 { 5_000.0 } else { f64::from(i) + 1.0 };
@@ -256,8 +326,8 @@ async fn a_poison_step_parks_one_instance_while_the_others_complete() {
 /// idempotency record absorbs it, so the order is reminded exactly once.
 #[tokio::test]
 async fn a_command_whose_outcome_was_lost_is_issued_again_and_happens_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(&dir.path().join("s.db"), clock());
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
     w.settle().await;
     w.send("o1", "submit", json!({"total": 12.5})).await;
     w.settle().await;
@@ -279,8 +349,8 @@ async fn a_command_whose_outcome_was_lost_is_issued_again_and_happens_once() {
 /// the other instance is not held up.
 #[tokio::test]
 async fn transient_failures_are_retried_with_backoff_then_park() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(&dir.path().join("s.db"), clock());
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
     w.settle().await;
     w.send("o1", "submit", json!({"total": 12.5})).await;
     w.settle().await;
