@@ -290,11 +290,11 @@ async fn a_timer_due_while_the_server_was_down_fires_once_after_the_restart() {
 }
 
 #[tokio::test]
-async fn a_poison_step_parks_one_instance_while_the_others_complete() {
+async fn a_poison_step_parks_one_instance_while_a_hundred_others_complete() {
     let place = Place::new().await;
     let mut w = world(&place, clock()).await;
     w.settle().await;
-    for i in 0..20 {
+    for i in 0..101 {
         let total = if i == 7 { 5_000.0 } else { f64::from(i) + 1.0 };
         w.send(&format!("o{i}"), "submit", json!({"total": total})).await;
     }
@@ -303,7 +303,7 @@ async fn a_poison_step_parks_one_instance_while_the_others_complete() {
     w.settle().await;
     w.clock.advance(TimeDelta::hours(2));
     w.settle().await;
-    for i in 0..20 {
+    for i in 0..101 {
         let inst = w.instance(&format!("o{i}")).await.unwrap();
         if i == 7 {
             assert_eq!((inst.state.as_str(), inst.status), ("reminded", Status::Parked));
