@@ -1086,6 +1086,15 @@ fn apply(
         .map_err(write_err)?;
     }
 
+    write_process_rows(conn, request)?;
+
+    Ok(span.written())
+}
+
+/// What an append writes for a process manager (SPEC §4.5), in its transaction: the instance's
+/// wake-up and the process's checkpoint.
+fn write_process_rows(conn: &Connection, request: &AppendRequest) -> Result<(), StoreError> {
+    let key = &request.key;
     if let Some(w) = &request.wake {
         let k = (w.process.as_str(), key.tenant.as_str(), key.type_name.as_str(), key.id.as_str());
         match w.due {
@@ -1110,8 +1119,7 @@ fn apply(
             .execute(params![c.name, to_sql_int(c.position.0)?])
             .map_err(write_err)?;
     }
-
-    Ok(span.written())
+    Ok(())
 }
 
 /// The stream's head, from its read-model row (no row: version 0, not deleted).
