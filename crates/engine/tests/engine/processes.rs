@@ -374,3 +374,27 @@ async fn transient_failures_are_retried_with_backoff_then_park() {
     assert!(inst.problem.unwrap_or_default().contains("after 3 tries"));
     assert_eq!(w.order_events("o1").await, ["OrderSubmitted"]);
 }
+
+/// `sourced export` then `import` into an empty store: the running instance's timer comes due
+/// in the new store (its wake-up is rebuilt from the imported state) and fires once there.
+#[tokio::test]
+async fn an_imported_instance_keeps_its_timer() {
+    let (from, to) = (Place::new().await, Place::new().await);
+    let clock = clock();
+    let mut w = world(&from, clock.clone()).await;
+    w.settle().await;
+    w.send("o1", "submit", json!({"total": 12.5})).await;
+    w.settle().await;
+    let mut file = Vec::new();
+    sourced_engine::transfer::export(w.store.as_ref(), &mut file).await.unwrap();
+    w.store.close().await;
+    let mut w = world(&to, clock.clone()).await;
+    sourced_engine::transfer::import(w.store.as_ref(), &file[..], 100).await.unwrap();
+    assert_eq!(w.instance("o1").await.unwrap().state, "awaiting-payment");
+    w.settle().await;
+    assert_eq!(w.order_events("o1").await, ["OrderSubmitted"], "not due yet");
+    clock.advance(TimeDelta::minutes(31));
+    w.settle().await;
+    assert_eq!(w.order_events("o1").await, ["OrderSubmitted", "OrderReminded"]);
+    assert_eq!(w.instance("o1").await.unwrap().state, "reminded");
+}
