@@ -271,6 +271,8 @@ async fn fill_stream(store: &dyn EventStore, key: &StreamKey, n: u64) -> anyhow:
             },
             command: CommandWrite { id: command, fingerprint: String::new(), extra: Value::Null },
             snapshot: None,
+            checkpoint: None,
+            wake: None,
         };
         ensure!(matches!(store.append(request).await?, AppendOutcome::Appended(_)), "the fill append was refused");
     }
@@ -341,6 +343,8 @@ async fn fill_documents(store: &dyn EventStore, rows: usize) -> anyhow::Result<f
                 document: DocumentWrite { state, deleted: false },
                 command: CommandWrite { id: command, fingerprint: String::new(), extra: Value::Null },
                 snapshot: None,
+                checkpoint: None,
+                wake: None,
             };
             store.append(request)
         });

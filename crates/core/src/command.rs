@@ -240,6 +240,12 @@ impl Parts {
             }
             None => given_id.clone(),
         };
+        if let Some(t) = &type_name
+            && t.as_str().starts_with(crate::artifacts::process::TYPE_PREFIX)
+        {
+            let message = format!("'{t}' holds process instances (SPEC §4.5): only their process writes to it");
+            v.0.push(Violation::new("/targetName", message));
+        }
         if !v.0.is_empty() {
             return Err(DomainError::InvalidCommand(v.0));
         }

@@ -56,6 +56,18 @@ pub const FILE_BYTES_MAX: usize = 1024 * 1024;
 /// Most fields one type's `indexes.yaml` may name: each index costs every write.
 pub const INDEXES_PER_TYPE_MAX: usize = 32;
 
+// Used by artifacts/process.rs.
+/// Most transitions one process may define.
+pub const PROCESS_TRANSITIONS_MAX: usize = 256;
+/// Most `follow` entries one process may define.
+pub const PROCESS_FOLLOW_MAX: usize = 64;
+/// Most commands one transition may issue.
+pub const PROCESS_COMMANDS_MAX: usize = 16;
+/// Most `data` keys one process or transition may set.
+pub const PROCESS_DATA_KEYS_MAX: usize = 64;
+/// Longest timer (`after`), in seconds: 366 days.
+pub const PROCESS_TIMER_SECS_MAX: u64 = 366 * 24 * 3600;
+
 // Used by artifacts/schema.rs.
 /// Most violations reported for one document.
 pub const DOCUMENT_VIOLATIONS_MAX: usize = 100;

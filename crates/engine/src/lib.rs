@@ -7,6 +7,7 @@
 mod cache;
 pub mod fresh;
 pub mod limits;
+pub mod process;
 mod reads;
 pub mod rebuild;
 pub mod subscriptions;
@@ -494,6 +495,8 @@ pub(crate) fn append_request(
         snapshot: snapshot_due(before, after.version, snapshot_every)
             .then(|| after.created_at.map(|created_at| SnapshotWrite { fold: FOLD_VERSION, created_at }))
             .flatten(),
+        checkpoint: None,
+        wake: None,
     }
 }
 

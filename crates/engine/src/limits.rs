@@ -2,6 +2,14 @@
 //! deployment cannot set. docs/limits.md lists them all with their meaning; the limits a
 //! deployment sets are settings.
 
+// Used by process.rs.
+/// Most events a process runner reads from the feed in one round.
+pub const PROCESS_EVENTS_PER_ROUND_MAX: usize = 256;
+/// Most due instances a process runner takes in one round.
+pub const PROCESS_WAKES_PER_ROUND_MAX: usize = 64;
+/// Most steps `GET /processes/{name}/{key}` shows of an instance (its latest).
+pub const PROCESS_STEPS_SHOWN_MAX: usize = 100;
+
 // Used by subscriptions.rs.
 /// Bounds of the live buffer (events kept for receivers that have not taken them yet).
 pub const LIVE_BUFFER_EVENTS_MAX: usize = 1 << 20;

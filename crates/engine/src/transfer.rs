@@ -28,6 +28,22 @@ use sourced_store::{APPEND_EVENTS_MAX, AppendOutcome, CommandWrite, EventStore, 
 
 use crate::append_request;
 
+/// A process instance's wake-up (SPEC §4.5) from its imported state, so that its timers and
+/// pending commands come due in the new store as in the old; `None` for other streams.
+fn process_wake(
+    key: &StreamKey,
+    aggregate: &Aggregate,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Option<sourced_store::WakeWrite> {
+    if !key.type_name.as_str().starts_with(sourced_core::artifacts::process::TYPE_PREFIX) {
+        return None;
+    }
+    let instance: sourced_core::artifacts::instance::Instance =
+        serde_json::from_value(aggregate.state.clone()?).ok()?;
+    let due = instance.due(at).ok()?;
+    Some(sourced_store::WakeWrite { process: instance.process, due })
+}
+
 /// Events one export read takes from the store.
 pub const EXPORT_PAGE_EVENTS: usize = 1_000;
 /// The fingerprint of command records written by an import (see the module documentation).
@@ -194,7 +210,8 @@ async fn append_group(
         })
         .collect();
     let record = CommandWrite { id: command, fingerprint: IMPORTED_FINGERPRINT.to_owned(), extra: Value::Null };
-    let request = append_request(key.clone(), before, &aggregate, events, timestamp, record, snapshot_every);
+    let mut request = append_request(key.clone(), before, &aggregate, events, timestamp, record, snapshot_every);
+    request.wake = process_wake(&key, &aggregate, timestamp);
     let stored = match store.append(request).await {
         Ok(AppendOutcome::Appended(stored)) => stored,
         Ok(AppendOutcome::Duplicate(record)) => {

@@ -168,6 +168,8 @@ pub struct Config {
     pub artifact_set: std::sync::Arc<sourced_core::artifacts::ArtifactSet>,
     /// Events between snapshots of an aggregate (0: none).
     pub snapshot_every: u64,
+    /// How process managers retry (`PROCESS_TRIES`, `PROCESS_BACKOFF_MS`, `PROCESS_BACKOFF_MAX_MS`).
+    pub processes: sourced_engine::process::ProcessSettings,
     /// Document fields indexed for filtered lists (created at start where missing).
     pub indexes: Vec<sourced_core::query::FieldPath>,
     /// Log filter directive (a level).
@@ -297,6 +299,12 @@ impl Config {
             artifact_set: Default::default(),
             indexes: parse_indexes(raw.text("INDEXES").as_deref().unwrap_or(""))?,
             snapshot_every: raw.number("SNAPSHOT_EVERY")?,
+            processes: sourced_engine::process::ProcessSettings {
+                tries_max: u32::try_from(raw.number("PROCESS_TRIES")?).unwrap_or(u32::MAX),
+                backoff_ms: raw.number("PROCESS_BACKOFF_MS")?,
+                backoff_max_ms: raw.number("PROCESS_BACKOFF_MAX_MS")?,
+                ..Default::default()
+            },
             log_level: raw.choice("LOG_LEVEL")?.to_owned(),
             log_format: match raw.choice("LOG_FORMAT")? {
                 "json" => LogFormat::Json,

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
+pub mod processes;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;
@@ -36,6 +37,7 @@ use anyhow::Context as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use sourced_engine::process::Runners;
 use sourced_engine::{Engine, EngineConfig, SystemClock};
 use sourced_store::postgres::{PostgresOptions, PostgresStore};
 use sourced_store::sqlite::{SqliteOptions, SqliteStore};
@@ -78,12 +80,12 @@ pub fn app_with_stats(config: &Config, store: Arc<dyn EventStore>, live: Arc<sta
     build_app(config, store, live).0
 }
 
+/// The application and what runs beside it: the reloader of its artifact set and the process
+/// runners (started by [`start`], not by [`app`]).
+type Built = (axum::Router, Arc<reload::Reloader>, Arc<Runners>);
+
 /// The application and the reloader of its artifact set.
-fn build_app(
-    config: &Config,
-    store: Arc<dyn EventStore>,
-    live: Arc<state::LiveState>,
-) -> (axum::Router, Arc<reload::Reloader>) {
+fn build_app(config: &Config, store: Arc<dyn EventStore>, live: Arc<state::LiveState>) -> Built {
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -96,9 +98,11 @@ fn build_app(
         Arc::new(SystemClock),
     );
     engine.set_artifacts(config.artifact_set.clone());
+    let runners = Arc::new(Runners::new(engine.clone(), config.processes.clone()));
     let socketio =
         socketio::layer(engine.clone(), &config.ws, live.clone(), config.gate.clone(), config.rate_limit.clone());
-    let reloader = Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone()));
+    let reloader =
+        Arc::new(reload::Reloader::new(config.artifacts.clone(), config.expr_limits, engine.clone(), runners.clone()));
     let state = AppState {
         engine,
         http: config.http.clone(),
@@ -116,7 +120,7 @@ fn build_app(
         .layer(axum::middleware::from_fn(trace::request_id))
         // Outermost: a request is in flight from its head to the end of its response.
         .layer(axum::middleware::from_fn(stall::track_requests));
-    (app, reloader)
+    (app, reloader, runners)
 }
 
 /// A server running in the background.
@@ -129,6 +133,7 @@ pub struct RunningServer {
     live: Arc<state::LiveState>,
     reloader: Arc<reload::Reloader>,
     tls: Option<Arc<tls::Certificates>>,
+    runners: Arc<Runners>,
 }
 
 /// Opens the store, binds the listener and serves until [`RunningServer::shutdown`].
@@ -159,7 +164,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let live = Arc::<state::LiveState>::default();
-    let (app, reloader) = build_app(&config, store.clone(), live.clone());
+    let (app, reloader, runners) = build_app(&config, store.clone(), live.clone());
+    // One runner per process of the set (SPEC §4.5); a reload starts those it adds.
+    runners.sync();
     let timeouts = stall::ReadTimeouts {
         idle: Duration::from_millis(config.http.idle_timeout_ms),
         header: Duration::from_millis(config.http.header_read_timeout_ms),
@@ -187,6 +194,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
         live,
         reloader,
         tls,
+        runners,
     })
 }
 
@@ -254,8 +262,9 @@ impl RunningServer {
     }
 
     /// Stops accepting connections, closes live connections (WebSocket 1001, SSE streams end),
-    /// lets in-flight requests finish (up to the grace period), then closes the store so every
-    /// acknowledged command is on disk.
+    /// lets in-flight requests finish (up to the grace period), stops the process runners (a
+    /// step in flight finishes), then closes the store so every acknowledged command is on
+    /// disk.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -270,6 +279,7 @@ impl RunningServer {
                 self.task.abort();
             }
         }
+        self.runners.stop().await;
         self.store.close().await;
     }
 }

@@ -90,6 +90,7 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool, protectio
     if admin {
         admin_paths(&mut paths);
     }
+    process_paths(&mut paths, &mut schemas);
     generic_type_paths(&mut paths, page_limit_max);
     // Per type with artifacts: its schema, and one path per custom command with its payload.
     for (name, a) in set.types() {
@@ -246,6 +247,65 @@ fn command_and_feed_paths(paths: &mut Map<String, Value>, page_limit_max: usize)
                 "text/event-stream": {"schema": {"type": "string"}}
             }}
         }), &[400, 503])
+    }}));
+}
+
+/// `GET /processes` and `GET /processes/{name}/{key}` (SPEC §4.5), with their schemas.
+fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+    let counts = |what: &str| json!({"type": "integer", "minimum": 0, "description": what});
+    schemas.insert("ProcessSummary".into(), json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "instanceType": {"type": "string", "description": "the aggregate type of its instances, process-<name>"},
+            "running": counts("instances running in the tenant"),
+            "completed": counts("instances completed in the tenant"),
+            "parked": counts("instances parked in the tenant"),
+            "checkpoint": {"type": ["integer", "null"], "minimum": 0, "description": "the last global position the process handled"},
+            "lag": counts("positions committed after the checkpoint")
+        },
+        "required": ["name", "instanceType", "running", "completed", "parked", "checkpoint", "lag"]
+    }));
+    schemas.insert("ProcessInstance".into(), json!({
+        "type": "object",
+        "properties": {
+            "process": {"type": "string"}, "key": {"type": "string"}, "state": {"type": "string"},
+            "status": {"enum": ["running", "completed", "parked"]},
+            "startedAt": {"type": "string", "format": "date-time"},
+            "data": {"type": "object"},
+            "steps": {"type": "integer", "minimum": 1},
+            "handled": {"type": "integer", "minimum": 0, "description": "the position of the last event it handled"},
+            "timers": {"type": "array", "items": {"type": "object", "properties": {"transition": {"type": "integer"}, "due": {"type": "string", "format": "date-time"}}}},
+            "pending": {"type": "array", "items": {"type": "object"}, "description": "the last step's commands not yet confirmed"},
+            "problem": {"type": ["string", "null"], "description": "why it is parked"},
+            "attempts": {"type": "integer", "minimum": 0},
+            "retryAt": {"type": ["string", "null"], "format": "date-time"},
+            "history": {"type": "array", "description": "its latest steps, oldest first", "items": {"type": "object", "properties": {
+                "version": {"type": "integer"}, "position": {"type": "integer"}, "type": {"type": "string"}, "timestamp": {"type": "string", "format": "date-time"}
+            }}},
+            "_meta": {"type": "object"}
+        },
+        "required": ["process", "key", "state", "status", "startedAt", "data", "timers", "pending", "history", "_meta"]
+    }));
+    paths.insert("/processes".into(), json!({"get": {
+        "operationId": "listProcesses", "tags": ["processes"],
+        "summary": "The process managers of the artifact set, with their instances counted in the tenant",
+        "parameters": [tenant()],
+        "responses": with_errors(json!({
+            "200": json_response("the processes", json!({"type": "object", "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/ProcessSummary"}}}, "required": ["items"]}))
+        }), &[400, 503])
+    }}));
+    paths.insert("/processes/{name}/{key}".into(), json!({"get": {
+        "operationId": "getProcessInstance", "tags": ["processes"],
+        "summary": "One process instance: state, data, timers, pending commands, the problem that parked it, its latest steps",
+        "parameters": [
+            {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+            {"name": "key", "in": "path", "required": true, "schema": {"type": "string"}},
+            tenant()
+        ],
+        "responses": with_errors(json!({
+            "200": json_response("the instance", json!({"$ref": "#/components/schemas/ProcessInstance"}))
+        }), &[400, 404, 503])
     }}));
 }
 

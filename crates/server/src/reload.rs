@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use sourced_core::artifacts::ArtifactSet;
 use sourced_core::artifacts::expr::ExprLimits;
 use sourced_engine::Engine;
+use sourced_engine::process::Runners;
 
 use crate::artifacts::{self, ArtifactsSource, LoadError, Loaded};
 
@@ -17,6 +18,8 @@ pub struct Reloader {
     source: Option<ArtifactsSource>,
     limits: ExprLimits,
     engine: Engine,
+    /// Started for the processes a reload adds.
+    runners: Arc<Runners>,
     /// One reload at a time: two would race on the git working tree.
     running: tokio::sync::Mutex<()>,
 }
@@ -42,8 +45,8 @@ pub enum ReloadError {
 
 impl Reloader {
     /// A reloader of `source` into `engine`.
-    pub fn new(source: Option<ArtifactsSource>, limits: ExprLimits, engine: Engine) -> Self {
-        Self { source, limits, engine, running: tokio::sync::Mutex::new(()) }
+    pub fn new(source: Option<ArtifactsSource>, limits: ExprLimits, engine: Engine, runners: Arc<Runners>) -> Self {
+        Self { source, limits, engine, runners, running: tokio::sync::Mutex::new(()) }
     }
 
     /// Reads the set again and swaps it in whole, or changes nothing. Every outcome is
@@ -78,6 +81,7 @@ impl Reloader {
                     }
                 }
                 self.engine.set_artifacts(Arc::new(set));
+                self.runners.sync();
                 tracing::info!(artifacts = %origin, summary = %summary, "artifact set reloaded");
                 metrics::counter!("sourced_artifact_reloads_total", "outcome" => "ok").increment(1);
                 Ok(summary)

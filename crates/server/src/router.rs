@@ -24,6 +24,8 @@ pub fn router(state: AppState) -> Router {
         .route("/commands", post(post_command))
         .route("/events", get(feed))
         .route("/ws", get(crate::ws::upgrade))
+        .route("/processes", get(crate::processes::list))
+        .route("/processes/{name}/{key}", get(crate::processes::instance))
         .route("/{type}", post(create).get(list))
         .route("/{type}/{id}", get(get_document).put(replace).patch(patch).delete(delete))
         .route("/{type}/{id}/events", get(history))

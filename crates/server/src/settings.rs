@@ -246,6 +246,27 @@ pub const SETTINGS: &[Setting] = &[
         1_000_000,
         "Store a snapshot of an aggregate every this many events; 0 stores none.",
     ),
+    number(
+        "PROCESS_TRIES",
+        "5",
+        1,
+        1_000,
+        "Tries of a process step's commands failing for a transient reason before the instance parks.",
+    ),
+    number(
+        "PROCESS_BACKOFF_MS",
+        "200",
+        1,
+        3_600_000,
+        "First wait before a process step's commands are tried again; it doubles with each try.",
+    ),
+    number(
+        "PROCESS_BACKOFF_MAX_MS",
+        "30000",
+        1,
+        86_400_000,
+        "Longest wait before a process step's commands are tried again.",
+    ),
 ];
 
 /// The setting named `env`. Panics on a name the table lacks: that is a bug of the caller.

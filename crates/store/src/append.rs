@@ -378,6 +378,8 @@ mod tests {
             document: DocumentWrite { state: json!({}), deleted: false },
             command: CommandWrite { id: CommandId(Uuid::from_u128(7)), fingerprint: "f".into(), extra: json!(null) },
             snapshot: None,
+            checkpoint: None,
+            wake: None,
         }
     }
 

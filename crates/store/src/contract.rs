@@ -103,6 +103,8 @@ macro_rules! contract_tests {
             list_pages_survive_concurrent_inserts,
             snapshots_load_the_latest_at_or_below,
             streams_list_in_key_order_and_the_read_model_can_be_replaced,
+            checkpoints_move_with_their_append_and_never_back,
+            wakes_are_set_and_cleared_with_their_append,
         );
     };
     (@each $fresh:expr; $($name:ident),+ $(,)?) => {
@@ -773,6 +775,83 @@ pub async fn list_pages_survive_concurrent_inserts(store: &dyn EventStore) {
             assert!(seen.contains(id), "sort {:?}: row {id}, there before the scan, was skipped", q.sort);
         }
     }
+}
+
+/// A process manager's checkpoint (SPEC §4.5) moves in the transaction of the append that
+/// carries it, or on its own, and never back; a refused or replayed append moves none.
+pub async fn checkpoints_move_with_their_append_and_never_back(store: &dyn EventStore) {
+    use crate::CheckpointWrite;
+    let ckpt = |name: &str, position: u64| Some(CheckpointWrite { name: name.into(), position: Position(position) });
+    assert_eq!(store.checkpoint("p").await.expect("read"), None, "none before the first");
+    let mut req = request(&key("tc", "process-p", "i1"), ExpectedVersion::NoStream, cmd(9_100), 1, 1);
+    req.checkpoint = ckpt("p", 5);
+    let events = appended(store, req.clone()).await;
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(5)));
+    // Replayed (the same command id): a duplicate writes nothing, the checkpoint included.
+    req.checkpoint = ckpt("p", 50);
+    assert!(matches!(store.append(req).await, Ok(AppendOutcome::Duplicate(_))));
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(5)), "a replay moves nothing");
+    // Refused by its expected version: nothing moves.
+    let mut refused = request(&key("tc", "process-p", "i1"), ExpectedVersion::NoStream, cmd(9_101), 1, 2);
+    refused.checkpoint = ckpt("q", 100);
+    conflict(store, refused).await;
+    assert_eq!(store.checkpoint("q").await.expect("read"), None, "a refused append moves no checkpoint");
+    // Two appends at once (likely one batch): the higher position wins, whatever the order.
+    let mut a = request(&key("tc", "process-p", "i2"), ExpectedVersion::NoStream, cmd(9_102), 1, 3);
+    a.checkpoint = ckpt("p", 7);
+    let mut b = request(&key("tc", "process-p", "i3"), ExpectedVersion::NoStream, cmd(9_103), 1, 4);
+    b.checkpoint = ckpt("p", 6);
+    let (ra, rb) = tokio::join!(store.append(a), store.append(b));
+    assert!(matches!((ra, rb), (Ok(AppendOutcome::Appended(_)), Ok(AppendOutcome::Appended(_)))));
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(7)));
+    let mut back =
+        request(&key("tc", "process-p", "i1"), ExpectedVersion::Exact(last_version_of(&events)), cmd(9_104), 1, 5);
+    back.checkpoint = ckpt("p", 2);
+    appended(store, back).await;
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(7)), "never back with an append");
+    store.put_checkpoint("p", Position(3)).await.expect("put");
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(7)), "never back on its own");
+    store.put_checkpoint("p", Position(9)).await.expect("put");
+    store.put_checkpoint("r", Position(1)).await.expect("put");
+    assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(9)));
+    assert_eq!(store.checkpoint("r").await.expect("read"), Some(Position(1)), "checkpoints are per name");
+}
+
+/// A process instance's wake-up (SPEC §4.5) is set, moved and cleared by the appends to its
+/// stream, in their transactions; `due_wakes` lists those due, earliest first, per process.
+pub async fn wakes_are_set_and_cleared_with_their_append(store: &dyn EventStore) {
+    use crate::{Wake, WakeWrite};
+    let wake = |due: Option<i64>| Some(WakeWrite { process: "p".into(), due: due.map(at) });
+    let due = |k: &StreamKey, step: i64| Wake { key: k.clone(), due: truncate(at(step)) };
+    let (a, b, c) = (key("tw", "process-p", "a"), key("tw", "process-p", "b"), key("tx", "process-p", "c"));
+    let mut heads = BTreeMap::new();
+    let mut step = |k: &StreamKey, w: Option<WakeWrite>, n: u128| {
+        let expected = heads.get(k).map_or(ExpectedVersion::NoStream, |v| ExpectedVersion::Exact(Version(*v)));
+        *heads.entry(k.clone()).or_insert(0) += 1;
+        let mut req = request(k, expected, cmd(9_200 + n), 1, n as i64);
+        req.wake = w;
+        req
+    };
+    appended(store, step(&a, wake(Some(30)), 1)).await;
+    appended(store, step(&b, wake(Some(20)), 2)).await;
+    appended(store, step(&c, wake(Some(25)), 3)).await;
+    let mut other = step(&key("tw", "process-q", "a"), None, 4);
+    other.wake = Some(WakeWrite { process: "q".into(), due: Some(at(1)) });
+    appended(store, other).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read"), [due(&b, 20), due(&c, 25), due(&a, 30)]);
+    assert_eq!(store.due_wakes("p", at(25), 10).await.expect("read"), [due(&b, 20), due(&c, 25)], "due at or before");
+    assert_eq!(store.due_wakes("p", at(100), 1).await.expect("read"), [due(&b, 20)], "at most limit");
+    // Moved, cleared, and untouched by an append without a wake.
+    appended(store, step(&b, wake(Some(40)), 5)).await;
+    appended(store, step(&c, wake(None), 6)).await;
+    appended(store, step(&a, None, 7)).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read"), [due(&a, 30), due(&b, 40)]);
+    // A refused append changes nothing.
+    let mut refused = request(&a, ExpectedVersion::NoStream, cmd(9_299), 1, 8);
+    refused.wake = wake(None);
+    conflict(store, refused).await;
+    assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read").len(), 2);
+    assert_eq!(store.due_wakes("q", at(100), 10).await.expect("read").len(), 1, "per process");
 }
 
 /// Snapshots (SPEC §5) are written with their append and load as the aggregate at their
@@ -1583,6 +1662,8 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         document: DocumentWrite { state: json!({"step": step}), deleted: false },
         command: CommandWrite { id: command, fingerprint: format!("fp-{command}"), extra: json!({"warnings": []}) },
         snapshot: None,
+        checkpoint: None,
+        wake: None,
     }
 }
 

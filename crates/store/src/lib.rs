@@ -49,6 +49,40 @@ pub struct AppendRequest {
     pub command: CommandWrite,
     /// Store the aggregate's state after the events as a snapshot too (SPEC §5).
     pub snapshot: Option<SnapshotWrite>,
+    /// Move a process's checkpoint in the same transaction (SPEC §4.5).
+    pub checkpoint: Option<CheckpointWrite>,
+    /// Set or clear, in the same transaction, when the process instance this append's stream
+    /// holds is next due (SPEC §4.5).
+    pub wake: Option<WakeWrite>,
+}
+
+/// When a process instance (the append's stream) is next due: its earliest timer, or at once
+/// when it has commands to issue. `due: None` clears it (the instance waits for events only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WakeWrite {
+    /// The process's name.
+    pub process: String,
+    /// When, truncated to microseconds; `None`: never.
+    pub due: Option<DateTime<Utc>>,
+}
+
+/// A process instance that is due.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wake {
+    /// The instance's stream.
+    pub key: StreamKey,
+    /// When it is due.
+    pub due: DateTime<Utc>,
+}
+
+/// A process manager's checkpoint written with an append: the last global position the
+/// process has handled. A checkpoint never moves back: a lower position leaves it as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointWrite {
+    /// The process's name.
+    pub name: String,
+    /// The last position it handled.
+    pub position: Position,
 }
 
 /// A snapshot written with an append: the read-model row's state and deletion at the last
@@ -477,6 +511,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// acknowledged before the call is at or below it. O(1): what a subscription "from now"
     /// starts after (SPEC §6).
     async fn head(&self) -> Result<Position, StoreError>;
+
+    /// A process manager's checkpoint (the last global position it handled), if it has one.
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError>;
+
+    /// Moves a process manager's checkpoint on its own, when the events it handled wrote
+    /// nothing; never back (a lower position leaves it as it is).
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// The instances of process `process` due at or before `at`, earliest first (then by
+    /// key), at most `limit` (capped at [`READ_LIMIT_MAX`]).
+    async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError>;
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

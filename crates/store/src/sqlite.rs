@@ -52,12 +52,12 @@ use crate::listing::{self, Dialect, Param};
 use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, Wake,
 };
 use sourced_core::query::FieldPath;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The migrations, in order: entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -115,7 +115,27 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, type, agg_id, version)
     ) WITHOUT ROWID;
     ",
+    // 2 → 3: process managers' checkpoints and wake-ups (SPEC §4.5).
+    "
+    CREATE TABLE checkpoints (
+        name     TEXT    NOT NULL PRIMARY KEY,
+        position INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE wakes (
+        process TEXT    NOT NULL,
+        tenant  TEXT    NOT NULL,
+        type    TEXT    NOT NULL,
+        agg_id  TEXT    NOT NULL,
+        due     INTEGER NOT NULL,
+        PRIMARY KEY (process, tenant, type, agg_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX wakes_by_due ON wakes (process, due, tenant, type, agg_id);
+    ",
 ];
+
+/// Moves a checkpoint, never back.
+const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (name, position) VALUES (?1, ?2)
+     ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position)";
 
 /// How long a connection waits for a lock held by another connection (another process, or a
 /// checkpoint) before it reports [`StoreError::Unavailable`].
@@ -548,6 +568,47 @@ impl EventStore for SqliteStore {
             rows.into_iter().map(|(t, ty, id)| stream_key(&t, &ty, &id, "events")).collect()
         })
         .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let name = name.to_owned();
+        let position = self
+            .read(move |conn| {
+                conn.prepare_cached("SELECT position FROM checkpoints WHERE name = ?1")
+                    .map_err(sql_err)?
+                    .query_row(params![name], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map_err(sql_err)
+            })
+            .await?;
+        position.map(|p| from_sql_int(p, "checkpoints.position").map(Position)).transpose()
+    }
+
+    async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError> {
+        let (process, at, limit) = (process.to_owned(), to_micros(&at), to_sql_int(limit.min(READ_LIMIT_MAX) as u64)?);
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT tenant, type, agg_id, due FROM wakes WHERE process = ?1 AND due <= ?2
+                     ORDER BY due, tenant, type, agg_id LIMIT ?3",
+                )
+                .map_err(sql_err)?
+                .query_map(params![process, at, limit], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            rows.into_iter()
+                .map(|(t, ty, id, due)| Ok(Wake { key: stream_key(&t, &ty, &id, "wakes")?, due: from_micros(due) }))
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let (name, position) = (name.to_owned(), to_sql_int(position.0)?);
+        self.side_write(move |conn| conn.execute(UPSERT_CHECKPOINT, params![name, position]).map(|_| ())).await
     }
 
     async fn clear_read_model(&self) -> Result<(), StoreError> {
@@ -1028,7 +1089,40 @@ fn apply(
         .map_err(write_err)?;
     }
 
+    write_process_rows(conn, request)?;
+
     Ok(span.written())
+}
+
+/// What an append writes for a process manager (SPEC §4.5), in its transaction: the instance's
+/// wake-up and the process's checkpoint.
+fn write_process_rows(conn: &Connection, request: &AppendRequest) -> Result<(), StoreError> {
+    let key = &request.key;
+    if let Some(w) = &request.wake {
+        let k = (w.process.as_str(), key.tenant.as_str(), key.type_name.as_str(), key.id.as_str());
+        match w.due {
+            Some(due) => conn
+                .prepare_cached(
+                    "INSERT INTO wakes (process, tenant, type, agg_id, due) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (process, tenant, type, agg_id) DO UPDATE SET due = excluded.due",
+                )
+                .map_err(sql_err)?
+                .execute(params![k.0, k.1, k.2, k.3, to_micros(&truncate(due))]),
+            None => conn
+                .prepare_cached("DELETE FROM wakes WHERE process = ?1 AND tenant = ?2 AND type = ?3 AND agg_id = ?4")
+                .map_err(sql_err)?
+                .execute(params![k.0, k.1, k.2, k.3]),
+        }
+        .map_err(write_err)?;
+    }
+
+    if let Some(c) = &request.checkpoint {
+        conn.prepare_cached(UPSERT_CHECKPOINT)
+            .map_err(sql_err)?
+            .execute(params![c.name, to_sql_int(c.position.0)?])
+            .map_err(write_err)?;
+    }
+    Ok(())
 }
 
 /// The stream's head, from its read-model row (no row: version 0, not deleted).
@@ -1413,6 +1507,8 @@ mod tests {
             document: DocumentWrite { state: serde_json::json!({"id": id}), deleted: false },
             command: CommandWrite { id: command, fingerprint: "fp".into(), extra: Value::Null },
             snapshot: None,
+            checkpoint: None,
+            wake: None,
         }
     }
 

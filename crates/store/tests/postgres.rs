@@ -193,6 +193,8 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         document: DocumentWrite { state: json!({"n": events}), deleted: false },
         command: CommandWrite { id: command, fingerprint: "fp".into(), extra: json!(null) },
         snapshot: None,
+        checkpoint: None,
+        wake: None,
     }
 }
 
@@ -427,7 +429,7 @@ async fn migrations_run_once_and_data_survives_a_restart() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     let first = appended(&a, request(&key("t1", "a"), ExpectedVersion::NoStream, cmd(1), 2)).await;
     let second = appended(&b, request(&key("t1", "b"), ExpectedVersion::NoStream, cmd(2), 1)).await;
     assert_eq!(second[0].position.0, first[1].position.0 + 1);

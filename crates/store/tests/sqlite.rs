@@ -65,6 +65,8 @@ fn request(k: &StreamKey, expected: ExpectedVersion, command: CommandId, events:
         document: DocumentWrite { state: json!({"n": events}), deleted: false },
         command: CommandWrite { id: command, fingerprint: "fp".into(), extra: json!(null) },
         snapshot: None,
+        checkpoint: None,
+        wake: None,
     }
 }
 
@@ -159,10 +161,11 @@ async fn reopening_keeps_everything_and_positions_continue() {
     assert_eq!(feed(&store).await.len(), 8);
     let user_version: i64 =
         side_connection(&path).query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version");
-    assert_eq!(user_version, 2);
+    assert_eq!(user_version, 3);
 }
 
-/// A database of schema version 1 (before snapshots) is migrated on open; its data stays.
+/// A database of schema version 1 (before snapshots and checkpoints) is migrated on open; its
+/// data stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_is_migrated() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -172,14 +175,16 @@ async fn a_version_1_schema_is_migrated() {
     store.close().await;
     drop(store);
     let side = side_connection(&path);
-    side.execute_batch("DROP TABLE snapshots; PRAGMA user_version = 1;").expect("back to version 1");
+    side.execute_batch("DROP TABLE snapshots; DROP TABLE checkpoints; DROP TABLE wakes; PRAGMA user_version = 1;")
+        .expect("back to version 1");
     drop(side);
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("reopen");
     assert_eq!(feed(&store).await, before);
     assert_eq!(store.load_snapshot(&key("a"), 1, None).await.expect("the snapshots table is back"), None);
+    assert_eq!(store.checkpoint("p").await.expect("the checkpoints table is there"), None);
     let user_version: i64 =
         side_connection(&path).query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version");
-    assert_eq!(user_version, 2);
+    assert_eq!(user_version, 3);
     store.close().await;
 }
 

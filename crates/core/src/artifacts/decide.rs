@@ -104,7 +104,7 @@ fn check(
         event: None,
         principal,
         now: Some(now),
-        sizes: Default::default(),
+        ..Default::default()
     };
     if !deleting && let (Some(schema), Some(next)) = (&ta.schema, next) {
         let v = schema.violations(next, "");
@@ -171,7 +171,7 @@ fn decide_custom(
         event: None,
         principal,
         now: Some(now_text),
-        sizes: Default::default(),
+        ..Default::default()
     };
     let mut failed = Vec::new();
     for (i, (expr, message)) in def.require.iter().enumerate() {

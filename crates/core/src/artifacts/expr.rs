@@ -96,10 +96,16 @@ pub struct Bindings<'a> {
     pub event: Option<&'a Value>,
     /// Who sent the command.
     pub principal: Option<&'a Value>,
+    /// The aggregate right after the event being processed (process managers).
+    pub document: Option<&'a Value>,
+    /// The process instance's key, as a JSON string (process managers).
+    pub key: Option<&'a Value>,
+    /// The process instance, `{"state", "startedAt", "data"}` (process managers).
+    pub instance: Option<&'a Value>,
     /// The command's time, RFC 3339.
     pub now: Option<&'a str>,
     /// The inputs' measures, taken once for all the expressions evaluated with these bindings.
-    pub sizes: OnceCell<[Stats; 6]>,
+    pub sizes: OnceCell<[Stats; ROOTS.len()]>,
 }
 
 /// A compiled expression.
@@ -122,7 +128,8 @@ fn env() -> Arc<Env> {
     ENV.get_or_init(|| Arc::new(Env::stdlib())).clone()
 }
 
-const ROOTS: [&str; 6] = ["state", "next", "command", "event", "principal", "now"];
+/// The variables every expression sees; `now` last (it is bound as a string, not a value).
+pub const ROOTS: [&str; 9] = ["state", "next", "command", "event", "principal", "document", "key", "instance", "now"];
 
 impl Expr {
     /// Compiles `source` with the default limits; the error is a message for a person.
@@ -158,6 +165,14 @@ impl Expr {
         Ok(Expr { source: source.into(), program: Arc::new(program), limits: *limits })
     }
 
+    /// The variables the expression reads (identifiers not bound by one of its own
+    /// comprehensions), so a loader can refuse names its expressions will never be given.
+    pub fn free_variables(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        free_variables(self.program.expression(), &mut Vec::new(), &mut out);
+        out
+    }
+
     /// The expression's text.
     pub fn source(&self) -> &str {
         &self.source
@@ -165,14 +180,14 @@ impl Expr {
 
     /// The estimated cost (steps) and largest value (bytes) of evaluating over `b`.
     pub fn estimate(&self, b: &Bindings<'_>) -> (u64, u64) {
-        let roots = [b.state, b.next, b.command, b.event, b.principal];
+        let roots = [b.state, b.next, b.command, b.event, b.principal, b.document, b.key, b.instance];
         let stats = b.sizes.get_or_init(|| {
-            let mut out = [Stats::SCALAR; 6];
+            let mut out = [Stats::SCALAR; ROOTS.len()];
             for (o, v) in out.iter_mut().zip(roots) {
                 *o = v.map_or(Stats::SCALAR, Stats::of);
             }
             let now = b.now.map_or(0, str::len) as f64;
-            out[5] = Stats { size: now + 2.0, len: now, elem: 0.0 };
+            out[ROOTS.len() - 1] = Stats { size: now + 2.0, len: now, elem: 0.0 };
             out
         });
         let mut scope: Vec<(&str, Est<'_>)> = Vec::with_capacity(ROOTS.len() + 4);
@@ -213,6 +228,9 @@ impl Expr {
         bind(&mut ctx, "command", b.command)?;
         bind(&mut ctx, "event", b.event)?;
         bind(&mut ctx, "principal", b.principal)?;
+        bind(&mut ctx, "document", b.document)?;
+        bind(&mut ctx, "key", b.key)?;
+        bind(&mut ctx, "instance", b.instance)?;
         ctx.add_variable("now", b.now.unwrap_or("")).map_err(|e| ExprError::Failed(format!("cannot bind now: {e}")))?;
         let out =
             self.program.execute(&ctx).map_err(|e| ExprError::Failed(format!("`{}` failed: {e}", self.source)))?;
@@ -244,6 +262,37 @@ impl Expr {
             Value::Bool(x) => Ok(x),
             other => Err(ExprError::Failed(format!("`{}` must give true or false, not {other}", self.source))),
         }
+    }
+}
+
+/// Adds to `out` the identifiers of `e` that none of `bound` (the comprehension variables in
+/// scope) names.
+fn free_variables<'e>(e: &'e Expression, bound: &mut Vec<&'e str>, out: &mut std::collections::BTreeSet<String>) {
+    match &e.expr {
+        Ast::Ident(name) if !name.starts_with('@') && !bound.contains(&name.as_str()) => {
+            out.insert(name.clone());
+        }
+        Ast::Call(c) => {
+            for x in c.target.iter().map(|t| &**t).chain(&c.args) {
+                free_variables(x, bound, out);
+            }
+        }
+        Ast::Comprehension(c) => {
+            free_variables(&c.iter_range, bound, out);
+            free_variables(&c.accu_init, bound, out);
+            let depth = bound.len();
+            bound.extend([c.iter_var.as_str(), c.accu_var.as_str()]);
+            bound.extend(c.iter_var2.as_deref());
+            for x in [&c.loop_cond, &c.loop_step, &c.result] {
+                free_variables(x, bound, out);
+            }
+            bound.truncate(depth);
+        }
+        Ast::List(l) => l.elements.iter().for_each(|x| free_variables(x, bound, out)),
+        Ast::Map(m) => m.entries.iter().flat_map(entry_exprs).for_each(|x| free_variables(x, bound, out)),
+        Ast::Struct(s) => s.entries.iter().flat_map(entry_exprs).for_each(|x| free_variables(x, bound, out)),
+        Ast::Select(s) => free_variables(&s.operand, bound, out),
+        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => {}
     }
 }
 

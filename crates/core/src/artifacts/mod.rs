@@ -5,8 +5,10 @@
 
 pub mod decide;
 pub mod expr;
+pub mod instance;
 pub mod lifecycle;
 pub mod permissions;
+pub mod process;
 pub mod rules;
 pub mod schema;
 
@@ -19,6 +21,7 @@ use crate::ids::TypeName;
 use expr::{Expr, ExprLimits};
 use lifecycle::Lifecycle;
 use permissions::Permissions;
+use process::Process;
 use rules::Rule;
 use schema::Schema;
 
@@ -55,6 +58,8 @@ pub struct ArtifactSet {
     types: BTreeMap<TypeName, TypeArtifacts>,
     /// `permissions.yaml`, or the rule of its absence.
     permissions: Permissions,
+    /// Process managers by name (`processes/<name>.yaml`).
+    processes: BTreeMap<String, Process>,
 }
 
 /// Everything defined for one aggregate type.
@@ -143,14 +148,18 @@ impl ArtifactSet {
         &self.permissions
     }
 
+    /// The process managers, by name.
+    pub fn processes(&self) -> &BTreeMap<String, Process> {
+        &self.processes
+    }
+
     /// The types that have artifacts.
     pub fn types(&self) -> impl Iterator<Item = (&TypeName, &TypeArtifacts)> {
         self.types.iter()
     }
 
     /// Parses and checks a set from `(relative path, content)` pairs. Files outside the
-    /// layout of SPEC §4 are problems too, so a typo never goes unnoticed. Process managers
-    /// (`processes/`) are accepted but not yet interpreted.
+    /// layout of SPEC §4 are problems too, so a typo never goes unnoticed.
     pub fn load(files: &BTreeMap<String, String>) -> Result<ArtifactSet, Vec<Problem>> {
         ArtifactSet::load_with(files, &ExprLimits::default())
     }
@@ -175,11 +184,13 @@ impl ArtifactSet {
             rule_targets: BTreeMap::new(),
             broken_commands: Default::default(),
             permissions_file: None,
+            process_refs: Vec::new(),
         };
         for (path, text) in files {
             loader.file(path, text);
         }
         loader.check_references();
+        loader.check_processes();
         loader.permissions();
         if loader.problems.is_empty() { Ok(loader.set) } else { Err(loader.problems) }
     }
@@ -201,6 +212,8 @@ struct Loader<'a> {
     broken_commands: std::collections::BTreeSet<(TypeName, String)>,
     /// `permissions.yaml` as parsed, checked once every type is loaded.
     permissions_file: Option<(String, Value)>,
+    /// What each process file names, checked once every type is loaded.
+    process_refs: Vec<(String, Vec<process::Reference>)>,
 }
 
 impl Loader<'_> {
@@ -226,6 +239,9 @@ impl Loader<'_> {
             Ok(v) => v,
             Err((location, message)) => return self.problem(path, location, message),
         };
+        if let Kind::Process(name) = kind {
+            return self.process(path, name, &doc);
+        }
         // One rules file, lifecycle and indexes file per type: a second (rules.yaml beside
         // rules.yml) would silently replace the first.
         let defined_in = match kind {
@@ -271,6 +287,7 @@ impl Loader<'_> {
                 Ok(fields) => entry.indexes = fields,
                 Err(e) => local.extend(e),
             },
+            Kind::Process(_) => {}
             Kind::Command(name) => match entry.commands.entry(name) {
                 std::collections::btree_map::Entry::Occupied(o) => {
                     local.push((String::new(), format!("command '{}' is defined twice", o.key())));
@@ -294,6 +311,60 @@ impl Loader<'_> {
     fn lacks_command(&self, t: &TypeName, a: &TypeArtifacts, name: &str) -> bool {
         let generic = matches!(name, "create" | "patch" | "replace" | "delete");
         !generic && !self.broken_commands.contains(&(t.clone(), name.to_owned())) && !a.commands.contains_key(name)
+    }
+
+    /// Compiles one process file; what it names is checked by [`Loader::check_processes`].
+    fn process(&mut self, path: &str, name: String, doc: &Value) {
+        if self.set.processes.contains_key(&name) {
+            let message = format!("process '{name}' is defined twice; keep one file");
+            return self.problem(path, String::new(), message);
+        }
+        let (p, refs, problems) = process::parse(&name, doc, self.limits);
+        for (location, message) in problems {
+            self.problem(path, location, message);
+        }
+        self.process_refs.push((path.to_owned(), refs));
+        if let Some(p) = p {
+            self.set.processes.insert(name, p);
+        }
+    }
+
+    /// Checks what process files name: the events exist (a custom command of the type emits
+    /// them, or they are generic) and so do the commands.
+    fn check_processes(&mut self) {
+        let none = TypeArtifacts::default();
+        let mut found = Vec::new();
+        for (file, refs) in &self.process_refs {
+            for r in refs {
+                let (at, message) = match r {
+                    process::Reference::Event { at, type_name, event } => {
+                        let a = self.set.types.get(type_name).unwrap_or(&none);
+                        let generic = matches!(
+                            event.as_str(),
+                            crate::event::CREATED | crate::event::PATCHED | crate::event::DELETED
+                        );
+                        let emitted = a.commands.values().any(|c| c.emit.iter().any(|e| e.event == *event));
+                        let broken = self.broken_commands.iter().any(|(t, _)| t == type_name);
+                        if generic || emitted || broken {
+                            continue;
+                        }
+                        let message = format!(
+                            "no command of type '{type_name}' emits '{event}' (a process hears created, patched, \
+                             deleted, or an event a custom command emits)"
+                        );
+                        (at, message)
+                    }
+                    process::Reference::Command { at, target, name } => {
+                        if !self.lacks_command(target, self.set.types.get(target).unwrap_or(&none), name) {
+                            continue;
+                        }
+                        (at, format!("no command '{name}' is defined for type '{target}'"))
+                    }
+                };
+                found.push(Problem { file: file.clone(), location: at.clone(), message });
+            }
+        }
+        self.problems.extend(found);
     }
 
     /// Keeps the parsed permissions file for [`Loader::permissions`].
@@ -350,7 +421,8 @@ impl Loader<'_> {
 }
 
 /// What a file of the set is, by its path: a type's schema, rules, lifecycle, indexes or
-/// command; `None` for files the set ignores (processes, READMEs, hidden files).
+/// command, or a process (its type is unused); `None` for files the set ignores (READMEs,
+/// hidden files).
 fn classify(path: &str) -> Result<Option<(TypeName, Kind)>, String> {
     let parts: Vec<&str> = path.split('/').collect();
     let (type_name, kind) = match parts.as_slice() {
@@ -359,7 +431,10 @@ fn classify(path: &str) -> Result<Option<(TypeName, Kind)>, String> {
         ["types", t, "lifecycle.yaml" | "lifecycle.yml" | "lifecycle.json"] => (*t, Kind::Lifecycle),
         ["types", t, "indexes.yaml" | "indexes.yml" | "indexes.json"] => (*t, Kind::Indexes),
         ["types", t, "commands", file] => (*t, Kind::Command(command_name(file)?)),
-        ["processes", _] => return Ok(None),
+        ["processes", file] => {
+            let name = process_name(file)?;
+            return Ok(Some((TypeName::parse("processes-file").expect("a valid type name"), Kind::Process(name))));
+        }
         ["README.md" | "readme.md" | ".gitignore"] => return Ok(None),
         _ if parts.iter().any(|s| s.starts_with('.')) => return Ok(None),
         _ => {
@@ -370,7 +445,27 @@ fn classify(path: &str) -> Result<Option<(TypeName, Kind)>, String> {
     };
     let t = TypeName::parse(type_name)
         .map_err(|e| format!("'{type_name}' is not a valid aggregate type: {}", e.message))?;
+    if type_name.starts_with(process::TYPE_PREFIX) {
+        return Err(format!("'{type_name}': types named {}… hold process instances", process::TYPE_PREFIX));
+    }
     Ok(Some((t, kind)))
+}
+
+/// The name of a process from its file name: `payment-deadline.yaml` → `payment-deadline`.
+fn process_name(file: &str) -> Result<String, String> {
+    let Some(stem) =
+        file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")).or_else(|| file.strip_suffix(".json"))
+    else {
+        return Err(format!("'{file}': a process file is <name>.yaml, <name>.yml or <name>.json"));
+    };
+    if !process::valid_name(stem) {
+        let most = crate::limits::TYPE_NAME_LEN_MAX - process::TYPE_PREFIX.len();
+        return Err(format!(
+            "'{stem}' is not a process name: it must match [a-z][a-z0-9_-]{{0,{}}} (the file name is the name)",
+            most - 1
+        ));
+    }
+    Ok(stem.to_owned())
 }
 
 enum Kind {
@@ -379,6 +474,7 @@ enum Kind {
     Lifecycle,
     Indexes,
     Command(String),
+    Process(String),
 }
 
 pub use crate::limits::INDEXES_PER_TYPE_MAX;

@@ -335,3 +335,90 @@ fn bad_artifact_corpus() {
     }
     assert!(failures.is_empty(), "{} case(s) failed:\n\n{}", failures.len(), failures.join("\n"));
 }
+
+/// A process file as issue 17 writes it: every key read, the timers and commands compiled.
+#[test]
+fn a_process_file_loads_whole() {
+    use sourced_core::artifacts::process::Trigger;
+    let process = r#"
+start: {type: order, event: OrderSubmitted, key: event.targetId, guard: "document.total > 0.0", state: awaiting-payment}
+follow:
+  - {type: payment, event: created, key: document.orderId}
+states: [awaiting-payment, reminded, paid, cancelled]
+final: [paid, cancelled]
+data: {total: document.total}
+transitions:
+  - from: [awaiting-payment, reminded]
+    on: created
+    guard: "double(document.amount) >= 1.0"
+    to: paid
+    data: {paid: document.amount}
+    do:
+      - command: {target: order, id: key, name: pay, body: "{'amount': document.amount}"}
+  - from: awaiting-payment
+    after: 30m
+    to: reminded
+    do:
+      - command: {target: order, id: key, name: patch, body: "{'reminded': true}"}
+  - from: reminded
+    at: "timestamp(instance.startedAt) + duration('2h')"
+    to: cancelled
+"#;
+    let set = ArtifactSet::load(&files(&[
+        ("types/order/commands/submit.yaml", "emit: [{event: OrderSubmitted, patch: []}]"),
+        ("types/order/commands/pay.yaml", "emit: [{event: OrderPaid, patch: []}]"),
+        ("processes/payment-deadline.yaml", process),
+    ]))
+    .unwrap_or_else(|p| panic!("{p:#?}"));
+    let p = &set.processes()["payment-deadline"];
+    assert_eq!((p.start.type_name.as_str(), p.start.event.as_str()), ("order", "OrderSubmitted"));
+    assert_eq!(p.start.state, "awaiting-payment");
+    assert_eq!(p.follow[0].key.source(), "document.orderId");
+    assert_eq!(p.finals, ["paid", "cancelled"]);
+    assert_eq!(p.data[0].0, "total");
+    assert!(matches!(&p.transitions[0].trigger, Trigger::On(e) if e == "created"));
+    assert!(matches!(p.transitions[1].trigger, Trigger::After(1800)));
+    assert!(matches!(&p.transitions[2].trigger, Trigger::At(e) if e.source().starts_with("timestamp")));
+    assert_eq!(p.transitions[0].commands[0].name, "pay");
+    assert_eq!(p.transitions[1].commands[0].body.source(), "{'reminded': true}");
+}
+
+/// The example domain's process loads with the rest of examples/order.
+#[test]
+fn the_example_process_loads() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
+    let mut set = BTreeMap::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+                set.insert(rel, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let set = ArtifactSet::load(&set).unwrap_or_else(|p| panic!("{p:#?}"));
+    assert_eq!(set.processes().keys().collect::<Vec<_>>(), ["payment-deadline"]);
+}
+
+/// Clients cannot write to a process's instances (`process-<name>`): only the process does.
+#[test]
+fn clients_cannot_write_process_instances() {
+    let defaults = EnvelopeDefaults {
+        tenant: TenantId::default_tenant(),
+        tenant_fixed: false,
+        generated_id: AggregateId::parse("x").unwrap(),
+        generated_command_id: sourced_core::CommandId(uuid::Uuid::from_u128(1)),
+    };
+    let env = json!({"type": "patch", "targetName": "process-payment-deadline", "targetId": "o1", "body": [{"op": "add", "path": "/state", "value": "paid"}]});
+    match Command::from_envelope(&env, defaults) {
+        Err(DomainError::InvalidCommand(v)) => {
+            assert_eq!(v[0].pointer, "/targetName", "{v:?}");
+            assert!(v[0].message.contains("holds process instances"), "{v:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

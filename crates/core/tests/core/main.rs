@@ -5,5 +5,6 @@ mod artifacts;
 mod conformance;
 mod given_when_then;
 mod permissions;
+mod processes;
 mod properties;
 mod purity;

@@ -23,6 +23,7 @@ mod limits;
 mod metrics;
 mod postgres;
 mod problems;
+mod processes;
 mod queries;
 mod rebuild;
 mod socketio;

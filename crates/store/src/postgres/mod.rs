@@ -109,7 +109,7 @@ use crate::listing::{self, Dialect, Param};
 use crate::sql::{EventScope, clamp_sql_int, corrupt_row, from_json, from_sql_int, to_json, to_sql_int};
 use crate::{
     AppendOutcome, AppendRequest, CommandRecord, CommitListener, DocumentRow, DocumentText, EventStore, ListQuery,
-    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats,
+    READ_LIMIT_MAX, RebuiltStream, StoreError, StoreStats, Wake,
 };
 use sourced_core::query::FieldPath;
 
@@ -582,6 +582,55 @@ impl EventStore for PostgresStore {
             .map_err(pg_err)?;
         let row = client.query_opt(&stmt, &[&tenant.as_str(), &id.0]).await.map_err(pg_err)?;
         row.map(|r| decode_command(&r)).transpose()
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let client = self.client().await?;
+        let stmt =
+            client.prepare_cached("SELECT position FROM sourced_checkpoints WHERE name = $1").await.map_err(pg_err)?;
+        let row = client.query_opt(&stmt, &[&name]).await.map_err(pg_err)?;
+        Ok(row.map(|r| Position(r.get::<_, i64>(0).max(0) as u64)))
+    }
+
+    async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError> {
+        let limit = limit.min(READ_LIMIT_MAX) as i64;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT tenant, type, agg_id, due FROM sourced_wakes WHERE process = $1 AND due <= $2
+                 ORDER BY due, tenant, type, agg_id LIMIT $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[&process, &at, &limit]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let (t, ty, id): (String, String, String) =
+                    (r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?, r.try_get(2).map_err(pg_err)?);
+                Ok(Wake {
+                    key: StreamKey {
+                        tenant: TenantId::parse(&t).map_err(|v| corrupt_row("sourced_wakes.tenant", v.message))?,
+                        type_name: TypeName::parse(&ty).map_err(|v| corrupt_row("sourced_wakes.type", v.message))?,
+                        id: AggregateId::parse(&id).map_err(|v| corrupt_row("sourced_wakes.agg_id", v.message))?,
+                    },
+                    due: r.try_get(3).map_err(pg_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let position = i64::try_from(position.0).unwrap_or(i64::MAX);
+        client
+            .execute(
+                "INSERT INTO sourced_checkpoints (name, position) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET position = GREATEST(sourced_checkpoints.position, excluded.position)",
+                &[&name, &position],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -68,6 +68,24 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     );
     "#,
     ),
+    (
+        "process checkpoints and wake-ups",
+        r#"
+    CREATE TABLE sourced_checkpoints (
+        name     text COLLATE "C" PRIMARY KEY,
+        position bigint           NOT NULL CHECK (position >= 0)
+    );
+    CREATE TABLE sourced_wakes (
+        process text COLLATE "C" NOT NULL,
+        tenant  text COLLATE "C" NOT NULL,
+        type    text COLLATE "C" NOT NULL,
+        agg_id  text COLLATE "C" NOT NULL,
+        due     timestamptz      NOT NULL,
+        PRIMARY KEY (process, tenant, type, agg_id)
+    );
+    CREATE INDEX sourced_wakes_by_due ON sourced_wakes (process, due, tenant, type, agg_id);
+    "#,
+    ),
 ];
 
 /// First key of the advisory lock taken around migrations (the second is the schema's hash).

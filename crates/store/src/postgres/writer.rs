@@ -150,6 +150,9 @@ pub(super) struct Statements {
     insert_commands: Statement,
     update_counter: Statement,
     insert_snapshots: Statement,
+    upsert_checkpoints: Statement,
+    upsert_wakes: Statement,
+    delete_wakes: Statement,
 }
 
 impl Statements {
@@ -184,6 +187,22 @@ impl Statements {
             ),
             client.prepare_cached("UPDATE sourced_position SET last = $1"),
             client.prepare_cached(INSERT_SNAPSHOTS),
+            client.prepare_cached(
+                "INSERT INTO sourced_checkpoints (name, position)
+                 SELECT n, p FROM unnest($1::text[], $2::int8[]) AS x(n, p)
+                 ON CONFLICT (name) DO UPDATE SET
+                     position = GREATEST(sourced_checkpoints.position, excluded.position)",
+            ),
+            client.prepare_cached(
+                "INSERT INTO sourced_wakes (process, tenant, type, agg_id, due)
+                 SELECT p, t, ty, a, d FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+                      AS x(p, t, ty, a, d)
+                 ON CONFLICT (process, tenant, type, agg_id) DO UPDATE SET due = excluded.due",
+            ),
+            client.prepare_cached(
+                "DELETE FROM sourced_wakes w USING unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(p, t, ty, a)
+                 WHERE w.process = x.p AND w.tenant = x.t AND w.type = x.ty AND w.agg_id = x.a",
+            ),
         )?;
         Ok(Statements {
             select_commands: prepared.0,
@@ -193,6 +212,9 @@ impl Statements {
             insert_commands: prepared.4,
             update_counter: prepared.5,
             insert_snapshots: prepared.6,
+            upsert_checkpoints: prepared.7,
+            upsert_wakes: prepared.8,
+            delete_wakes: prepared.9,
         })
     }
 }
@@ -374,6 +396,10 @@ pub(super) struct Plan {
     cmd_extra: Vec<String>,
     /// Snapshots, one per append that asks for one.
     snaps: Vec<SnapWrite>,
+    /// Checkpoints, the highest position per name (one statement cannot update a row twice).
+    checkpoints: std::collections::BTreeMap<String, i64>,
+    /// Wake-ups by (process, tenant, type, id): the last append's (`None` deletes).
+    wakes: std::collections::BTreeMap<[String; 4], Option<DateTime<Utc>>>,
 }
 
 pub(super) struct SnapWrite {
@@ -386,6 +412,45 @@ pub(super) struct SnapWrite {
     pub(super) deleted: bool,
     pub(super) created_at: DateTime<Utc>,
     pub(super) updated_at: DateTime<Utc>,
+}
+
+/// The plan's wake-ups as column arrays: those to set, those to delete.
+struct WakeColumns<'a> {
+    set: [Vec<&'a str>; 4],
+    due: Vec<DateTime<Utc>>,
+    clear: [Vec<&'a str>; 4],
+}
+
+impl<'a> WakeColumns<'a> {
+    fn new(wakes: &'a std::collections::BTreeMap<[String; 4], Option<DateTime<Utc>>>) -> WakeColumns<'a> {
+        let mut out = WakeColumns { set: Default::default(), due: Vec::new(), clear: Default::default() };
+        for (k, due) in wakes {
+            let columns = match due {
+                Some(d) => {
+                    out.due.push(*d);
+                    &mut out.set
+                }
+                None => &mut out.clear,
+            };
+            for (c, v) in columns.iter_mut().zip(k) {
+                c.push(v.as_str());
+            }
+        }
+        out
+    }
+
+    /// Both statements, each only when it has rows.
+    async fn write(&self, client: &ClientWrapper, statements: &Statements) -> Result<u64, tokio_postgres::Error> {
+        let [p, t, ty, a] = &self.set;
+        if !p.is_empty() {
+            client.execute(&statements.upsert_wakes, &[p, t, ty, a, &self.due]).await?;
+        }
+        let [p, t, ty, a] = &self.clear;
+        if !p.is_empty() {
+            client.execute(&statements.delete_wakes, &[p, t, ty, a]).await?;
+        }
+        Ok(0)
+    }
 }
 
 /// Inserts snapshots from the column arrays of [`SnapColumns`], replacing any at the same
@@ -574,6 +639,15 @@ impl Plan {
                 updated_at: ts,
             });
         }
+        if let Some(w) = &request.wake {
+            let k = [w.process.clone(), hk.0.clone(), hk.1.clone(), hk.2.clone()];
+            self.wakes.insert(k, w.due.map(truncate));
+        }
+        if let Some(c) = &request.checkpoint {
+            let position = i64::try_from(c.position.0).unwrap_or(i64::MAX);
+            let entry = self.checkpoints.entry(c.name.clone()).or_insert(position);
+            *entry = (*entry).max(position);
+        }
         self.cmd_tenant.push(hk.0.clone());
         self.cmd_id.push(request.command.id.0);
         self.cmd_fingerprint.push(request.command.fingerprint.clone());
@@ -636,7 +710,11 @@ impl Plan {
         ];
         let counter_params: [&(dyn ToSql + Sync); 1] = [&new_last];
         let snapshots = SnapColumns::new(&self.snaps);
-        let (inserted_events, _, inserted_commands, counters, inserted_snapshots) = tokio::try_join!(
+        let checkpoint_names: Vec<&str> = self.checkpoints.keys().map(String::as_str).collect();
+        let checkpoint_positions: Vec<i64> = self.checkpoints.values().copied().collect();
+        let checkpoint_params: [&(dyn ToSql + Sync); 2] = [&checkpoint_names, &checkpoint_positions];
+        let wakes = WakeColumns::new(&self.wakes);
+        let (inserted_events, _, inserted_commands, counters, inserted_snapshots, _, _) = tokio::try_join!(
             biased;
             client.execute(&statements.insert_events, &event_params),
             client.execute(&statements.upsert_documents, &doc_params),
@@ -648,6 +726,13 @@ impl Plan {
                 }
                 client.execute(&statements.insert_snapshots, &snapshots.params()).await
             },
+            async {
+                if self.checkpoints.is_empty() {
+                    return Ok(0);
+                }
+                client.execute(&statements.upsert_checkpoints, &checkpoint_params).await
+            },
+            wakes.write(client, statements),
         )?;
         // Each statement writes all its rows or fails (no `ON CONFLICT DO NOTHING`, the counter's
         // row is locked), so these hold whenever every statement succeeded.

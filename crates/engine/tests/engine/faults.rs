@@ -24,7 +24,7 @@ use sourced_store::{
 
 /// What the wrapper does to the next append.
 #[derive(Clone, Copy, Debug)]
-enum Fault {
+pub(crate) enum Fault {
     /// Answers a conflict, as if another writer got there first; nothing is written.
     Conflict,
     /// Answers that the store is unavailable; nothing is written.
@@ -35,19 +35,19 @@ enum Fault {
     Delay(Duration),
 }
 
-struct Faulty {
-    inner: SqliteStore,
-    faults: Mutex<VecDeque<Fault>>,
+pub(crate) struct Faulty {
+    pub(crate) inner: Box<dyn EventStore>,
+    pub(crate) faults: Mutex<VecDeque<Fault>>,
     /// Appends that reached the wrapper.
-    appends: AtomicU64,
+    pub(crate) appends: AtomicU64,
 }
 
 impl Faulty {
-    fn inject(&self, faults: &[Fault]) {
+    pub(crate) fn inject(&self, faults: &[Fault]) {
         self.faults.lock().unwrap().extend(faults.iter().copied());
     }
 
-    fn appends(&self) -> u64 {
+    pub(crate) fn appends(&self) -> u64 {
         self.appends.load(Ordering::SeqCst)
     }
 }
@@ -143,6 +143,20 @@ impl EventStore for Faulty {
     async fn get_command(&self, tenant: &TenantId, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
         self.inner.get_command(tenant, id).await
     }
+    async fn checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        self.inner.checkpoint(name).await
+    }
+    async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.inner.put_checkpoint(name, position).await
+    }
+    async fn due_wakes(
+        &self,
+        process: &str,
+        at: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<sourced_store::Wake>, StoreError> {
+        self.inner.due_wakes(process, at, limit).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
@@ -166,7 +180,8 @@ struct Setup {
 fn setup(conflict_retries_max: u32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let inner = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).unwrap();
-    let store = Arc::new(Faulty { inner, faults: Mutex::new(VecDeque::new()), appends: AtomicU64::new(0) });
+    let store =
+        Arc::new(Faulty { inner: Box::new(inner), faults: Mutex::new(VecDeque::new()), appends: AtomicU64::new(0) });
     let config = EngineConfig { conflict_retries_max, ..EngineConfig::default() };
     let engine = Engine::new(store.clone(), config, Arc::new(SystemClock));
     Setup { _dir: dir, store, engine }
