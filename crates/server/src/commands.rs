@@ -65,6 +65,9 @@ pub(crate) async fn execute_envelope(
     sender: Sender<'_>,
 ) -> Result<CommandOutcome, EnvelopeError> {
     let id = envelope.get("id").filter(|v| v.is_string()).cloned();
+    if let Some(p) = envelope.get("tenant").and_then(Value::as_str).and_then(|t| sender.caller.refuse_other_tenant(t)) {
+        return Err(Box::new((id, p)));
+    }
     let fixed = sender.caller.named_tenant();
     let tenant = fixed.cloned().unwrap_or_else(TenantId::default_tenant);
     let defaults = sourced_engine::fresh::envelope_defaults(tenant, fixed.is_some());

@@ -128,6 +128,15 @@ impl Caller {
         }
     }
 
+    /// With authentication on, a tenant an envelope or a subscription names other than the
+    /// credential's: 403 `tenant-not-allowed`, as for `X-Tenant` (never switched). `None` when
+    /// it is the caller's, or with authentication off (the transport then refuses a tenant
+    /// other than the one `X-Tenant` fixed, 400).
+    pub fn refuse_other_tenant(&self, named: &str) -> Option<Problem> {
+        let a = self.access.as_ref()?;
+        (a.tenant.as_str() != named).then(|| Problem::auth(&AuthError::TenantNotAllowed(named.to_owned())))
+    }
+
     /// One token of this caller's rate limit (its principal's bucket, or its address's when it
     /// has none), or 429.
     pub fn take_token(&self, limiter: &RateLimiter, peer: Option<std::net::SocketAddr>) -> Result<()> {

@@ -222,6 +222,9 @@ impl Session<'_> {
             None
         };
         let problem = problem.or_else(|| self.conn.caller.restrict(&mut filter).err());
+        if let Some(p) = tenant.as_ref().and_then(|t| self.conn.caller.refuse_other_tenant(t.as_str())) {
+            return self.send(error_frame(None, Some(&sub), &p)).await;
+        }
         let tenant = match (tenant, self.conn.caller.named_tenant()) {
             (Some(t), Some(fixed)) if t != *fixed => {
                 let p =

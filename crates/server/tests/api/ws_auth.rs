@@ -122,7 +122,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "result",
-        other_tenant: Some("invalid-command"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: true,
     },
     Row {
@@ -133,7 +133,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "result",
-        other_tenant: Some("invalid-command"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: true,
     },
     Row {
@@ -144,7 +144,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "result",
-        other_tenant: Some("invalid-command"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: true,
     },
     Row {
@@ -155,7 +155,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "result",
-        other_tenant: Some("invalid-command"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: true,
     },
     Row {
@@ -166,7 +166,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "result",
-        other_tenant: Some("invalid-command"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: true,
     },
     Row {
@@ -178,7 +178,7 @@ const ROWS: &[Row] = &[
         without: "intern",
         setup: nothing,
         success: "caught-up",
-        other_tenant: Some("invalid-request"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: false,
     },
     Row {
@@ -190,7 +190,7 @@ const ROWS: &[Row] = &[
         without: "clerk",
         setup: nothing,
         success: "caught-up",
-        other_tenant: Some("invalid-request"),
+        other_tenant: Some("tenant-not-allowed"),
         writes: false,
     },
     Row {
