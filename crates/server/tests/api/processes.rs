@@ -85,3 +85,60 @@ async fn a_submitted_order_starts_an_instance_that_its_payment_completes() {
     }
     server.shutdown().await;
 }
+
+/// Tenant isolation (issue 16): an instance lives in the tenant of the event that started it;
+/// the same order id in two tenants starts two instances, and neither tenant sees the other's.
+#[tokio::test]
+async fn process_instances_are_kept_to_their_tenant() {
+    let backend = TestBackend::new().await;
+    let mut config = backend.config();
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
+    config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(example));
+    let server = sourced_server::start(config).await.unwrap();
+    let mut c = Client::connect(server.addr()).await.unwrap();
+    let order =
+        json!({"id": "o1", "customer": "ada", "lines": [{"sku": "tea", "qty": 2, "price": 4.25}], "total": 8.5});
+    for tenant in ["acme", "beta"] {
+        let h = [("x-tenant", tenant)];
+        assert_eq!(c.send_json("POST", "/order", &h, &order).await.unwrap().status, 201);
+    }
+    // Only acme submits: only acme has an instance.
+    let acme = [("x-tenant", "acme")];
+    let beta = [("x-tenant", "beta")];
+    assert_eq!(c.send_json("POST", "/order/o1/submit", &acme, &json!({})).await.unwrap().status, 200);
+    let mut found = false;
+    for _ in 0..200 {
+        let r = c.send_json("GET", "/processes/payment-deadline/o1", &acme, &Value::Null).await.unwrap();
+        if r.status == 200 {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(found, "acme's instance starts");
+    for path in ["/processes/payment-deadline/o1", "/process-payment-deadline/o1"] {
+        let r = c.send_json("GET", path, &beta, &Value::Null).await.unwrap();
+        assert_eq!(r.status, 404, "beta must not see acme's instance at {path}: {}", r.text());
+    }
+    let counts = |v: Value| (v["items"][0]["running"].clone(), v["items"][0]["completed"].clone());
+    let r = c.send_json("GET", "/processes", &beta, &Value::Null).await.unwrap();
+    assert_eq!(counts(r.json()), (json!(0), json!(0)), "beta's counts");
+    let r = c.send_json("GET", "/processes", &acme, &Value::Null).await.unwrap();
+    assert_eq!(counts(r.json()), (json!(1), json!(0)), "acme's counts");
+    // beta's payment of its own o1 does not complete acme's instance.
+    assert_eq!(c.send_json("POST", "/order/o1/submit", &beta, &json!({})).await.unwrap().status, 200);
+    assert_eq!(c.send_json("POST", "/order/o1/pay", &beta, &json!({"amount": 8.5})).await.unwrap().status, 200);
+    let mut beta_done = false;
+    for _ in 0..200 {
+        let r = c.send_json("GET", "/processes/payment-deadline/o1", &beta, &Value::Null).await.unwrap();
+        if r.status == 200 && r.json()["status"] == "completed" {
+            beta_done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(beta_done, "beta's own instance starts and completes");
+    let r = c.send_json("GET", "/processes/payment-deadline/o1", &acme, &Value::Null).await.unwrap();
+    assert_eq!(r.json()["status"], "running", "acme's instance is untouched: {}", r.text());
+    server.shutdown().await;
+}
