@@ -84,6 +84,15 @@ pub struct ImportSummary {
 /// Writes every event of `store` to `out`, one JSON object per line, in position order;
 /// returns how many.
 pub async fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, TransferError> {
+    export_with(store, out, &mut |_| {}).await
+}
+
+/// [`export`], telling `progress` how many events are written after each page.
+pub async fn export_with(
+    store: &dyn EventStore,
+    out: &mut dyn Write,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<u64, TransferError> {
     let mut after = Position(0);
     let mut count = 0u64;
     loop {
@@ -95,6 +104,7 @@ pub async fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, 
             out.write_all(b"\n")?;
             count += 1;
         }
+        progress(count);
         if page.len() < EXPORT_PAGE_EVENTS {
             break;
         }

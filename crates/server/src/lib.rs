@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod processes;
+mod progress;
 pub mod ratelimit;
 pub mod reload;
 pub mod request;

@@ -123,7 +123,7 @@ async fn the_rebuild_command_restores_the_read_model() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("sourced rebuild: done: 24 streams"), "{stderr}");
+    assert!(stderr.contains("sourced rebuild: 24 streams"), "{stderr}");
 
     let store = sourced_store::sqlite::SqliteStore::open(&db, Default::default()).unwrap();
     assert_eq!(read_side(&store).await, live);

@@ -194,3 +194,54 @@ async fn an_import_stops_at_input_that_does_not_continue_the_history() {
     assert!(!ok && err.contains("cannot open"), "{err}");
     assert!(!db.exists());
 }
+
+/// Progress (issue 18): off a terminal, export, import and rebuild write nothing to stderr but
+/// their one-line summary; on one (a pseudo-terminal made by `script`), a bar with the rate and
+/// the time left, cleared before the summary.
+#[tokio::test]
+async fn long_commands_show_a_bar_on_a_terminal_and_only_a_summary_off_one() {
+    let dir = TempDir::new().unwrap();
+    let source = dir.path().join("source.db");
+    let app = TestApp::with(|c| c.store = sourced_server::config::StoreUrl::Sqlite(source.clone()));
+    write_history(&app).await;
+    drop(app);
+    let file = dir.path().join("export.ndjson");
+    let target = dir.path().join("target.db");
+    let steps: [(&Path, Vec<&str>, &str); 3] = [
+        (&source, vec!["export", "--output", file.to_str().unwrap()], "sourced export: 13 events in "),
+        (&target, vec!["import", "--input", file.to_str().unwrap()], "sourced import: 13 events of "),
+        (&target, vec!["rebuild"], "sourced rebuild: 7 streams, 13 events, "),
+    ];
+    for (db, args, summary) in &steps {
+        let (ok, _, err) = sourced(&sqlite_url(db), args, None).await;
+        assert!(ok, "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: only the summary off a terminal: {err:?}");
+        assert!(lines[0].starts_with(summary), "{args:?}: {err:?}");
+    }
+    // On a terminal: `script` gives the command a pseudo-terminal (util-linux).
+    let has_script = std::process::Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !has_script {
+        eprintln!("skipped the terminal half: no `script` (util-linux)");
+        return;
+    }
+    let again = dir.path().join("again.ndjson");
+    let line = format!(
+        "EVENT_STORE_URL={} LOG_LEVEL=warn {} export --output {}",
+        sqlite_url(&source),
+        env!("CARGO_BIN_EXE_sourced"),
+        again.display()
+    );
+    let out = tokio::process::Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("events, ") && shown.contains(" left"), "a bar with rate and time left: {shown:?}");
+    assert!(shown.contains("\u{1b}[2K"), "the bar is cleared: {shown:?}");
+    assert!(shown.contains("sourced export: 13 events in "), "{shown:?}");
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&file).unwrap());
+}
