@@ -132,3 +132,31 @@ fn walk(root: &Path, dir: &Path, depth: usize, files: &mut BTreeMap<String, Stri
         }
     }
 }
+
+/// A problem as `sourced check` prints it: `path:line:column: message` when the line is known
+/// (a syntax error's, or where a YAML file's pointer lands, with the pointer kept after the
+/// message), else `path at pointer: message`. `root` is the set's directory (a git set's
+/// checkout is gone by then: its paths stay relative and only syntax errors get a line).
+pub fn describe_problem(p: &sourced_core::artifacts::Problem, root: Option<&Path>) -> String {
+    let path = root.map_or_else(|| p.file.clone(), |r| r.join(&p.file).display().to_string());
+    let message = p.message.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((line, column)) = syntax_position(&p.location) {
+        return format!("{path}:{line}:{column}: {message}");
+    }
+    let yaml = p.file.ends_with(".yaml") || p.file.ends_with(".yml");
+    let text = root
+        .filter(|_| yaml && p.location.starts_with('/'))
+        .and_then(|r| std::fs::read_to_string(r.join(&p.file)).ok());
+    match text.and_then(|t| sourced_core::artifacts::locate::locate(&t, &p.location)) {
+        Some((line, column)) => format!("{path}:{line}:{column}: {message} (at {})", p.location),
+        None if p.location.is_empty() => format!("{path}: {message}"),
+        None => format!("{path} at {}: {message}", p.location),
+    }
+}
+
+/// `line L column C` (how syntax errors are located) as numbers.
+fn syntax_position(location: &str) -> Option<(u64, u64)> {
+    let rest = location.strip_prefix("line ")?;
+    let (line, column) = rest.split_once(" column ")?;
+    Some((line.parse().ok()?, column.parse().ok()?))
+}

@@ -176,8 +176,12 @@ fn check(artifacts: &str, cache: Option<&str>) -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(LoadError::Problems(problems)) => {
+            let root = match &source {
+                sourced_server::artifacts::ArtifactsSource::Dir(dir) => Some(dir.as_path()),
+                sourced_server::artifacts::ArtifactsSource::Git(_) => None,
+            };
             for p in &problems {
-                println!("{p}");
+                println!("{}", sourced_server::artifacts::describe_problem(p, root));
             }
             eprintln!("sourced check: {} problem(s) in {source}", problems.len());
             std::process::ExitCode::FAILURE

@@ -7,6 +7,7 @@ pub mod decide;
 pub mod expr;
 pub mod instance;
 pub mod lifecycle;
+pub mod locate;
 pub mod permissions;
 pub mod process;
 pub mod rules;

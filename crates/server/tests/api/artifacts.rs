@@ -117,9 +117,21 @@ fn check_prints_every_problem() {
     let out = String::from_utf8(bad.stdout).unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[0].starts_with("types/order/commands/go.yaml at /emit/0/patch/0/expr: CEL syntax error"), "{out}");
-    assert!(lines[1].starts_with("types/order/lifecycle.yaml at /transitions/0/to: state 'b' is not defined"), "{out}");
-    assert!(lines[2].starts_with("types/order/schema.json at /type: invalid JSON Schema"), "{out}");
+    // `file:line:column: message` where the line is known (the YAML files: the deepest node a
+    // pointer reaches written as a block; here the flow items holding the problem).
+    let root = dir.path().display();
+    assert!(lines[0].starts_with(&format!("{root}/types/order/commands/go.yaml:3:5: CEL syntax error")), "{out}");
+    assert!(lines[0].ends_with("(at /emit/0/patch/0/expr)"), "{out}");
+    assert!(lines[1].starts_with(&format!("{root}/types/order/lifecycle.yaml:5:3: state 'b' is not defined")), "{out}");
+    assert!(lines[2].starts_with(&format!("{root}/types/order/schema.json at /type: invalid JSON Schema")), "{out}");
+    // A syntax error has its line and column from the parser.
+    std::fs::write(t.join("lifecycle.yaml"), "field: /s\ninitial: [a\n").unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sourced")).arg("check").arg(dir.path()).output().unwrap();
+    let out = String::from_utf8(bad.stdout).unwrap();
+    let syntax = out.lines().find(|l| l.contains("lifecycle.yaml")).unwrap_or_default();
+    let prefix = format!("{root}/types/order/lifecycle.yaml:");
+    let position: Vec<&str> = syntax.strip_prefix(&prefix).unwrap_or_default().splitn(3, ':').collect();
+    assert!(position.len() == 3 && position[0].parse::<u32>().is_ok() && position[1].parse::<u32>().is_ok(), "{out}");
     // The server refuses to start on the same set, listing the problems.
     let serve = std::process::Command::new(env!("CARGO_BIN_EXE_sourced"))
         .env_clear()
