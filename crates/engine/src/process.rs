@@ -29,6 +29,9 @@ use tokio::sync::Notify;
 
 use crate::{Engine, EngineError};
 
+mod admin;
+pub use admin::InterventionError;
+
 pub use crate::limits::{PROCESS_EVENTS_PER_ROUND_MAX, PROCESS_WAKES_PER_ROUND_MAX};
 
 /// How runners behave (the server reads these from its settings).
