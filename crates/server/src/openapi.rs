@@ -262,10 +262,11 @@ fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value
             "running": counts("instances running in the tenant"),
             "completed": counts("instances completed in the tenant"),
             "parked": counts("instances parked in the tenant"),
+            "cancelled": counts("instances cancelled in the tenant"),
             "checkpoint": {"type": ["integer", "null"], "minimum": 0, "description": "the last global position the process handled"},
             "lag": counts("positions committed after the checkpoint")
         },
-        "required": ["name", "instanceType", "running", "completed", "parked", "checkpoint", "lag"]
+        "required": ["name", "instanceType", "running", "completed", "parked", "cancelled", "checkpoint", "lag"]
     }));
     schemas.insert("ProcessInstance".into(), json!({
         "type": "object",

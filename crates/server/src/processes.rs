@@ -38,6 +38,7 @@ pub(crate) async fn list(State(s): State<AppState>, caller: Caller, RawQuery(q):
                 "running": summary.running,
                 "completed": summary.completed,
                 "parked": summary.parked,
+                "cancelled": summary.cancelled,
                 "checkpoint": summary.checkpoint,
                 "lag": summary.lag,
             }));

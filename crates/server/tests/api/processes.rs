@@ -214,6 +214,10 @@ async fn a_parked_instance_is_retried_skipped_or_cancelled_by_an_operator() {
     assert_eq!(r.json()["instanceStatus"], "cancelled");
     assert_eq!(c.send_json("POST", "/order/o3/pay", &[], &json!({"amount": 2.0})).await.unwrap().status, 200);
     assert_eq!(keys(&c.get("/processes/poison?status=cancelled").await.unwrap().json()), ["o3"]);
+    let p = &c.get("/processes").await.unwrap().json()["items"][0];
+    let counts = ["running", "completed", "parked", "cancelled"].map(|k| p[k].as_u64().unwrap());
+    // Running: x-o1, which the retried command submitted, started an instance of its own.
+    assert_eq!(counts, [1, 2, 0, 1], "{p}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let inst = c.get("/processes/poison/o3").await.unwrap().json();
     assert_eq!((inst["state"].clone(), inst["status"].clone()), (json!("waiting"), json!("cancelled")));
