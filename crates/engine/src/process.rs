@@ -29,6 +29,9 @@ use tokio::sync::Notify;
 
 use crate::{Engine, EngineError};
 
+mod admin;
+pub use admin::InterventionError;
+
 pub use crate::limits::{PROCESS_EVENTS_PER_ROUND_MAX, PROCESS_WAKES_PER_ROUND_MAX};
 
 /// How runners behave (the server reads these from its settings).
@@ -450,12 +453,14 @@ fn parked(inst: &Instance, err: &StepError) -> Instance {
 pub struct ProcessSummary {
     /// The process's name.
     pub name: String,
-    /// Its instances running, completed and parked, in the tenant.
+    /// Its instances running, completed, parked and cancelled, in the tenant.
     pub running: u64,
     /// Completed.
     pub completed: u64,
     /// Parked.
     pub parked: u64,
+    /// Cancelled by an operator.
+    pub cancelled: u64,
     /// The last global position it handled (all tenants); none before its first round.
     pub checkpoint: Option<u64>,
     /// Positions committed after the checkpoint: how far behind it is.
@@ -483,8 +488,8 @@ impl Engine {
         let mut out = Vec::with_capacity(set.processes().len());
         for name in set.processes().keys() {
             let t = process::instance_type(name).expect("a loaded process has a valid name");
-            let mut counts = [0u64; 3];
-            for (count, status) in counts.iter_mut().zip(["running", "completed", "parked"]) {
+            let mut counts = [0u64; 4];
+            for (count, status) in counts.iter_mut().zip(["running", "completed", "parked", "cancelled"]) {
                 let mut q = sourced_store::ListQuery::new(tenant.clone(), t.clone(), 1);
                 let field = Field::Doc(FieldPath::parse("status").expect("a valid field path"));
                 q.filters.push(Filter::In { field, values: vec![Value::from(status)] });
@@ -492,8 +497,8 @@ impl Engine {
             }
             let checkpoint = self.store.checkpoint(name).await?.map(|p| p.0);
             let lag = head.saturating_sub(checkpoint.unwrap_or(0));
-            let [running, completed, parked] = counts;
-            out.push(ProcessSummary { name: name.clone(), running, completed, parked, checkpoint, lag });
+            let [running, completed, parked, cancelled] = counts;
+            out.push(ProcessSummary { name: name.clone(), running, completed, parked, cancelled, checkpoint, lag });
         }
         Ok(out)
     }

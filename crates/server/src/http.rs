@@ -319,11 +319,11 @@ fn not_modified(v: Version) -> Response {
 
 /// Opaque page cursors: base64url of a small JSON object tagged with its page kind, so a
 /// cursor from one listing is refused by another.
-fn encode_cursor(kind: &str, value: Value) -> String {
+pub(crate) fn encode_cursor(kind: &str, value: Value) -> String {
     URL_SAFE_NO_PAD.encode(json!({"k": kind, "v": value}).to_string())
 }
 
-fn decode_cursor(kind: &str, raw: &str) -> Result<Value> {
+pub(crate) fn decode_cursor(kind: &str, raw: &str) -> Result<Value> {
     let invalid =
         || Problem::bad_request("invalid cursor: pass back the 'next' value of a page of this listing", vec![]);
     let bytes = URL_SAFE_NO_PAD.decode(raw.as_bytes()).map_err(|_| invalid())?;
@@ -862,12 +862,12 @@ fn sort_text(sort: &[query::SortKey]) -> String {
     sort.iter().map(|k| format!("{}{}", if k.descending { "-" } else { "" }, k.field)).collect::<Vec<_>>().join(",")
 }
 
-fn cursor_json(cursor: &ListCursor, order: &str) -> Value {
+pub(crate) fn cursor_json(cursor: &ListCursor, order: &str) -> Value {
     let slots: Vec<Value> = cursor.slots.iter().map(|s| json!([s.rank, s.num, s.text])).collect();
     json!({"o": order, "s": slots, "id": cursor.id.as_str()})
 }
 
-fn list_cursor(v: &Value, order: &str) -> Result<ListCursor> {
+pub(crate) fn list_cursor(v: &Value, order: &str) -> Result<ListCursor> {
     let invalid =
         || Problem::bad_request("invalid cursor: pass back the 'next' value of a page of this listing", vec![]);
     if v.get("o").and_then(Value::as_str) != Some(order) {

@@ -112,6 +112,7 @@ fn build_app(config: &Config, store: Arc<dyn EventStore>, live: Arc<state::LiveS
         reloader: config.admin_api.then(|| reloader.clone()),
         gate: config.gate.clone(),
         rate_limit: config.rate_limit.clone(),
+        runners: runners.clone(),
     };
     // Socket.IO (`/socket.io/`) in front of the router: other paths pass through to it.
     let app = router(state)

@@ -90,7 +90,7 @@ pub fn document(set: &ArtifactSet, page_limit_max: usize, admin: bool, protectio
     if admin {
         admin_paths(&mut paths);
     }
-    process_paths(&mut paths, &mut schemas);
+    process_paths(&mut paths, &mut schemas, page_limit_max);
     generic_type_paths(&mut paths, page_limit_max);
     // Per type with artifacts: its schema, and one path per custom command with its payload.
     for (name, a) in set.types() {
@@ -250,8 +250,9 @@ fn command_and_feed_paths(paths: &mut Map<String, Value>, page_limit_max: usize)
     }}));
 }
 
-/// `GET /processes` and `GET /processes/{name}/{key}` (SPEC §4.5), with their schemas.
-fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+/// `GET /processes`, `GET /processes/{name}`, `GET /processes/{name}/{key}` and the operators'
+/// steps (SPEC §4.5), with their schemas.
+fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>, page_limit_max: usize) {
     let counts = |what: &str| json!({"type": "integer", "minimum": 0, "description": what});
     schemas.insert("ProcessSummary".into(), json!({
         "type": "object",
@@ -261,16 +262,17 @@ fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value
             "running": counts("instances running in the tenant"),
             "completed": counts("instances completed in the tenant"),
             "parked": counts("instances parked in the tenant"),
+            "cancelled": counts("instances cancelled in the tenant"),
             "checkpoint": {"type": ["integer", "null"], "minimum": 0, "description": "the last global position the process handled"},
             "lag": counts("positions committed after the checkpoint")
         },
-        "required": ["name", "instanceType", "running", "completed", "parked", "checkpoint", "lag"]
+        "required": ["name", "instanceType", "running", "completed", "parked", "cancelled", "checkpoint", "lag"]
     }));
     schemas.insert("ProcessInstance".into(), json!({
         "type": "object",
         "properties": {
             "process": {"type": "string"}, "key": {"type": "string"}, "state": {"type": "string"},
-            "status": {"enum": ["running", "completed", "parked"]},
+            "status": {"enum": ["running", "completed", "parked", "cancelled"]},
             "startedAt": {"type": "string", "format": "date-time"},
             "data": {"type": "object"},
             "steps": {"type": "integer", "minimum": 1},
@@ -307,6 +309,72 @@ fn process_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value
             "200": json_response("the instance", json!({"$ref": "#/components/schemas/ProcessInstance"}))
         }), &[400, 404, 503])
     }}));
+    process_list_paths(paths, schemas, page_limit_max);
+    process_step_paths(paths);
+}
+
+/// `GET /processes/{name}`: a process's instances, filtered and paged.
+fn process_list_paths(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>, page_limit_max: usize) {
+    let mut item = schemas["ProcessInstance"].clone();
+    item["properties"].as_object_mut().expect("an object schema").remove("history");
+    item["required"] = json!(["process", "key", "state", "status", "startedAt", "data", "timers", "pending", "_meta"]);
+    schemas.insert("ProcessInstanceItem".into(), item);
+    paths.insert("/processes/{name}".into(), json!({"get": {
+        "operationId": "listProcessInstances", "tags": ["processes"],
+        "summary": "A process's instances in the tenant, by key, filtered by state and status, paged",
+        "parameters": [
+            {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+            {"name": "state", "in": "query", "schema": {"type": "string"}, "description": "only instances in this state"},
+            {"name": "status", "in": "query", "schema": {"enum": ["running", "parked", "completed", "cancelled"]}, "description": "only instances with this status"},
+            cursor(), limit(page_limit_max), tenant()
+        ],
+        "responses": with_errors(json!({
+            "200": json_response("a page of instances; `next` is where to continue", json!({"type": "object", "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/ProcessInstanceItem"}},
+                "next": {"type": ["string", "null"]}
+            }, "required": ["items", "next"]}))
+        }), &[400, 404, 503])
+    }}));
+}
+
+/// `POST /processes/{name}/{key}/retry`, `/skip` and `/cancel`.
+fn process_step_paths(paths: &mut Map<String, Value>) {
+    let steps = [
+        (
+            "retry",
+            "retryProcessInstance",
+            "A parked instance tries its failed step again now: its pending commands, or else its earliest timer once due",
+            "process-not-parked: the instance is not parked",
+        ),
+        (
+            "skip",
+            "skipProcessInstance",
+            "A parked instance drops its failed step (its pending commands, or else its earliest timer when due) and goes on in its state",
+            "process-not-parked: the instance is not parked",
+        ),
+        (
+            "cancel",
+            "cancelProcessInstance",
+            "A running or parked instance ends with the status cancelled: its timers and pending commands are dropped",
+            "process-ended: the instance is completed or cancelled",
+        ),
+    ];
+    for (action, id, summary, wrong) in steps {
+        paths.insert(format!("/processes/{{name}}/{{key}}/{action}"), json!({"post": {
+            "operationId": id, "tags": ["processes"],
+            "summary": summary,
+            "description": "An operator's step, recorded as an event of the instance's stream with the caller's principal in its metadata. With authentication on, the caller needs the `admin` action.",
+            "parameters": [
+                {"name": "name", "in": "path", "required": true, "schema": {"type": "string"}},
+                {"name": "key", "in": "path", "required": true, "schema": {"type": "string"}},
+                tenant()
+            ],
+            "responses": with_errors(json!({
+                "200": json_response("the instance after the step", json!({"$ref": "#/components/schemas/ProcessInstance"})),
+                "409": problem_response(&format!("{wrong}; or version-conflict: the instance moved on meanwhile"))
+            }), &[400, 404, 503])
+        }}));
+    }
 }
 
 /// `POST /admin/reload`, served only with `ADMIN_API=true`.

@@ -462,6 +462,37 @@ impl From<sourced_core::json::JsonError> for Problem {
     }
 }
 
+impl Problem {
+    /// An operator's step on a process instance that was not recorded: 404 (no process or
+    /// instance), 409 `process-not-parked` (retry or skip of an instance that is not parked) or
+    /// `process-ended` (cancel of a completed or cancelled one), with `instanceStatus`; 409
+    /// `version-conflict` when the instance moved meanwhile.
+    pub fn from_intervention(e: sourced_engine::process::InterventionError) -> Self {
+        use sourced_core::artifacts::instance::Intervention;
+        use sourced_engine::process::InterventionError;
+        match e {
+            InterventionError::NotFound(m) => Problem::not_found(m),
+            InterventionError::WrongStatus(w) => {
+                let (slug, title) = match w.action {
+                    Intervention::Cancel => ("process-ended", "The instance has ended"),
+                    _ => ("process-not-parked", "The instance is not parked"),
+                };
+                Problem::new(StatusCode::CONFLICT, slug, title, w.to_string()).with("instanceStatus", w.status.as_str())
+            }
+            InterventionError::Conflict { expected, actual } => Problem::new(
+                StatusCode::CONFLICT,
+                "version-conflict",
+                "Version conflict",
+                format!("the instance moved on while this was decided (version {expected}, now {actual}); try again"),
+            )
+            .with("expectedVersion", expected.0)
+            .with("currentVersion", actual.0),
+            InterventionError::Store(e) => e.into(),
+            other => Problem::internal(&other),
+        }
+    }
+}
+
 /// Maps an engine error; `from_if_match` says whether the client's expected version came from
 /// an HTTP precondition header (then a mismatch is 412, else 409).
 pub fn from_engine(e: EngineError, from_precondition: bool) -> Problem {

@@ -27,6 +27,8 @@ pub struct AppState {
     pub gate: std::sync::Arc<crate::auth::Gate>,
     /// Rate limits per caller, when on.
     pub rate_limit: Option<std::sync::Arc<crate::ratelimit::RateLimiter>>,
+    /// The process runners, nudged after an operator's step on an instance.
+    pub runners: std::sync::Arc<sourced_engine::process::Runners>,
 }
 
 /// What handlers return: a response, or the problem that answers instead.

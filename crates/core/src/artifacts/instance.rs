@@ -22,6 +22,65 @@ pub enum Status {
     Completed,
     /// Stopped by a problem (a refused command, a failed expression) until an operator acts.
     Parked,
+    /// Ended by an operator (`POST /processes/{name}/{key}/cancel`): no timer fires, no
+    /// command is issued any more.
+    Cancelled,
+}
+
+impl Status {
+    /// Its name, as the document and `?status=` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Parked => "parked",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What an operator does to an instance (SPEC §4.5, `POST /processes/{name}/{key}/…`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intervention {
+    /// A parked instance tries its failed step again now: its pending commands, or else its
+    /// earliest timer once due.
+    Retry,
+    /// A parked instance drops what a retry would try (its pending commands, or else its
+    /// earliest timer when due) and goes on in its state.
+    Skip,
+    /// A running or parked instance ends, cancelled: its timers and pending commands dropped.
+    Cancel,
+}
+
+impl Intervention {
+    /// Its name, the last segment of its path.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Intervention::Retry => "retry",
+            Intervention::Skip => "skip",
+            Intervention::Cancel => "cancel",
+        }
+    }
+
+    /// The event type that records it on the instance's stream.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Intervention::Retry => "ProcessRetried",
+            Intervention::Skip => "ProcessSkipped",
+            Intervention::Cancel => "ProcessCancelled",
+        }
+    }
+}
+
+/// An intervention the instance's status does not allow (retry or skip of an instance that is
+/// not parked; cancel of one that has ended).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {} an instance that is {}", .action.as_str(), .status.as_str())]
+pub struct WrongStatus {
+    /// What was asked.
+    pub action: Intervention,
+    /// The instance's status.
+    pub status: Status,
 }
 
 /// A pending timer: transition `transition` fires at `due`.
@@ -167,6 +226,44 @@ impl Instance {
         self.status = Status::Parked;
         self.problem = Some(problem);
     }
+}
+
+/// `inst` after `action` at `now`: one more step, the problem and the retry schedule cleared.
+/// A retried or skipped instance is running again, or completed when its state is final (a
+/// final step's commands can park it).
+pub fn intervene(
+    p: &Process,
+    inst: &Instance,
+    action: Intervention,
+    now: DateTime<Utc>,
+) -> Result<Instance, WrongStatus> {
+    let allowed = match action {
+        Intervention::Retry | Intervention::Skip => inst.status == Status::Parked,
+        Intervention::Cancel => matches!(inst.status, Status::Running | Status::Parked),
+    };
+    if !allowed {
+        return Err(WrongStatus { action, status: inst.status });
+    }
+    let mut next = inst.clone();
+    next.steps += 1;
+    (next.problem, next.attempts, next.retry_at) = (None, 0, None);
+    next.status = if p.finals.contains(&next.state) { Status::Completed } else { Status::Running };
+    match action {
+        Intervention::Retry => {}
+        Intervention::Skip if !next.pending.is_empty() => next.pending.clear(),
+        Intervention::Skip => {
+            let due = next.timers.first().is_some_and(|t| parse_time(&t.due).is_ok_and(|d| d <= now));
+            if due {
+                next.timers.remove(0);
+            }
+        }
+        Intervention::Cancel => {
+            next.status = Status::Cancelled;
+            next.timers.clear();
+            next.pending.clear();
+        }
+    }
+    Ok(next)
 }
 
 /// The bindings of a step: the input's event and document (none for a timer), the key, the

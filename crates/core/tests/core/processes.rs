@@ -6,7 +6,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};
 use sourced_core::TenantId;
 use sourced_core::artifacts::ArtifactSet;
-use sourced_core::artifacts::instance::{self, Input, Instance, Route, Status};
+use sourced_core::artifacts::instance::{self, Input, Instance, Intervention, Route, Status, WrongStatus};
 use sourced_core::artifacts::process::Process;
 
 const DEADLINE: &str = r#"
@@ -182,4 +182,67 @@ fn a_step_queues_its_commands_after_those_still_pending() {
     assert_eq!(paid.state, "paid");
     assert_eq!(paid.pending.len(), 1, "the paid transition issues nothing; the reminder stays");
     assert_eq!((paid.attempts, paid.retry_at.as_deref()), (2, Some("2026-12-01T10:40:00.000000Z")));
+}
+
+/// An operator's steps: only a parked instance is retried or skipped; skip drops what a retry
+/// would try (the pending commands, else the due timer); cancel ends a running or parked one.
+#[test]
+fn operators_retry_skip_and_cancel_only_in_the_statuses_that_allow_it() {
+    let p = process();
+    let running = started(&p);
+    let at = t0() + TimeDelta::minutes(31);
+    for action in [Intervention::Retry, Intervention::Skip] {
+        let e = instance::intervene(&p, &running, action, at).unwrap_err();
+        assert_eq!(e, WrongStatus { action, status: Status::Running });
+        assert_eq!(e.to_string(), format!("cannot {} an instance that is running", action.as_str()));
+    }
+    // Parked with its reminder refused: retry keeps the command, skip drops it.
+    let mut parked = instance::on_timer(&p, &running, &tenant(), at).unwrap().unwrap();
+    parked.park("refused".into());
+    parked.attempts = 2;
+    let retried = instance::intervene(&p, &parked, Intervention::Retry, at).unwrap();
+    assert_eq!((retried.status, retried.steps, retried.pending.len()), (Status::Running, parked.steps + 1, 1));
+    assert_eq!((retried.problem.clone(), retried.attempts), (None, 0));
+    assert_eq!(retried.due(at).unwrap(), Some(at), "its command is issued at once");
+    let skipped = instance::intervene(&p, &parked, Intervention::Skip, at).unwrap();
+    assert_eq!((skipped.status, skipped.state.as_str(), skipped.pending.len()), (Status::Running, "reminded", 0));
+    assert_eq!(skipped.timers, parked.timers, "the state's timers stay");
+    // Parked at a failed timer (nothing pending): retry fires it again, skip drops it.
+    let mut at_timer = running.clone();
+    at_timer.park("the timer failed".into());
+    let retried = instance::intervene(&p, &at_timer, Intervention::Retry, at).unwrap();
+    assert_eq!((retried.timers.len(), retried.due(at).unwrap()), (1, Some(t0() + TimeDelta::minutes(30))));
+    let skipped = instance::intervene(&p, &at_timer, Intervention::Skip, at).unwrap();
+    assert!(skipped.timers.is_empty(), "{skipped:?}");
+    let early = instance::intervene(&p, &at_timer, Intervention::Skip, t0()).unwrap();
+    assert_eq!(early.timers.len(), 1, "a timer not yet due is not the failed step");
+    // A parked instance in a final state comes back completed.
+    let mut final_parked =
+        instance::on_timer(&p, &skipped_reminded(&p), &tenant(), at + TimeDelta::hours(3)).unwrap().unwrap();
+    final_parked.park("refused".into());
+    let retried = instance::intervene(&p, &final_parked, Intervention::Retry, at).unwrap();
+    assert_eq!(
+        (retried.state.as_str(), retried.status, retried.due(at).unwrap()),
+        ("cancelled", Status::Completed, Some(at))
+    );
+    // Cancel: timers and commands dropped, never due; an ended instance is not cancelled again.
+    for inst in [&running, &parked] {
+        let cancelled = instance::intervene(&p, inst, Intervention::Cancel, at).unwrap();
+        assert_eq!((cancelled.status, cancelled.timers.len(), cancelled.pending.len()), (Status::Cancelled, 0, 0));
+        assert_eq!(cancelled.due(at).unwrap(), None);
+        assert_eq!(cancelled.state, inst.state, "it stays in its state");
+        let again = instance::intervene(&p, &cancelled, Intervention::Cancel, at).unwrap_err();
+        assert_eq!(again.status, Status::Cancelled);
+        assert_eq!(instance::on_timer(&p, &cancelled, &tenant(), at + TimeDelta::days(1)).unwrap(), None);
+    }
+    let mut completed = retried;
+    completed.pending.clear();
+    assert_eq!(instance::intervene(&p, &completed, Intervention::Cancel, at).unwrap_err().status, Status::Completed);
+}
+
+/// The instance in `reminded` with its reminder issued.
+fn skipped_reminded(p: &Process) -> Instance {
+    let mut reminded = instance::on_timer(p, &started(p), &tenant(), t0() + TimeDelta::minutes(31)).unwrap().unwrap();
+    reminded.pending.clear();
+    reminded
 }

@@ -76,4 +76,24 @@ fn every_error_has_its_one_problem() {
         let name = format!("{error:?}");
         assert_eq!(shape(&from_engine(error, from_precondition)), (status, slug, extra.to_vec()), "{name}");
     }
+    use sourced_core::artifacts::instance::{Intervention, Status, WrongStatus};
+    use sourced_engine::process::InterventionError;
+    let wrong = |action, status| InterventionError::WrongStatus(WrongStatus { action, status });
+    let steps: Vec<(InterventionError, u16, &str, &[&str])> = vec![
+        (InterventionError::NotFound("no".into()), 404, "not-found", &[]),
+        (wrong(Intervention::Retry, Status::Running), 409, "process-not-parked", &["instanceStatus"]),
+        (wrong(Intervention::Skip, Status::Completed), 409, "process-not-parked", &["instanceStatus"]),
+        (wrong(Intervention::Cancel, Status::Cancelled), 409, "process-ended", &["instanceStatus"]),
+        (
+            InterventionError::Conflict { expected: Version(1), actual: Version(2) },
+            409,
+            "version-conflict",
+            &["expectedVersion", "currentVersion"],
+        ),
+        (InterventionError::Store(StoreError::Closed), 503, "store-unavailable", &[]),
+    ];
+    for (error, status, slug, extra) in steps {
+        let name = format!("{error:?}");
+        assert_eq!(shape(&Problem::from_intervention(error)), (status, slug, extra.to_vec()), "{name}");
+    }
 }

@@ -142,3 +142,190 @@ async fn process_instances_are_kept_to_their_tenant() {
     assert_eq!(r.json()["status"], "running", "acme's instance is untouched: {}", r.text());
     server.shutdown().await;
 }
+
+/// `poison`: a paid order's instance submits the order `x-<key>`, which does not exist until a
+/// test creates it, so the step is refused and the instance parks (in its final state).
+const POISON: &str = "start: {type: order, event: OrderSubmitted, key: event.targetId, state: waiting}
+follow:
+  - {type: order, event: OrderPaid, key: event.targetId}
+states: [waiting, done]
+final: [done]
+transitions:
+  - from: waiting
+    on: OrderPaid
+    to: done
+    do:
+      - command: {target: order, id: \"'x-' + key\", name: submit, body: \"{}\"}
+";
+
+/// The example's order type with the `poison` process (and no other), in `dir`.
+fn poison_set(dir: &std::path::Path) -> PathBuf {
+    let set = dir.join("set");
+    let types = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order/types/order");
+    let to = set.join("types/order");
+    std::fs::create_dir_all(to.join("commands")).unwrap();
+    for entry in std::fs::read_dir(&types).unwrap().chain(std::fs::read_dir(types.join("commands")).unwrap()) {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let rel = path.strip_prefix(&types).unwrap();
+            std::fs::copy(&path, to.join(rel)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(set.join("processes")).unwrap();
+    std::fs::write(set.join("processes/poison.yaml"), POISON).unwrap();
+    set
+}
+
+async fn order(c: &mut Client, id: &str, then: &[&str]) {
+    let body = json!({"id": id, "customer": "ada", "lines": [{"sku": "tea", "qty": 1, "price": 2.0}], "total": 2.0});
+    let r = c.send_json("POST", "/order", &[], &body).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    for command in then {
+        let body = if *command == "pay" { json!({"amount": 2.0}) } else { json!({}) };
+        let r = c.send_json("POST", &format!("/order/{id}/{command}"), &[], &body).await.unwrap();
+        assert_eq!(r.status, 200, "{command} {id}: {}", r.text());
+    }
+}
+
+async fn step(c: &mut Client, key: &str, action: &str) -> sourced_client::Response {
+    c.send_json("POST", &format!("/processes/poison/{key}/{action}"), &[], &json!({})).await.unwrap()
+}
+
+fn history(inst: &Value) -> Vec<String> {
+    inst["history"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+}
+
+fn keys(page: &Value) -> Vec<String> {
+    page["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn a_parked_instance_is_retried_skipped_or_cancelled_by_an_operator() {
+    let backend = TestBackend::new().await;
+    let mut config = backend.config();
+    config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(poison_set(backend.dir.path())));
+    let server = sourced_server::start(config).await.unwrap();
+    let mut c = Client::connect(server.addr()).await.unwrap();
+    for id in ["o1", "o2"] {
+        order(&mut c, id, &["submit", "pay"]).await;
+    }
+    order(&mut c, "o3", &["submit"]).await;
+    for id in ["o1", "o2"] {
+        let inst = eventually(&mut c, &format!("/processes/poison/{id}"), |d| d["status"] == "parked").await;
+        assert!(inst["problem"].as_str().unwrap().contains(&format!("x-{id}")), "{inst}");
+        assert_eq!((inst["state"].clone(), inst["pending"].as_array().unwrap().len()), (json!("done"), 1));
+    }
+    eventually(&mut c, "/processes/poison/o3", |d| d["state"] == "waiting").await;
+    // Wrong states: only a parked instance is retried or skipped; an ended one is not cancelled.
+    let r = step(&mut c, "o3", "retry").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert!(r.json()["type"].as_str().unwrap().ends_with("process-not-parked"), "{}", r.text());
+    assert_eq!((r.json()["status"].clone(), r.json()["instanceStatus"].clone()), (json!(409), json!("running")));
+    assert_eq!(step(&mut c, "o3", "skip").await.status, 409);
+    assert_eq!(step(&mut c, "o9", "retry").await.status, 404, "no instance");
+    assert_eq!(c.send_json("POST", "/processes/nope/o1/retry", &[], &json!({})).await.unwrap().status, 404);
+    // The list: filtered by status and state, paged.
+    let parked = c.get("/processes/poison?status=parked").await.unwrap();
+    assert_eq!(parked.status, 200, "{}", parked.text());
+    assert_eq!((keys(&parked.json()), parked.json()["next"].clone()), (vec!["o1".into(), "o2".into()], Value::Null));
+    assert_eq!(keys(&c.get("/processes/poison?state=waiting").await.unwrap().json()), ["o3"]);
+    assert_eq!(keys(&c.get("/processes/poison?status=completed").await.unwrap().json()), Vec::<String>::new());
+    let first = c.get("/processes/poison?limit=2").await.unwrap().json();
+    assert_eq!(keys(&first), ["o1", "o2"]);
+    let next = first["next"].as_str().unwrap().to_owned();
+    let second = c.get(&format!("/processes/poison?limit=2&cursor={next}")).await.unwrap().json();
+    assert_eq!((keys(&second), second["next"].clone()), (vec!["o3".into()], Value::Null));
+    for path in [
+        "/processes/poison?status=asleep",
+        "/processes/poison?colour=red",
+        "/processes/poison?limit=0",
+        "/processes/poison?cursor=zzz",
+        "/processes/nope",
+    ] {
+        let r = c.get(path).await.unwrap();
+        assert_eq!(r.header("content-type"), Some("application/problem+json"), "{path}: {}", r.text());
+        assert_eq!(r.status, if path.ends_with("nope") { 404 } else { 400 }, "{path}");
+    }
+    // The cause fixed, a retry issues the pending command again and the instance completes.
+    order(&mut c, "x-o1", &[]).await;
+    let r = step(&mut c, "o1", "retry").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["status"].clone(), r.json()["problem"].clone()), (json!("completed"), Value::Null));
+    let inst = eventually(&mut c, "/processes/poison/o1", |d| d["pending"] == json!([])).await;
+    assert_eq!(history(&inst), ["ProcessStarted", "ProcessMoved", "ProcessParked", "ProcessRetried", "ProcessActed"]);
+    assert_eq!(c.get("/order/x-o1").await.unwrap().json()["status"], "submitted");
+    // Skip drops the failed step's command; the order x-o2 is never submitted.
+    let r = step(&mut c, "o2", "skip").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["status"].clone(), r.json()["pending"].clone()), (json!("completed"), json!([])));
+    assert_eq!(history(&r.json()).last().unwrap(), "ProcessSkipped");
+    assert_eq!(step(&mut c, "o2", "retry").await.status, 409, "no longer parked");
+    // Cancel ends a running instance; it is then neither moved nor cancelled again.
+    let r = step(&mut c, "o3", "cancel").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["status"].clone(), r.json()["timers"].clone()), (json!("cancelled"), json!([])));
+    let r = step(&mut c, "o3", "cancel").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.json()["type"].as_str().unwrap().ends_with("process-ended"), "{}", r.text());
+    assert_eq!(r.json()["instanceStatus"], "cancelled");
+    assert_eq!(c.send_json("POST", "/order/o3/pay", &[], &json!({"amount": 2.0})).await.unwrap().status, 200);
+    assert_eq!(keys(&c.get("/processes/poison?status=cancelled").await.unwrap().json()), ["o3"]);
+    let p = &c.get("/processes").await.unwrap().json()["items"][0];
+    let counts = ["running", "completed", "parked", "cancelled"].map(|k| p[k].as_u64().unwrap());
+    // Running: x-o1, which the retried command submitted, started an instance of its own.
+    assert_eq!(counts, [1, 2, 0, 1], "{p}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let inst = c.get("/processes/poison/o3").await.unwrap().json();
+    assert_eq!((inst["state"].clone(), inst["status"].clone()), (json!("waiting"), json!("cancelled")));
+    assert_eq!(history(&inst), ["ProcessStarted", "ProcessCancelled"]);
+    // The steps are the instance's events, with who did them in the metadata.
+    let events = c.get("/process-poison/o3/events").await.unwrap().json();
+    let cancelled = &events["items"][1];
+    assert_eq!(
+        (cancelled["type"].clone(), cancelled["metadata"]["step"].clone()),
+        (json!("ProcessCancelled"), json!(2))
+    );
+    assert!(cancelled["metadata"].as_object().unwrap().contains_key("principal"), "{cancelled}");
+    server.shutdown().await;
+}
+
+/// The operators' steps need the `admin` action; the reads need `read` on the instance type.
+#[tokio::test]
+async fn the_operators_steps_need_admin_and_the_list_needs_read() {
+    let mut files: std::collections::BTreeMap<String, String> = [
+        ("types/order/schema.json", r#"{"type": "object"}"#),
+        ("types/order/commands/submit.yaml", "emit: [{event: OrderSubmitted}]"),
+        ("types/order/commands/pay.yaml", "emit: [{event: OrderPaid}]"),
+        (
+            "permissions.yaml",
+            "roles:\n  clerk:\n    - {types: [order], actions: [read, list]}\n  \
+             auditor:\n    - {types: [\"*\"], actions: [read, list]}\n  ops:\n    - {types: [\"*\"], actions: [read, admin]}\n  \
+             intern:\n    - {types: [order], actions: [read]}\n",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    files.insert("processes/poison.yaml".into(), POISON.to_owned());
+    let set =
+        std::sync::Arc::new(sourced_core::artifacts::ArtifactSet::load(&files).unwrap_or_else(|p| panic!("{p:?}")));
+    let gate = crate::auth::gate();
+    let t = crate::common::TestApp::fresh_with(move |c| {
+        c.gate = gate;
+        c.artifact_set = set;
+    })
+    .await;
+    let as_ = |who: &str| vec![("x-api-key", crate::auth::key_of(who))];
+    for action in ["retry", "skip", "cancel"] {
+        let path = format!("/processes/poison/o1/{action}");
+        assert_eq!(t.call("POST", &path, &[], None).await.problem(401, "credential-missing")["status"], 401);
+        t.call("POST", &path, &as_("auditor"), None).await.problem(403, "forbidden");
+        t.call("POST", &path, &as_("ops"), None).await.problem(404, "not-found");
+    }
+    for path in ["/processes/poison", "/processes/poison/o1"] {
+        assert_eq!(t.call("GET", path, &[], None).await.status, 401, "{path}");
+        t.call("GET", path, &as_("intern"), None).await.problem(403, "forbidden");
+    }
+    assert_eq!(t.call("GET", "/processes/poison", &as_("auditor"), None).await.ok(200)["items"], json!([]));
+}
