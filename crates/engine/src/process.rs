@@ -176,6 +176,12 @@ impl Runner {
         // Given up at once, so that another process takes over without waiting for the store
         // to close.
         self.lease = None;
+        self.show_lease(false);
+    }
+
+    /// `sourced_process_lease_held{process}`: 1 in the process whose runner holds the lease.
+    fn show_lease(&self, held: bool) {
+        metrics::gauge!("sourced_process_lease_held", "process" => self.name.clone()).set(f64::from(u8::from(held)));
     }
 
     /// Whether this runner holds the process's lease (it is the cluster's one runner).
@@ -196,12 +202,14 @@ impl Runner {
             Some(lease) => {
                 tracing::info!(process = %self.name, lease = "held", "this process runs the process manager now");
                 (self.lease, self.checkpoint, self.waiting) = (Some(lease), None, false);
+                self.show_lease(true);
                 Ok(true)
             }
             None => {
                 if !self.waiting {
                     tracing::info!(process = %self.name, lease = "waiting", "another process runs the process manager");
                     self.waiting = true;
+                    self.show_lease(false);
                 }
                 Ok(false)
             }

@@ -406,6 +406,17 @@ async fn one_process_runs_the_process_manager_and_another_takes_over_after_kill_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(taken, "no process took the lease over: {logs:?}");
+    // The metric says the same: 1 in the new holder, 0 in the other.
+    let gauge = "sourced_process_lease_held{process=\"payment-deadline\"}";
+    let mut shown = Vec::new();
+    for (_, addr, _) in &processes {
+        let mut m = sourced_client::Client::connect(*addr).await.expect("connect");
+        let text = m.get("/metrics").await.unwrap().text();
+        let line = text.lines().find(|l| l.starts_with(gauge)).map(str::to_owned);
+        shown.push(line.unwrap_or_else(|| panic!("no {gauge} in {text}")));
+    }
+    shown.sort();
+    assert_eq!(shown, [format!("{gauge} 0"), format!("{gauge} 1")], "one holder");
 
     // Every timer fires once, through the new holder.
     for i in 0..ORDERS {
