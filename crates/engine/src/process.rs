@@ -23,7 +23,7 @@ use sourced_core::{
     Version,
 };
 use sourced_store::{
-    AppendOutcome, AppendRequest, CheckpointWrite, CommandWrite, DocumentWrite, StoreError, WakeWrite,
+    AppendOutcome, AppendRequest, CheckpointWrite, CommandWrite, DocumentWrite, RunnerLease, StoreError, WakeWrite,
 };
 use tokio::sync::Notify;
 
@@ -32,7 +32,7 @@ use crate::{Engine, EngineError};
 mod admin;
 pub use admin::InterventionError;
 
-pub use crate::limits::{PROCESS_EVENTS_PER_ROUND_MAX, PROCESS_WAKES_PER_ROUND_MAX};
+pub use crate::limits::{PROCESS_EVENTS_PER_ROUND_MAX, PROCESS_LEASE_WAIT_MS_MAX, PROCESS_WAKES_PER_ROUND_MAX};
 
 /// How runners behave (the server reads these from its settings).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,10 @@ pub enum RunnerError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The runner's lease was lost (PostgreSQL: its connection died) in the middle of the
+    /// round: it stops before the next step, and acts again only once it holds a new lease.
+    #[error("the runner's lease was lost")]
+    LeaseLost,
     /// A stored instance could not be read.
     #[error("instance {key}: {message}")]
     Corrupt {
@@ -131,6 +135,10 @@ pub struct Runner {
     settings: ProcessSettings,
     /// The last position handled, once read from the store.
     checkpoint: Option<Position>,
+    /// The lease that makes this the one runner of the process in the cluster, while held.
+    lease: Option<RunnerLease>,
+    /// Whether it said it waits for the lease (said once per wait).
+    waiting: bool,
 }
 
 /// A stored instance and its stream's version.
@@ -144,32 +152,86 @@ impl Runner {
     /// A runner of process `name` (a valid process name).
     pub fn new(engine: Engine, name: String, settings: ProcessSettings) -> Runner {
         let instance_type = process::instance_type(&name).expect("a loaded process has a valid name");
-        Runner { engine, name, instance_type, settings, checkpoint: None }
+        Runner { engine, name, instance_type, settings, checkpoint: None, lease: None, waiting: false }
     }
 
+    /// Rounds until `stop`. A runner without the lease asks for it again every
+    /// [`PROCESS_LEASE_WAIT_MS_MAX`] at most (or sooner when nudged), and does nothing else.
     async fn run(mut self, wake: Arc<Notify>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::SeqCst) {
             let notified = wake.notified();
             let worked = match self.round().await {
                 Ok(n) => n > 0,
+                Err(RunnerError::LeaseLost) => false,
                 Err(e) => {
                     tracing::warn!(process = %self.name, error = %e, "a process round failed; it runs again");
                     false
                 }
             };
             if !worked {
+                let idle_ms = if self.leads() { self.settings.poll_ms } else { PROCESS_LEASE_WAIT_MS_MAX };
                 tokio::select! {
                     () = notified => {}
-                    () = tokio::time::sleep(Duration::from_millis(self.settings.poll_ms)) => {}
+                    () = tokio::time::sleep(Duration::from_millis(idle_ms)) => {}
                 }
+            }
+        }
+        // Given up at once, so that another process takes over without waiting for the store
+        // to close.
+        self.lease = None;
+        self.show_lease(false);
+    }
+
+    /// `sourced_process_lease_held{process}`: 1 in the process whose runner holds the lease.
+    fn show_lease(&self, held: bool) {
+        metrics::gauge!("sourced_process_lease_held", "process" => self.name.clone()).set(f64::from(u8::from(held)));
+    }
+
+    /// Whether this runner holds the process's lease (it is the cluster's one runner).
+    pub fn leads(&self) -> bool {
+        self.lease.as_ref().is_some_and(RunnerLease::held)
+    }
+
+    /// Takes the lease when this runner does not hold it; whether it does now. A new holder
+    /// reads the checkpoint again, since another runner may have moved it.
+    async fn lead(&mut self) -> Result<bool, RunnerError> {
+        if self.leads() {
+            return Ok(true);
+        }
+        if self.lease.take().is_some() {
+            tracing::warn!(process = %self.name, "lost the process's lease: another process may run it now");
+        }
+        match self.engine.store().runner_lease(&self.name).await? {
+            Some(lease) => {
+                tracing::info!(process = %self.name, lease = "held", "this process runs the process manager now");
+                (self.lease, self.checkpoint, self.waiting) = (Some(lease), None, false);
+                self.show_lease(true);
+                Ok(true)
+            }
+            None => {
+                if !self.waiting {
+                    tracing::info!(process = %self.name, lease = "waiting", "another process runs the process manager");
+                    self.waiting = true;
+                    self.show_lease(false);
+                }
+                Ok(false)
             }
         }
     }
 
-    /// One round: the events after the checkpoint, then the instances due. Returns how many
-    /// it looked at (0: idle).
+    /// Checked before each step: a lost lease ends the round.
+    fn still_leads(&self) -> Result<(), RunnerError> {
+        if self.leads() { Ok(()) } else { Err(RunnerError::LeaseLost) }
+    }
+
+    /// One round, only while this runner holds the process's lease (taken here when free): the
+    /// events after the checkpoint, then the instances due. Returns how many it looked at (0:
+    /// idle, or another process runs it).
     pub async fn round(&mut self) -> Result<usize, RunnerError> {
         let Some(p) = self.engine.artifacts().processes().get(&self.name).cloned() else { return Ok(0) };
+        if !self.lead().await? {
+            return Ok(0);
+        }
         let store = self.engine.store().clone();
         let after = match self.checkpoint {
             Some(c) => c,
@@ -178,6 +240,7 @@ impl Runner {
         let events = store.read_global(after, PROCESS_EVENTS_PER_ROUND_MAX).await?;
         let mut written_up_to = after;
         for e in &events {
+            self.still_leads()?;
             if self.event(&p, e).await? {
                 written_up_to = e.position;
             }
@@ -190,6 +253,7 @@ impl Runner {
         }
         let wakes = store.due_wakes(&self.name, self.engine.clock.now(), PROCESS_WAKES_PER_ROUND_MAX).await?;
         for w in &wakes {
+            self.still_leads()?;
             self.wake(&p, &w.key).await?;
         }
         Ok(events.len() + wakes.len())

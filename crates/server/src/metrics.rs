@@ -230,4 +230,8 @@ fn describe() {
     describe_gauge!("sourced_store_head_position", "The store's last global position.");
     describe_counter!("sourced_artifact_reloads_total", "Reloads of the artifact set by outcome.");
     describe_gauge!("sourced_artifact_set_types", "Aggregate types in the loaded artifact set.");
+    describe_gauge!(
+        "sourced_process_lease_held",
+        "1 while this server's runner of the process holds its lease (runs it for the cluster), else 0."
+    );
 }

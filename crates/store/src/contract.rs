@@ -105,6 +105,7 @@ macro_rules! contract_tests {
             streams_list_in_key_order_and_the_read_model_can_be_replaced,
             checkpoints_move_with_their_append_and_never_back,
             wakes_are_set_and_cleared_with_their_append,
+            a_runner_lease_has_one_holder_at_a_time,
         );
     };
     (@each $fresh:expr; $($name:ident),+ $(,)?) => {
@@ -852,6 +853,31 @@ pub async fn wakes_are_set_and_cleared_with_their_append(store: &dyn EventStore)
     conflict(store, refused).await;
     assert_eq!(store.due_wakes("p", at(100), 10).await.expect("read").len(), 2);
     assert_eq!(store.due_wakes("q", at(100), 10).await.expect("read").len(), 1, "per process");
+}
+
+/// A runner's lease (SPEC §4.5: one runner per process manager) has one holder at a time: a
+/// second try is refused while it is held, other names are apart, and once dropped it can be
+/// taken again (at once on SQLite; on PostgreSQL once the server has released the lock, so
+/// within a bounded number of tries).
+pub async fn a_runner_lease_has_one_holder_at_a_time(store: &dyn EventStore) {
+    let first = store.runner_lease("p").await.expect("take").expect("granted when no one holds it");
+    assert!(first.held());
+    for _ in 0..3 {
+        assert!(store.runner_lease("p").await.expect("try").is_none(), "refused while held");
+    }
+    let other = store.runner_lease("q").await.expect("take").expect("another name is apart");
+    drop(first);
+    let mut again = None;
+    for _ in 0..200 {
+        again = store.runner_lease("p").await.expect("try");
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let again = again.expect("taken again once given up");
+    assert!(again.held() && other.held(), "{again:?} {other:?}");
+    assert!(store.runner_lease("q").await.expect("try").is_none(), "still held: q");
 }
 
 /// Snapshots (SPEC §5) are written with their append and load as the aggregate at their

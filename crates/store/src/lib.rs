@@ -523,6 +523,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// key), at most `limit` (capped at [`READ_LIMIT_MAX`]).
     async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError>;
 
+    /// Takes the lease of the runner `name` (a process manager's, SPEC §4.5) when no one holds
+    /// it, or `None` when someone does: at most one holder at a time across every process that
+    /// shares the store. PostgreSQL: a session advisory lock on a dedicated connection, keyed by
+    /// the schema and the name; SQLite (one process per file): exclusive within this store.
+    async fn runner_lease(&self, name: &str) -> Result<Option<RunnerLease>, StoreError>;
+
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -555,6 +561,63 @@ pub trait CommitListener: Send + Sync + 'static {
     /// One commit: the highest position committed so far, and (when wanted) the commit's
     /// events in position order.
     fn committed(&self, head: Position, events: Vec<RecordedEvent>);
+}
+
+/// The lease of one named runner, from [`EventStore::runner_lease`]: held while this value
+/// lives and [`RunnerLease::held`] says so; dropping it gives the lease up. A lease can be lost
+/// without being dropped (PostgreSQL: its connection died, so the lock went with it), and once
+/// lost it is never held again: the runner stops acting and asks for a new one.
+pub struct RunnerLease {
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the lease, which gives it up (a backend's guard).
+    _holder: Box<dyn Send + Sync>,
+}
+
+impl RunnerLease {
+    /// A lease that `lost` says is lost once set, given up when `holder` is dropped.
+    pub fn new(lost: Arc<std::sync::atomic::AtomicBool>, holder: Box<dyn Send + Sync>) -> RunnerLease {
+        RunnerLease { lost, _holder: holder }
+    }
+
+    /// Whether the lease is still held: check it before each step.
+    pub fn held(&self) -> bool {
+        !self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for RunnerLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerLease").field("held", &self.held()).finish()
+    }
+}
+
+/// The leases of one process's store where no other process can share it (SQLite): a name is
+/// held by at most one [`RunnerLease`] at a time, and given back when it is dropped.
+#[derive(Default)]
+pub(crate) struct LocalLeases(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl LocalLeases {
+    /// The lease of `name`, unless it is held.
+    pub(crate) fn take(&self, name: &str) -> Option<RunnerLease> {
+        let mut held = self.0.lock().expect("the leases lock is never poisoned");
+        if !held.insert(name.to_owned()) {
+            return None;
+        }
+        let release = LocalRelease { held: Arc::clone(&self.0), name: name.to_owned() };
+        Some(RunnerLease::new(Arc::default(), Box::new(release)))
+    }
+}
+
+/// Gives a local lease back when dropped.
+struct LocalRelease {
+    held: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    name: String,
+}
+
+impl Drop for LocalRelease {
+    fn drop(&mut self) {
+        self.held.lock().expect("the leases lock is never poisoned").remove(&self.name);
+    }
 }
 
 /// The events of an accepted append as stored: numbered from `first_version`, positioned from

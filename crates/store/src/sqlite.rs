@@ -203,6 +203,8 @@ pub struct SqliteStore {
     listener: Arc<OnceLock<Arc<dyn CommitListener>>>,
     /// Names of the read model's field indexes (see [`EventStore::ensure_indexes`]).
     indexes: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    /// The runner leases held (the file lock already keeps other processes out).
+    leases: crate::LocalLeases,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -296,6 +298,7 @@ impl SqliteStore {
             head,
             listener,
             indexes: Arc::new(std::sync::RwLock::new(indexes)),
+            leases: crate::LocalLeases::default(),
         })
     }
 
@@ -582,6 +585,11 @@ impl EventStore for SqliteStore {
             })
             .await?;
         position.map(|p| from_sql_int(p, "checkpoints.position").map(Position)).transpose()
+    }
+
+    async fn runner_lease(&self, name: &str) -> Result<Option<crate::RunnerLease>, StoreError> {
+        self.writer.check()?;
+        Ok(self.leases.take(name))
     }
 
     async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError> {

@@ -229,6 +229,57 @@ fn assert_gap_free(events: &[RecordedEvent]) {
 // ---------------------------------------------------------------------------------------------
 // Several processes on one database
 
+/// Runner leases across processes (SPEC §4.5): of two stores on one schema one holds a name,
+/// while a store on another schema is not blocked by it. When the holder's connection ends (as
+/// when its process dies) its lease reads lost within seconds and the other store takes it;
+/// closing a store gives its leases up before `close` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_runner_lease_per_schema_and_a_dead_holder_hands_it_over() {
+    let Some(scratch) = Scratch::new().await else { return };
+    let Some(elsewhere) = Scratch::new().await else { return };
+    let (a, b, c) = (scratch.store().await, scratch.store().await, elsewhere.store().await);
+    let held = a.runner_lease("deadline").await.expect("take").expect("granted");
+    assert!(b.runner_lease("deadline").await.expect("try").is_none(), "one holder per schema");
+    let apart = c.runner_lease("deadline").await.expect("take").expect("another schema is apart");
+    let key = sourced_store::postgres::runner_lease_key(&scratch.schema, "deadline");
+    let ended: i64 = scratch
+        .client()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND (classid::int8 << 32 | objid::int8) = $1",
+            &[&key],
+        )
+        .await
+        .expect("end the holder's connection")
+        .get(0);
+    assert_eq!(ended, 1, "one session holds the lock");
+    let mut polls = 0;
+    while held.held() {
+        polls += 1;
+        assert!(polls < 300, "the lease never read lost");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut taken = None;
+    for _ in 0..300 {
+        taken = b.runner_lease("deadline").await.expect("try");
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taken.as_ref().is_some_and(|l| l.held()), "the other store takes the lease over");
+    assert!(apart.held(), "the other schema's lease is untouched");
+    assert!(a.runner_lease("deadline").await.expect("try").is_none(), "held by b now");
+    b.close().await;
+    assert!(!taken.as_ref().unwrap().held(), "closing the store gives its leases up");
+    assert!(a.runner_lease("deadline").await.expect("try").is_some(), "free once close returned");
+    a.close().await;
+    c.close().await;
+}
+
 /// SPEC §7.3 across processes: 32 writers spread over four stores (four "processes", four
 /// pools) append to many streams; a trigger makes every event of the `slow-*` streams sleep
 /// inside its append transaction, after its positions were given, so transactions would

@@ -160,6 +160,9 @@ impl EventStore for Faulty {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+    async fn runner_lease(&self, name: &str) -> Result<Option<sourced_store::RunnerLease>, StoreError> {
+        self.inner.runner_lease(name).await
+    }
     async fn close(&self) {
         self.inner.close().await
     }

@@ -398,3 +398,43 @@ async fn an_imported_instance_keeps_its_timer() {
     assert_eq!(w.order_events("o1").await, ["OrderSubmitted", "OrderReminded"]);
     assert_eq!(w.instance("o1").await.unwrap().state, "reminded");
 }
+
+/// Two runners of one process on one store (as two servers on one PostgreSQL schema): only the
+/// lease holder acts. Once it is gone the other takes the lease within a bounded number of
+/// rounds and carries on from the checkpoint: the timer due meanwhile fires once, and the
+/// event written meanwhile starts its instance.
+#[tokio::test]
+async fn only_the_lease_holder_runs_and_another_takes_over_when_it_is_gone() {
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
+    w.settle().await;
+    assert!(w.runner.leads());
+    let settings = ProcessSettings { tries_max: 3, backoff_ms: 1_000, backoff_max_ms: 4_000, poll_ms: 10 };
+    let mut standby = Runner::new(w.engine.clone(), "deadline".into(), settings);
+    w.send("o1", "submit", json!({"total": 12.5})).await;
+    assert_eq!(standby.round().await.unwrap(), 0, "the standby waits");
+    assert!(!standby.leads());
+    assert!(w.instance("o1").await.is_none(), "the standby did nothing");
+    w.settle().await;
+    assert_eq!(w.instance("o1").await.unwrap().state, "awaiting-payment");
+    w.clock.advance(TimeDelta::minutes(31));
+    w.send("o2", "submit", json!({"total": 3.0})).await;
+    // The holder goes away (its lease with it); the standby takes over.
+    std::mem::swap(&mut w.runner, &mut standby);
+    drop(standby);
+    let mut rounds = 0;
+    while !w.runner.leads() {
+        rounds += 1;
+        assert!(rounds < 400, "the standby never took the lease");
+        w.runner.round().await.unwrap();
+        if !w.runner.leads() {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    w.settle().await;
+    w.settle().await;
+    assert_eq!(w.order_events("o1").await, ["OrderSubmitted", "OrderReminded"], "the due timer fired once");
+    assert_eq!(w.instance("o1").await.unwrap().state, "reminded");
+    assert_eq!(w.instance("o2").await.expect("started by the new holder").state, "awaiting-payment");
+    assert_eq!(w.store.checkpoint("deadline").await.unwrap(), Some(w.store.head().await.unwrap()));
+}

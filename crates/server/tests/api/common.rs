@@ -177,12 +177,16 @@ async fn spawn_sourced_in(
         .spawn()
         .expect("the sourced binary starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Every line, those before the address included (the process runners log as they start).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let addr = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                return addr.parse::<std::net::SocketAddr>().unwrap();
+            let addr = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v["fields"]["addr"].as_str().map(|a| a.parse::<std::net::SocketAddr>().unwrap()));
+            let _ = tx.send(line);
+            if let Some(addr) = addr {
+                return addr;
             }
         }
         panic!("sourced exited before listening");
@@ -190,7 +194,6 @@ async fn spawn_sourced_in(
     .await
     .expect("sourced starts listening within 30 s");
     // Keep draining its log so it never blocks on a full pipe.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             let _ = tx.send(line);

@@ -306,3 +306,154 @@ async fn three_processes_share_one_database() {
         let _ = child.kill().await;
     }
 }
+
+/// Copies the directory `from` into `to`, recursively.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// The `lease` field of the runner's log lines each process wrote so far ("held", "waiting"),
+/// in order; `logs` keeps everything read.
+fn lease_lines(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, logs: &mut Vec<String>) -> Vec<String> {
+    while let Ok(line) = rx.try_recv() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(lease) = v["fields"]["lease"].as_str()
+        {
+            logs.push(lease.to_owned());
+        }
+    }
+    logs.clone()
+}
+
+/// Issue 17's multi-process test: three `sourced serve` processes on one schema with the
+/// example's `payment-deadline` process (its timer shortened to 5 s). Exactly one holds the
+/// runner's lease, and only it acts; kill -9 of it hands the lease to one of the others within
+/// seconds, which fires the timers of the instances the first one started and starts the
+/// instances of the orders submitted meanwhile: every order is cancelled exactly once, and
+/// every instance took each of its steps once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_runs_the_process_manager_and_another_takes_over_after_kill_9() {
+    const ORDERS: usize = 6;
+    let Some(scratch) = Scratch::new().await else { return };
+    let artifacts = TempDir::new().expect("tempdir");
+    let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/order");
+    copy_tree(&example, artifacts.path());
+    let process = artifacts.path().join("processes/payment-deadline.yaml");
+    let text = std::fs::read_to_string(&process).expect("the example's process");
+    assert!(text.contains("after: 30m"), "{text}");
+    std::fs::write(&process, text.replace("after: 30m", "after: 5s")).expect("write");
+    let env = [
+        ("EVENT_STORE_URL".to_owned(), scratch.url()),
+        ("ARTIFACTS".to_owned(), artifacts.path().display().to_string()),
+    ];
+    let mut processes = Vec::new();
+    for _ in 0..3 {
+        processes.push(crate::common::spawn_sourced_logged(&env).await);
+    }
+    let mut logs: Vec<Vec<String>> = vec![Vec::new(); 3];
+    // Exactly one holds the lease; the two others say they wait.
+    let mut holder = None;
+    for _ in 0..300 {
+        let seen: Vec<Vec<String>> =
+            processes.iter_mut().zip(logs.iter_mut()).map(|((_, _, rx), l)| lease_lines(rx, l)).collect();
+        let held: Vec<usize> = (0..3).filter(|i| seen[*i].iter().any(|l| l == "held")).collect();
+        let waiting = (0..3).filter(|i| seen[*i] == ["waiting"]).count();
+        assert!(held.len() <= 1, "one holder at most: {seen:?}");
+        if held.len() == 1 && waiting == 2 {
+            holder = Some(held[0]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let holder = holder.unwrap_or_else(|| panic!("no single holder: {logs:?}"));
+    let others: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
+
+    // Orders submitted through a process that does not run it; the holder starts their instances.
+    let mut c = sourced_client::Client::connect(processes[others[0]].1).await.expect("connect");
+    for i in 0..ORDERS / 2 {
+        submit_order(&mut c, i).await;
+    }
+    for i in 0..ORDERS / 2 {
+        eventually_state(&mut c, &format!("/process-payment-deadline/o{i}"), "awaiting-payment").await;
+    }
+
+    // kill -9 of the holder, with its instances' timers pending; more orders meanwhile.
+    let (mut dead, _, _) = processes.remove(holder);
+    logs.remove(holder);
+    dead.kill().await.expect("kill -9");
+    for i in ORDERS / 2..ORDERS {
+        submit_order(&mut c, i).await;
+    }
+    let mut taken = false;
+    for _ in 0..300 {
+        let seen: Vec<Vec<String>> =
+            processes.iter_mut().zip(logs.iter_mut()).map(|((_, _, rx), l)| lease_lines(rx, l)).collect();
+        let held = seen.iter().filter(|l| l.iter().any(|x| x == "held")).count();
+        assert!(held <= 1, "one holder at most: {seen:?}");
+        if held == 1 {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken, "no process took the lease over: {logs:?}");
+    // The metric says the same: 1 in the new holder, 0 in the other.
+    let gauge = "sourced_process_lease_held{process=\"payment-deadline\"}";
+    let mut shown = Vec::new();
+    for (_, addr, _) in &processes {
+        let mut m = sourced_client::Client::connect(*addr).await.expect("connect");
+        let text = m.get("/metrics").await.unwrap().text();
+        let line = text.lines().find(|l| l.starts_with(gauge)).map(str::to_owned);
+        shown.push(line.unwrap_or_else(|| panic!("no {gauge} in {text}")));
+    }
+    shown.sort();
+    assert_eq!(shown, [format!("{gauge} 0"), format!("{gauge} 1")], "one holder");
+
+    // Every timer fires once, through the new holder.
+    for i in 0..ORDERS {
+        eventually_state(&mut c, &format!("/process-payment-deadline/o{i}"), "cancelled").await;
+    }
+    for i in 0..ORDERS {
+        let h = c.get(&format!("/order/o{i}/events")).await.unwrap().json();
+        let types: Vec<&str> = h["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types.iter().filter(|t| **t == "OrderCancelled").count(), 1, "o{i} cancelled once: {types:?}");
+        let h = c.get(&format!("/process-payment-deadline/o{i}/events")).await.unwrap().json();
+        let steps: Vec<&str> = h["items"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(steps, ["ProcessStarted", "ProcessMoved", "ProcessActed"], "o{i}: each step once");
+    }
+    for (mut child, _, _) in processes {
+        let _ = child.kill().await;
+    }
+}
+
+/// Creates the order `o<i>` and submits it.
+async fn submit_order(c: &mut sourced_client::Client, i: usize) {
+    let lines = json!([{"sku": "tea", "qty": 1, "price": 2.0}]);
+    let order = json!({"id": format!("o{i}"), "customer": "ada", "lines": lines, "total": 2.0});
+    assert_eq!(c.send_json("POST", "/order", &[], &order).await.unwrap().status, 201);
+    let r = c.send_json("POST", &format!("/order/o{i}/submit"), &[], &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// GETs `path` until its `state` is `state`, at most 60 s (timers of 5 s, a takeover).
+async fn eventually_state(c: &mut sourced_client::Client, path: &str, state: &str) {
+    let mut last = String::new();
+    for _ in 0..600 {
+        let r = c.get(path).await.unwrap();
+        if r.status == 200 && r.json()["state"] == state {
+            return;
+        }
+        last = format!("{} {}", r.status, r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{path} never reached {state}; last: {last}");
+}

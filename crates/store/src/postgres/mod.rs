@@ -115,6 +115,7 @@ use sourced_core::query::FieldPath;
 
 mod decode;
 mod feed;
+mod lease;
 mod schema;
 pub mod tls;
 mod writer;
@@ -124,6 +125,7 @@ use decode::{
     read_global, select_events,
 };
 use feed::Feed;
+pub use lease::lease_key as runner_lease_key;
 use schema::{MIGRATION_LOCK_KEY, check_synchronous_commit, migrate, select_head, show_synchronous_commit};
 use writer::{INSERT_SNAPSHOTS, SnapColumns, SnapWrite, head_key, write_loop};
 pub use writer::{LOOK_UP_COMMANDS, LOOK_UP_HEADS};
@@ -190,6 +192,8 @@ pub struct PostgresStore {
     writer: WriterSlot<Writer>,
     counters: Arc<Counters>,
     feed: Arc<Feed>,
+    /// The runner leases' own connections (see `lease.rs`).
+    leases: lease::Leases,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -264,6 +268,7 @@ impl PostgresStore {
             let schema = migrate(&mut client).await?;
             (schema, select_head(&client).await.map_err(pg_err)?)
         };
+        let leases = lease::Leases::new(listen_config.clone(), connector.clone(), &schema, connect_timeout);
         let feed = Arc::new(Feed::new(&schema, listen_config, connector, head, runtime));
         let counters = Arc::new(Counters::default());
         let (sender, receiver) = mpsc::channel(options.queue_capacity);
@@ -276,6 +281,7 @@ impl PostgresStore {
             writer: WriterSlot::new(Writer { sender, task }, "PostgreSQL"),
             counters,
             feed,
+            leases,
         })
     }
 
@@ -592,6 +598,10 @@ impl EventStore for PostgresStore {
         Ok(row.map(|r| Position(r.get::<_, i64>(0).max(0) as u64)))
     }
 
+    async fn runner_lease(&self, name: &str) -> Result<Option<crate::RunnerLease>, StoreError> {
+        self.leases.take(name).await
+    }
+
     async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError> {
         let limit = limit.min(READ_LIMIT_MAX) as i64;
         let client = self.client().await?;
@@ -657,6 +667,7 @@ impl EventStore for PostgresStore {
             }
         }
         self.feed.stop().await;
+        self.leases.close().await;
         self.pool.close();
         self.feed_pool.close();
     }
