@@ -161,13 +161,29 @@ def connect(s, timeout):
     return s.tls.wrap_socket(sock, server_hostname="127.0.0.1") if s.tls else sock
 
 
+def read_until_closed(sock, deadline):
+    """Reads until the server closes the socket or `deadline` passes: (closed, what came)."""
+    got = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return False, got
+        except OSError:
+            return True, got
+        if not chunk:
+            return True, got
+        got += chunk
+    return False, got
+
+
 def raw(s, payload, drip=None, wait=6.0):
     """Sends `payload` on a raw socket (then `drip` one byte a second, if given) and reads until the
     server closes or `wait` seconds pass. (status, {}, body): status 0 when it closed without a
     response, -1 when it was still open after `wait`."""
     sock = connect(s, wait)
     deadline = time.monotonic() + wait
-    got = b""
     try:
         sock.sendall(payload)
         for b in drip or b"":
@@ -178,18 +194,8 @@ def raw(s, payload, drip=None, wait=6.0):
                 sock.sendall(bytes([b]))
             except OSError:
                 break
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                return -1, {}, got
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += chunk
-        else:
+        closed, got = read_until_closed(sock, deadline)
+        if not closed:
             return -1, {}, got
     finally:
         sock.close()
@@ -276,26 +282,12 @@ def tcp(s, payload, wait=6.0):
     """Sends `payload` on a plain TCP socket (below TLS) and reads until the server closes or
     `wait` seconds pass: (0, {}, what came back) when it closed, (-1, ...) when still open."""
     sock = socket.create_connection(("127.0.0.1", s.port), timeout=wait)
-    deadline = time.monotonic() + wait
-    got = b""
     try:
         sock.sendall(payload)
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                return -1, {}, got
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += chunk
-        else:
-            return -1, {}, got
+        closed, got = read_until_closed(sock, time.monotonic() + wait)
     finally:
         sock.close()
-    return 0, {}, got
+    return (0 if closed else -1), {}, got
 
 
 def old_protocol(s):
