@@ -11,11 +11,16 @@ use sourced_client::Client;
 
 use crate::common::TestBackend;
 
-/// GETs `path` until `done` holds for its 200 body (the runner works in the background),
-/// at most 200 times 25 ms.
+/// How long a test waits for the runner: `PATIENCE_TRIES` × 25 ms (60 s), bounded.
+const PATIENCE_TRIES: usize = 2_400;
+
+/// GETs `path` until `done` holds for its 200 body (the runner works in the background), every
+/// 25 ms for at most 60 s (`PATIENCE_TRIES`): on a loaded CI machine, with every test of the binary running
+/// at once on PostgreSQL, a runner's first round (its lease's connection, its first read) has
+/// been seen to take over 5 s.
 async fn eventually(c: &mut Client, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let mut last = String::new();
-    for _ in 0..200 {
+    for _ in 0..PATIENCE_TRIES {
         let r = c.get(path).await.unwrap();
         if r.status == 200 && done(&r.json()) {
             return r.json();
@@ -26,6 +31,19 @@ async fn eventually(c: &mut Client, path: &str, done: impl Fn(&Value) -> bool) -
     panic!("{path} never got there; last: {last}");
 }
 
+/// Waits (bounded) until `process`'s runner has taken its first checkpoint. A process that has
+/// none starts at the store's head *as of its runner's first round*, so an event committed
+/// before that round is not heard: the tests write only once it is there (see the note on
+/// issue 17: the checkpoint should be taken when the set is loaded).
+async fn runner_started(c: &mut Client, process: &str) {
+    eventually(c, "/processes", |d| {
+        d["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|p| p["name"] == process && p["checkpoint"].as_u64().is_some()))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_submitted_order_starts_an_instance_that_its_payment_completes() {
     let backend = TestBackend::new().await;
@@ -34,6 +52,7 @@ async fn a_submitted_order_starts_an_instance_that_its_payment_completes() {
     config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(example));
     let server = sourced_server::start(config).await.unwrap();
     let mut c = Client::connect(server.addr()).await.unwrap();
+    runner_started(&mut c, "payment-deadline").await;
     let order =
         json!({"id": "o1", "customer": "ada", "lines": [{"sku": "tea", "qty": 2, "price": 4.25}], "total": 8.5});
     assert_eq!(c.send_json("POST", "/order", &[], &order).await.unwrap().status, 201);
@@ -96,6 +115,7 @@ async fn process_instances_are_kept_to_their_tenant() {
     config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(example));
     let server = sourced_server::start(config).await.unwrap();
     let mut c = Client::connect(server.addr()).await.unwrap();
+    runner_started(&mut c, "payment-deadline").await;
     let order =
         json!({"id": "o1", "customer": "ada", "lines": [{"sku": "tea", "qty": 2, "price": 4.25}], "total": 8.5});
     for tenant in ["acme", "beta"] {
@@ -107,7 +127,7 @@ async fn process_instances_are_kept_to_their_tenant() {
     let beta = [("x-tenant", "beta")];
     assert_eq!(c.send_json("POST", "/order/o1/submit", &acme, &json!({})).await.unwrap().status, 200);
     let mut found = false;
-    for _ in 0..200 {
+    for _ in 0..PATIENCE_TRIES {
         let r = c.send_json("GET", "/processes/payment-deadline/o1", &acme, &Value::Null).await.unwrap();
         if r.status == 200 {
             found = true;
@@ -129,7 +149,7 @@ async fn process_instances_are_kept_to_their_tenant() {
     assert_eq!(c.send_json("POST", "/order/o1/submit", &beta, &json!({})).await.unwrap().status, 200);
     assert_eq!(c.send_json("POST", "/order/o1/pay", &beta, &json!({"amount": 8.5})).await.unwrap().status, 200);
     let mut beta_done = false;
-    for _ in 0..200 {
+    for _ in 0..PATIENCE_TRIES {
         let r = c.send_json("GET", "/processes/payment-deadline/o1", &beta, &Value::Null).await.unwrap();
         if r.status == 200 && r.json()["status"] == "completed" {
             beta_done = true;
@@ -206,6 +226,7 @@ async fn a_parked_instance_is_retried_skipped_or_cancelled_by_an_operator() {
     config.artifacts = Some(sourced_server::artifacts::ArtifactsSource::Dir(poison_set(backend.dir.path())));
     let server = sourced_server::start(config).await.unwrap();
     let mut c = Client::connect(server.addr()).await.unwrap();
+    runner_started(&mut c, "poison").await;
     for id in ["o1", "o2"] {
         order(&mut c, id, &["submit", "pay"]).await;
     }
