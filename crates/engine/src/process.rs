@@ -109,6 +109,18 @@ impl Runners {
         }
     }
 
+    /// Gives every process of `set` that has no checkpoint one at the store's head, before the
+    /// set is in use (at start, before serving; in a reload, before the swap): a new process
+    /// hears every event committed from then on, however late its runner's first round comes.
+    pub async fn anchor(&self, set: &sourced_core::artifacts::ArtifactSet) -> Result<(), StoreError> {
+        let store = self.engine.store();
+        for name in set.processes().keys() {
+            let head = store.head().await?;
+            store.start_checkpoint(name, head).await?;
+        }
+        Ok(())
+    }
+
     /// Makes every runner look for work now (after a write, or after a test moved its clock).
     pub fn nudge(&self) {
         self.wake.notify_waiters();
@@ -259,17 +271,13 @@ impl Runner {
         Ok(events.len() + wakes.len())
     }
 
-    /// The stored checkpoint; a process that has none starts at the head (it hears the events
-    /// committed after it was first loaded, not the history).
+    /// The stored checkpoint. [`Runners::anchor`] set it when the set was loaded; a runner
+    /// started without it (a test's) starts at the head.
     async fn first_checkpoint(&mut self) -> Result<Position, RunnerError> {
         let store = self.engine.store();
         let c = match store.checkpoint(&self.name).await? {
             Some(c) => c,
-            None => {
-                let head = store.head().await?;
-                store.put_checkpoint(&self.name, head).await?;
-                head
-            }
+            None => store.start_checkpoint(&self.name, store.head().await?).await?,
         };
         self.checkpoint = Some(c);
         Ok(c)

@@ -167,7 +167,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<RunningServer> {
     let (stop, stopped) = oneshot::channel::<()>();
     let live = Arc::<state::LiveState>::default();
     let (app, reloader, runners) = build_app(&config, store.clone(), live.clone());
-    // One runner per process of the set (SPEC §4.5); a reload starts those it adds.
+    // One runner per process of the set (SPEC §4.5); a reload starts those it adds. Their
+    // checkpoints are taken before the first request is served, so no event goes unheard.
+    runners.anchor(&config.artifact_set).await.context("cannot set the process managers' first checkpoints")?;
     runners.sync();
     let timeouts = stall::ReadTimeouts {
         idle: Duration::from_millis(config.http.idle_timeout_ms),

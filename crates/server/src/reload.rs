@@ -80,6 +80,12 @@ impl Reloader {
                         }
                     }
                 }
+                // The checkpoints of the processes it adds before the swap: they hear every
+                // event committed under the new set. Should the store fail here, a runner's
+                // first round sets it (at the head then).
+                if let Err(e) = self.runners.anchor(&set).await {
+                    tracing::error!(error = %e, "the new processes' first checkpoints could not be set");
+                }
                 self.engine.set_artifacts(Arc::new(set));
                 self.runners.sync();
                 tracing::info!(artifacts = %origin, summary = %summary, "artifact set reloaded");

@@ -104,6 +104,7 @@ macro_rules! contract_tests {
             snapshots_load_the_latest_at_or_below,
             streams_list_in_key_order_and_the_read_model_can_be_replaced,
             checkpoints_move_with_their_append_and_never_back,
+            a_checkpoint_is_started_only_when_absent,
             wakes_are_set_and_cleared_with_their_append,
             a_runner_lease_has_one_holder_at_a_time,
         );
@@ -816,6 +817,27 @@ pub async fn checkpoints_move_with_their_append_and_never_back(store: &dyn Event
     store.put_checkpoint("r", Position(1)).await.expect("put");
     assert_eq!(store.checkpoint("p").await.expect("read"), Some(Position(9)));
     assert_eq!(store.checkpoint("r").await.expect("read"), Some(Position(1)), "checkpoints are per name");
+}
+
+/// A process's first checkpoint (SPEC §4.5) is set when its set loads, only if it has none:
+/// starting again, lower or higher, never moves one, and the ones started at once agree.
+pub async fn a_checkpoint_is_started_only_when_absent(store: &dyn EventStore) {
+    assert_eq!(store.start_checkpoint("s", Position(4)).await.expect("start"), Position(4), "absent: set");
+    assert_eq!(store.checkpoint("s").await.expect("read"), Some(Position(4)));
+    assert_eq!(store.start_checkpoint("s", Position(9)).await.expect("start"), Position(4), "higher: kept");
+    assert_eq!(store.start_checkpoint("s", Position(1)).await.expect("start"), Position(4), "lower: kept");
+    store.put_checkpoint("s", Position(6)).await.expect("put");
+    assert_eq!(store.start_checkpoint("s", Position(2)).await.expect("start"), Position(6), "a moved one is kept");
+    // Several servers loading the same set at once: one value wins and every caller sees it.
+    let (a, b, c) = tokio::join!(
+        store.start_checkpoint("t", Position(10)),
+        store.start_checkpoint("t", Position(20)),
+        store.start_checkpoint("t", Position(30)),
+    );
+    let (a, b, c) = (a.expect("a"), b.expect("b"), c.expect("c"));
+    assert!(a == b && b == c, "one winner: {a:?} {b:?} {c:?}");
+    assert_eq!(store.checkpoint("t").await.expect("read"), Some(a));
+    assert_eq!(store.checkpoint("s").await.expect("read"), Some(Position(6)), "per name");
 }
 
 /// A process instance's wake-up (SPEC §4.5) is set, moved and cleared by the appends to its

@@ -519,6 +519,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// nothing; never back (a lower position leaves it as it is).
     async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
 
+    /// Gives process `name` the checkpoint `position` when it has none (its set was just
+    /// loaded), and returns the checkpoint as stored: an existing one is never moved, so a
+    /// second server that loads the set later does not skip what the runner has not handled.
+    async fn start_checkpoint(&self, name: &str, position: Position) -> Result<Position, StoreError>;
+
     /// The instances of process `process` due at or before `at`, earliest first (then by
     /// key), at most `limit` (capped at [`READ_LIMIT_MAX`]).
     async fn due_wakes(&self, process: &str, at: DateTime<Utc>, limit: usize) -> Result<Vec<Wake>, StoreError>;

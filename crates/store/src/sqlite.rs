@@ -619,6 +619,19 @@ impl EventStore for SqliteStore {
         self.side_write(move |conn| conn.execute(UPSERT_CHECKPOINT, params![name, position]).map(|_| ())).await
     }
 
+    async fn start_checkpoint(&self, name: &str, position: Position) -> Result<Position, StoreError> {
+        let (owned, at) = (name.to_owned(), to_sql_int(position.0)?);
+        self.side_write(move |conn| {
+            conn.execute(
+                "INSERT INTO checkpoints (name, position) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                params![owned, at],
+            )
+            .map(|_| ())
+        })
+        .await?;
+        Ok(self.checkpoint(name).await?.unwrap_or(position))
+    }
+
     async fn clear_read_model(&self) -> Result<(), StoreError> {
         self.side_write(|conn| conn.execute_batch("DELETE FROM documents; DELETE FROM snapshots;")).await
     }

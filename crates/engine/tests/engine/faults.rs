@@ -149,6 +149,9 @@ impl EventStore for Faulty {
     async fn put_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.inner.put_checkpoint(name, position).await
     }
+    async fn start_checkpoint(&self, name: &str, position: Position) -> Result<Position, StoreError> {
+        self.inner.start_checkpoint(name, position).await
+    }
     async fn due_wakes(
         &self,
         process: &str,

@@ -643,6 +643,22 @@ impl EventStore for PostgresStore {
         Ok(())
     }
 
+    async fn start_checkpoint(&self, name: &str, position: Position) -> Result<Position, StoreError> {
+        let client = self.client().await?;
+        let at = i64::try_from(position.0).unwrap_or(i64::MAX);
+        // Two statements: a concurrent insert makes this one wait, then do nothing, and only a
+        // later statement's snapshot sees the row it committed.
+        client
+            .execute(
+                "INSERT INTO sourced_checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &at],
+            )
+            .await
+            .map_err(pg_err)?;
+        drop(client);
+        Ok(self.checkpoint(name).await?.unwrap_or(position))
+    }
+
     async fn head(&self) -> Result<Position, StoreError> {
         // One row, read without a lock (the writers' `FOR UPDATE` does not block it): the
         // counter as of the last commit.
