@@ -114,9 +114,16 @@ impl Runners {
     /// hears every event committed from then on, however late its runner's first round comes.
     pub async fn anchor(&self, set: &sourced_core::artifacts::ArtifactSet) -> Result<(), StoreError> {
         let store = self.engine.store();
+        let mut head = None;
         for name in set.processes().keys() {
-            let head = store.head().await?;
-            store.start_checkpoint(name, head).await?;
+            // A read first: on a start or reload where every process has one, nothing is written.
+            if store.checkpoint(name).await?.is_none() {
+                let at = match head {
+                    Some(h) => h,
+                    None => *head.insert(store.head().await?),
+                };
+                store.start_checkpoint(name, at).await?;
+            }
         }
         Ok(())
     }

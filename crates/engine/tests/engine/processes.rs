@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sourced_core::artifacts::ArtifactSet;
 use sourced_core::artifacts::instance::{Instance, Status};
 use sourced_core::{AggregateId, Command, StreamKey, TenantId, TypeName, Version};
-use sourced_engine::process::{ProcessSettings, Runner};
+use sourced_engine::process::{ProcessSettings, Runner, Runners};
 use sourced_engine::{Clock, Engine, EngineConfig};
 use sourced_store::EventStore;
 use sourced_store::postgres::{PostgresOptions, PostgresStore};
@@ -239,6 +239,23 @@ async fn an_unpaid_order_is_reminded_then_cancelled() {
     w.settle().await;
     assert_eq!(w.order_events("o1").await.len(), 3, "a completed instance does nothing more");
     assert!(w.store.due_wakes("deadline", w.clock.now(), 10).await.unwrap().is_empty());
+}
+
+/// The checkpoint is taken when the set loads, not at the runner's first round: an event
+/// committed in between starts its instance, and loading the set again moves nothing.
+#[tokio::test]
+async fn an_event_committed_before_the_first_round_is_heard() {
+    let place = Place::new().await;
+    let mut w = world(&place, clock()).await;
+    let runners = Runners::new(w.engine.clone(), ProcessSettings::default());
+    runners.anchor(&w.engine.artifacts()).await.unwrap();
+    w.send("o1", "submit", json!({"total": 12.5})).await;
+    w.settle().await;
+    let inst = w.instance("o1").await.expect("the submit before the first round started it");
+    assert_eq!(inst.state.as_str(), "awaiting-payment");
+    let handled = w.store.checkpoint("deadline").await.unwrap();
+    runners.anchor(&w.engine.artifacts()).await.unwrap();
+    assert_eq!(w.store.checkpoint("deadline").await.unwrap(), handled, "loaded again: not moved");
 }
 
 #[tokio::test]

@@ -31,10 +31,9 @@ async fn eventually(c: &mut Client, path: &str, done: impl Fn(&Value) -> bool) -
     panic!("{path} never got there; last: {last}");
 }
 
-/// Waits (bounded) until `process`'s runner has taken its first checkpoint. A process that has
-/// none starts at the store's head *as of its runner's first round*, so an event committed
-/// before that round is not heard: the tests write only once it is there (see the note on
-/// issue 17: the checkpoint should be taken when the set is loaded).
+/// Waits (bounded) until `process` shows a checkpoint. Since the checkpoint is taken when the
+/// set loads (before the first request), this holds at once; the tests keep the wait so that
+/// their writes never depend on when the runner's first round comes.
 async fn runner_started(c: &mut Client, process: &str) {
     eventually(c, "/processes", |d| {
         d["items"]
